@@ -1,0 +1,78 @@
+"""finetune: fine-tune pretrained Keras 3 networks on your own image folders, offline.
+
+Everything the `finetune` command does is one call here:
+
+    import finetune
+    run = finetune.train("photos/", backbone="efficientnet_lite0", out="runs/photos")
+    run.model            # a plain keras.Model: RGB pixels in [0, 255] -> logits
+    run.metrics["accuracy"]
+    finetune.predict(run, ["some/photo.jpg"])
+    finetune.evaluate("runs/photos")
+"""
+
+__version__ = "0.1.0"
+
+from finetune.backbones.registry import (  # noqa: E402
+    BackboneSpec,
+    Preprocessing,
+    get_backbone,
+    list_backbones,
+    load_backbone,
+    register_backbone,
+)
+from finetune.config import (  # noqa: E402
+    AugmentConfig,
+    Config,
+    DataConfig,
+    ModelConfig,
+    RecipeConfig,
+    load_config,
+)
+from finetune.errors import (  # noqa: E402
+    ConfigError,
+    DataError,
+    FinetuneError,
+    ImageDecodeError,
+    WeightsError,
+)
+from finetune.evaluate import classification_metrics, evaluate  # noqa: E402
+from finetune.model import (  # noqa: E402
+    Normalize,
+    build_classifier,
+    freeze_backbone,
+    unfreeze_top_groups,
+)
+from finetune.predict import Prediction, predict  # noqa: E402
+from finetune.run import Run  # noqa: E402
+from finetune.train import train, train_with_scratch_baseline  # noqa: E402
+
+__all__ = [
+    "AugmentConfig",
+    "BackboneSpec",
+    "Config",
+    "ConfigError",
+    "DataConfig",
+    "DataError",
+    "FinetuneError",
+    "ImageDecodeError",
+    "ModelConfig",
+    "Normalize",
+    "Prediction",
+    "Preprocessing",
+    "RecipeConfig",
+    "Run",
+    "WeightsError",
+    "build_classifier",
+    "classification_metrics",
+    "evaluate",
+    "freeze_backbone",
+    "get_backbone",
+    "list_backbones",
+    "load_backbone",
+    "load_config",
+    "predict",
+    "register_backbone",
+    "train",
+    "train_with_scratch_baseline",
+    "unfreeze_top_groups",
+]

@@ -1,0 +1,203 @@
+"""The `finetune` command line: each subcommand parses options and calls one library function.
+
+Errors a user can cause (`FinetuneError`) are printed as one line and exit with status 2; nothing
+else is caught.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import os
+from pathlib import Path
+from typing import Annotated, Any
+
+# Before TensorFlow is imported: keep its C++ start-up chatter out of the user's terminal.
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+import typer  # noqa: E402
+from rich.console import Console  # noqa: E402
+from rich.table import Table  # noqa: E402
+
+from finetune.errors import FinetuneError  # noqa: E402
+
+app = typer.Typer(
+    name="finetune",
+    help="Fine-tune pretrained Keras networks on your own image folders.",
+    no_args_is_help=True,
+    add_completion=False,
+)
+console = Console()
+err_console = Console(stderr=True)
+
+
+def _percent(x: float | None) -> str:
+    return "-" if x is None else f"{100 * x:.1f}%"
+
+
+@app.command()
+def backbones() -> None:
+    """List the registered backbones and whether their ImageNet weights are on this machine."""
+    from finetune.backbones import list_backbones
+
+    table = Table(title="Backbones")
+    for col in ("name", "family", "input", "layer groups", "weights", "where / how to get"):
+        table.add_column(col)
+    for spec in list_backbones():
+        status = spec.weights.status()
+        table.add_row(
+            spec.name,
+            spec.family,
+            f"{spec.input_size}px",
+            str(len(spec.layer_groups)),
+            "[green]available[/]" if status.available else "[red]missing[/]",
+            status.location if status.available else status.how_to_get,
+        )
+    console.print(table)
+
+
+def _print_metrics(title: str, metrics: dict[str, Any]) -> None:
+    table = Table(title=title)
+    for col in ("class", "precision", "recall", "f1", "support"):
+        table.add_column(col, justify="right" if col != "class" else "left")
+    for name, m in metrics["per_class"].items():
+        table.add_row(name, f"{m['precision']:.3f}", f"{m['recall']:.3f}", f"{m['f1']:.3f}",
+                      str(m["support"]))
+    console.print(table)
+    console.print(
+        f"accuracy [bold]{_percent(metrics['accuracy'])}[/]  macro F1 {metrics['macro_f1']:.3f}"
+        f"  on {metrics['num_images']} images ({metrics.get('data', '')})"
+    )
+
+
+@app.command()
+def train(
+    data_dir: Annotated[Path, typer.Argument(help="Class folders, or train/ (+ val/, test/).")],
+    out: Annotated[Path, typer.Option(help="Run directory to write.")] = Path("runs/latest"),
+    config: Annotated[Path | None, typer.Option(help="TOML config file.")] = None,
+    backbone: Annotated[str | None, typer.Option(help="Backbone name (finetune backbones).")] = None,
+    weights: Annotated[
+        str | None, typer.Option(help="'imagenet', 'none', or a local weights file.")
+    ] = None,
+    seed: Annotated[int | None, typer.Option(help="Seed of split, shuffling, init.")] = None,
+    image_size: Annotated[int | None, typer.Option(help="Input side in pixels.")] = None,
+    batch_size: Annotated[int | None, typer.Option()] = None,
+    head_epochs: Annotated[int | None, typer.Option(help="Phase 1 epochs (frozen backbone).")] = None,
+    head_lr: Annotated[float | None, typer.Option(help="Phase 1 learning rate.")] = None,
+    finetune_epochs: Annotated[int | None, typer.Option(help="Phase 2 epochs.")] = None,
+    finetune_lr: Annotated[float | None, typer.Option(help="Phase 2 learning rate.")] = None,
+    unfreeze_groups: Annotated[
+        int | None, typer.Option(help="Layer groups unfrozen in phase 2 (-1: all).")
+    ] = None,
+    optimizer: Annotated[str | None, typer.Option(help="sgd|rmsprop|adagrad|adam|adamw")] = None,
+    dropout: Annotated[float | None, typer.Option()] = None,
+    label_smoothing: Annotated[float | None, typer.Option()] = None,
+    val_fraction: Annotated[float | None, typer.Option()] = None,
+    test_fraction: Annotated[float | None, typer.Option()] = None,
+    augment: Annotated[bool | None, typer.Option("--augment/--no-augment")] = None,
+    compare_scratch: Annotated[
+        bool, typer.Option(help="Also train the same network from scratch and compare.")
+    ] = False,
+    overwrite: Annotated[bool, typer.Option(help="Replace a finished run in --out.")] = False,
+) -> None:
+    """Fine-tune a pretrained backbone on DATA_DIR and write a run directory."""
+    import finetune
+
+    options = {
+        k: v
+        for k, v in dict(
+            backbone=backbone, weights=weights, seed=seed, image_size=image_size,
+            batch_size=batch_size, head_epochs=head_epochs, head_lr=head_lr,
+            finetune_epochs=finetune_epochs, finetune_lr=finetune_lr,
+            unfreeze_groups=unfreeze_groups, optimizer=optimizer, dropout=dropout,
+            label_smoothing=label_smoothing, val_fraction=val_fraction,
+            test_fraction=test_fraction, augment=augment,
+        ).items()
+        if v is not None
+    }
+    if compare_scratch:
+        run, scratch = finetune.train_with_scratch_baseline(
+            data_dir, out=out, config=config, overwrite=overwrite, **options
+        )
+    else:
+        run, scratch = finetune.train(data_dir, out=out, config=config, overwrite=overwrite,
+                                      **options), None
+    if run.metrics:
+        _print_metrics(f"Test metrics of {out}", run.metrics)
+    if scratch is not None and scratch.metrics and run.metrics:
+        table = Table(title=f"{run.config.model.backbone} on {data_dir}: same data, same epochs")
+        table.add_column("model")
+        table.add_column("test accuracy", justify="right")
+        table.add_column("macro F1", justify="right")
+        table.add_row("fine-tuned from ImageNet weights", _percent(run.metrics["accuracy"]),
+                      f"{run.metrics['macro_f1']:.3f}")
+        table.add_row("trained from scratch", _percent(scratch.metrics["accuracy"]),
+                      f"{scratch.metrics['macro_f1']:.3f}")
+        console.print(table)
+    console.print(f"Run written to [bold]{out}[/] (model.keras, metrics.json, history.json, ...)")
+
+
+@app.command()
+def evaluate(
+    run_dir: Annotated[Path, typer.Argument(help="A run directory.")],
+    data_dir: Annotated[Path | None, typer.Argument(help="Labelled folder; default: the run's test split.")] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print the metrics as JSON.")] = False,
+) -> None:
+    """Evaluate a run's model and write metrics.json in the run directory (own test split)."""
+    import finetune
+    from finetune.run import write_json
+
+    metrics = finetune.evaluate(run_dir, data_dir)
+    if data_dir is None:
+        write_json(run_dir / "metrics.json", metrics)
+    if as_json:
+        console.print_json(json.dumps(metrics))
+    else:
+        _print_metrics(f"Evaluation of {run_dir}", metrics)
+
+
+@app.command()
+def predict(
+    model: Annotated[str, typer.Argument(help="A run directory, or a backbone name (ImageNet).")],
+    inputs: Annotated[list[Path], typer.Argument(help="Image files and/or folders.")],
+    top_k: Annotated[int, typer.Option(help="Classes per image.")] = 5,
+    fmt: Annotated[str, typer.Option("--format", help="table|json|csv")] = "table",
+) -> None:
+    """Predict the top-k classes of images with a run's model or a backbone's ImageNet head."""
+    import finetune
+
+    if fmt not in ("table", "json", "csv"):
+        raise FinetuneError(f"--format {fmt!r} is not one of: table, json, csv.")
+    results = finetune.predict(model, inputs, top_k=top_k)
+    if fmt == "json":
+        print(json.dumps([r.to_dict() for r in results], indent=2))
+    elif fmt == "csv":
+        buf = io.StringIO()
+        writer = csv.writer(buf)
+        writer.writerow(["path", "rank", "label", "probability", "error"])
+        for r in results:
+            if r.error:
+                writer.writerow([r.path, "", "", "", r.error])
+            for rank, (label, p) in enumerate(r.top, 1):
+                writer.writerow([r.path, rank, label, f"{p:.6f}", ""])
+        print(buf.getvalue(), end="")
+    else:
+        table = Table()
+        for col in ("image", "rank", "label", "probability"):
+            table.add_column(col)
+        for r in results:
+            if r.error:
+                table.add_row(str(r.path), "-", f"[red]{r.error}[/]", "")
+            for rank, (label, p) in enumerate(r.top, 1):
+                table.add_row(str(r.path) if rank == 1 else "", str(rank), label, f"{p:.3f}")
+        console.print(table)
+
+
+def main() -> None:
+    """Entry point of the `finetune` script."""
+    try:
+        app()
+    except FinetuneError as err:
+        err_console.print(f"[red]error:[/] {err}")
+        raise SystemExit(2) from None

@@ -1,0 +1,311 @@
+"""Typed configuration of a fine-tuning run, and its TOML form.
+
+A run is described by one `Config` made of small dataclasses (`ModelConfig`, `DataConfig`,
+`AugmentConfig`, `RecipeConfig`). A TOML file only supplies values for the same fields, section by
+section (`[model]`, `[data]`, `[augment]`, `[recipe]`, plus top-level `seed`); anything it does
+not name keeps its default. Unknown sections, keys or wrongly typed values are refused with a
+message naming them. The resolved config of every run is written back as `config.toml`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import tomllib
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import tomli_w
+
+from finetune.errors import ConfigError
+
+OPTIMIZERS = ("sgd", "rmsprop", "adagrad", "adam", "adamw")
+POOLINGS = ("avg", "max", "flatten")
+FILL_MODES = ("reflect", "wrap", "constant", "nearest")
+
+
+@dataclass
+class ModelConfig:
+    """The network: a pretrained backbone and a new classification head.
+
+    Args:
+        backbone: registry name of the backbone. Defaults to "efficientnet_lite0".
+        weights: "imagenet" for the pretrained weights, "none" for random initialisation, or the
+            path of a local weights file. Defaults to "imagenet".
+        pooling: how the last feature map becomes a vector: "avg", "max" or "flatten".
+            Defaults to "avg".
+        hidden_units: sizes of optional ReLU Dense layers before the output layer.
+            Defaults to none.
+        dropout: dropout rate before the output layer. Defaults to 0.2.
+    """
+
+    backbone: str = "efficientnet_lite0"
+    weights: str = "imagenet"
+    pooling: str = "avg"
+    hidden_units: list[int] = field(default_factory=list)
+    dropout: float = 0.2
+
+
+@dataclass
+class DataConfig:
+    """How the image folder becomes training, validation and test batches.
+
+    Args:
+        image_size: side of the square input in pixels; 0 means the backbone's native size.
+            Defaults to 0.
+        val_fraction: share of the images used for validation when the folder has no `val/`.
+            Defaults to 0.1.
+        test_fraction: share used for testing when the folder has no `test/`. Defaults to 0.1.
+        batch_size: images per training step. Defaults to 32.
+    """
+
+    image_size: int = 0
+    val_fraction: float = 0.1
+    test_fraction: float = 0.1
+    batch_size: int = 32
+
+
+@dataclass
+class AugmentConfig:
+    """Random transformations of training images (never of validation or test images).
+
+    Args:
+        enabled: apply augmentation during training. Defaults to True.
+        horizontal_flip: random left-right flips. Defaults to True.
+        vertical_flip: random up-down flips. Defaults to False.
+        rotation: maximum rotation in degrees, either way. Defaults to 10.
+        zoom: maximum zoom in or out, as a fraction of the size. Defaults to 0.1.
+        width_shift: maximum horizontal shift, as a fraction of the width. Defaults to 0.1.
+        height_shift: maximum vertical shift, as a fraction of the height. Defaults to 0.1.
+        shear: maximum shear, as a fraction (Keras `RandomShear` factor). Defaults to 0.
+        fill_mode: how pixels outside the image are filled: "reflect", "wrap", "constant" or
+            "nearest". Defaults to "reflect".
+    """
+
+    enabled: bool = True
+    horizontal_flip: bool = True
+    vertical_flip: bool = False
+    rotation: float = 10.0
+    zoom: float = 0.1
+    width_shift: float = 0.1
+    height_shift: float = 0.1
+    shear: float = 0.0
+    fill_mode: str = "reflect"
+
+
+@dataclass
+class RecipeConfig:
+    """The two-phase fine-tuning recipe.
+
+    Phase 1 trains the head with the backbone frozen (BatchNorm in inference mode). Phase 2
+    unfreezes the top `unfreeze_groups` layer groups of the backbone and continues at
+    `finetune_lr`.
+
+    Args:
+        head_epochs: epochs of phase 1; 0 skips it. Defaults to 5.
+        head_lr: learning rate of phase 1. Defaults to 1e-3.
+        finetune_epochs: epochs of phase 2; 0 skips it. Defaults to 5.
+        finetune_lr: learning rate of phase 2; at least 10x below `head_lr` is the safe range.
+            Defaults to 1e-4.
+        unfreeze_groups: how many layer groups of the backbone phase 2 unfreezes, from the top;
+            -1 unfreezes all of them. Defaults to 2.
+        optimizer: "sgd" (with momentum), "rmsprop", "adagrad", "adam" or "adamw".
+            Defaults to "adam".
+        momentum: momentum of SGD and RMSprop. Defaults to 0.9.
+        nesterov: Nesterov momentum for SGD. Defaults to False.
+        weight_decay: decoupled weight decay of AdamW. Defaults to 1e-4.
+        label_smoothing: label smoothing of the cross-entropy loss. Defaults to 0.
+        early_stopping_patience: epochs without a better validation loss before a phase stops
+            (best weights restored); 0 disables early stopping. Defaults to 3.
+        train_batchnorm: let unfrozen BatchNorm layers update their statistics in phase 2.
+            Defaults to False (they stay in inference mode, the safer choice on small data).
+    """
+
+    head_epochs: int = 5
+    head_lr: float = 1e-3
+    finetune_epochs: int = 5
+    finetune_lr: float = 1e-4
+    unfreeze_groups: int = 2
+    optimizer: str = "adam"
+    momentum: float = 0.9
+    nesterov: bool = False
+    weight_decay: float = 1e-4
+    label_smoothing: float = 0.0
+    early_stopping_patience: int = 3
+    train_batchnorm: bool = False
+
+
+@dataclass
+class Config:
+    """Everything that defines a run.
+
+    Args:
+        model: the network. Defaults to `ModelConfig()`.
+        data: splits, image size and batching. Defaults to `DataConfig()`.
+        augment: training augmentation. Defaults to `AugmentConfig()`.
+        recipe: the training phases. Defaults to `RecipeConfig()`.
+        seed: seed of the split, the shuffling, augmentation and initialisation. Defaults to 0.
+    """
+
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    augment: AugmentConfig = field(default_factory=AugmentConfig)
+    recipe: RecipeConfig = field(default_factory=RecipeConfig)
+    seed: int = 0
+
+    def validate(self) -> Config:
+        """Checks value ranges and choices; returns self.
+
+        Raises:
+            ConfigError: naming the first bad option and its allowed values.
+        """
+        m, d, a, r = self.model, self.data, self.augment, self.recipe
+        _choice("model.pooling", m.pooling, POOLINGS)
+        _choice("recipe.optimizer", r.optimizer, OPTIMIZERS)
+        _choice("augment.fill_mode", a.fill_mode, FILL_MODES)
+        _range("model.dropout", m.dropout, 0.0, 0.99)
+        _range("data.val_fraction", d.val_fraction, 0.0, 0.9)
+        _range("data.test_fraction", d.test_fraction, 0.0, 0.9)
+        if d.val_fraction + d.test_fraction >= 1.0:
+            raise ConfigError("data.val_fraction + data.test_fraction must stay below 1.")
+        if d.image_size and d.image_size < 16:
+            raise ConfigError(f"data.image_size {d.image_size} is too small; use 32 or more.")
+        if d.batch_size < 1:
+            raise ConfigError(f"data.batch_size must be at least 1, got {d.batch_size}.")
+        for name in ("head_epochs", "finetune_epochs", "early_stopping_patience"):
+            if getattr(r, name) < 0:
+                raise ConfigError(f"recipe.{name} must be 0 or more, got {getattr(r, name)}.")
+        for name in ("head_lr", "finetune_lr"):
+            if not getattr(r, name) > 0:
+                raise ConfigError(f"recipe.{name} must be positive, got {getattr(r, name)}.")
+        if r.unfreeze_groups < -1:
+            raise ConfigError("recipe.unfreeze_groups must be -1 (all) or a count of 0 or more.")
+        _range("recipe.label_smoothing", r.label_smoothing, 0.0, 0.5)
+        if any(u < 1 for u in m.hidden_units):
+            raise ConfigError(f"model.hidden_units must be positive sizes, got {m.hidden_units}.")
+        return self
+
+    def to_dict(self) -> dict[str, Any]:
+        """The config as plain TOML-ready data."""
+        return dataclasses.asdict(self)
+
+
+def _choice(name: str, value: str, allowed: tuple[str, ...]) -> None:
+    if value not in allowed:
+        raise ConfigError(f"{name} = {value!r} is not one of: {', '.join(allowed)}.")
+
+
+def _range(name: str, value: float, low: float, high: float) -> None:
+    if not low <= value <= high:
+        raise ConfigError(f"{name} = {value} is outside [{low}, {high}].")
+
+
+_SECTION_CLASSES = {
+    "model": ModelConfig,
+    "data": DataConfig,
+    "augment": AugmentConfig,
+    "recipe": RecipeConfig,
+}
+
+
+def _coerce(where: str, value: Any, annotation: Any) -> Any:
+    """Checks a TOML value against a dataclass field type (ints are accepted for floats)."""
+    hint = annotation
+    origin = typing.get_origin(hint)
+    if origin in (list,):
+        (item,) = typing.get_args(hint)
+        if not isinstance(value, list):
+            raise ConfigError(f"{where} must be a list, got {value!r}.")
+        return [_coerce(f"{where}[{i}]", v, item) for i, v in enumerate(value)]
+    if origin in (typing.Union, types.UnionType):
+        return value
+    if hint is float and isinstance(value, int | float) and not isinstance(value, bool):
+        return float(value)
+    if hint is bool and not isinstance(value, bool):
+        raise ConfigError(f"{where} must be true or false, got {value!r}.")
+    if hint is int and (not isinstance(value, int) or isinstance(value, bool)):
+        raise ConfigError(f"{where} must be a whole number, got {value!r}.")
+    if hint is str and not isinstance(value, str):
+        raise ConfigError(f"{where} must be a string, got {value!r}.")
+    return value
+
+
+def _section_from_dict(section: str, data: dict[str, Any], base: Any, source: str) -> Any:
+    cls = _SECTION_CLASSES[section]
+    hints = typing.get_type_hints(cls)
+    known = {f.name for f in dataclasses.fields(cls)}
+    changes = {}
+    for key, value in data.items():
+        if key not in known:
+            raise ConfigError(
+                f"{source}: unknown key {key!r} in [{section}]. Known keys: {', '.join(sorted(known))}."
+            )
+        changes[key] = _coerce(f"{source}: {section}.{key}", value, hints[key])
+    return dataclasses.replace(base, **changes)
+
+
+def config_from_dict(data: dict[str, Any], base: Config | None = None, source: str = "config") -> Config:
+    """Builds a `Config` from nested plain data (the TOML layout), on top of `base`.
+
+    Raises:
+        ConfigError: an unknown section or key, or a value of the wrong type.
+    """
+    config = base or Config()
+    changes: dict[str, Any] = {}
+    for key, value in data.items():
+        if key == "seed":
+            changes["seed"] = _coerce(f"{source}: seed", value, int)
+        elif key in _SECTION_CLASSES:
+            if not isinstance(value, dict):
+                raise ConfigError(f"{source}: [{key}] must be a table of keys.")
+            changes[key] = _section_from_dict(key, value, getattr(config, key), source)
+        else:
+            known = ", ".join(["seed", *_SECTION_CLASSES])
+            raise ConfigError(f"{source}: unknown section or key {key!r}. Known: {known}.")
+    return dataclasses.replace(config, **changes).validate()
+
+
+def load_config(path: str | Path, base: Config | None = None) -> Config:
+    """Reads a TOML config file; keys it does not name keep their defaults.
+
+    Raises:
+        ConfigError: the file is missing or not valid TOML, or holds unknown keys or bad values.
+
+    Example:
+        >>> config = load_config("examples/seed001_freeze_then_unfreeze.toml")  # doctest: +SKIP
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file {path} does not exist.")
+    try:
+        data = tomllib.loads(path.read_text(encoding="utf-8"))
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as err:
+        raise ConfigError(f"config file {path} is not valid TOML: {err}") from None
+    return config_from_dict(data, base, source=str(path))
+
+
+def dump_config(config: Config) -> str:
+    """The config as TOML text (the form `load_config` reads back)."""
+    return tomli_w.dumps(config.to_dict())
+
+
+def with_overrides(config: Config, **overrides: Any) -> Config:
+    """Returns a copy with dotted-name overrides, e.g. `{"recipe.head_lr": 1e-3}`.
+
+    None values are ignored, so CLI options left unset keep the config's value.
+
+    Raises:
+        ConfigError: an unknown name or a bad value.
+    """
+    nested: dict[str, Any] = {}
+    for dotted, value in overrides.items():
+        if value is None:
+            continue
+        if "." in dotted:
+            section, key = dotted.split(".", 1)
+            nested.setdefault(section, {})[key] = value
+        else:
+            nested[dotted] = value
+    return config_from_dict(nested, config, source="option")

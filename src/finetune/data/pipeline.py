@@ -1,0 +1,167 @@
+"""From an image folder to batched tf.data pipelines at the backbone's input size.
+
+`prepare_image_data` scans the folder, decodes every image once (in parallel) at the training
+size with the hardened loader, leaves out files that fail (reported by path), completes the splits
+with a seeded stratified split, and keeps the decoded uint8 images in memory. `image_dataset`
+turns one split into batches: shuffled and augmented for training, plain for evaluation, always
+prefetched, so the pipeline is never what the training waits on. Size and interpolation come
+from the backbone's registry entry; normalisation is the model's first layer.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import keras
+import numpy as np
+import tensorflow as tf
+
+from finetune.data.decode import BadFile, decode_images
+from finetune.data.scan import ImageFolder, IgnoredFile, Sample, check_classes, scan_image_folder
+from finetune.data.split import complete_splits
+
+SPLITS = ("train", "val", "test")
+
+
+@dataclass
+class PreparedData:
+    """Decoded images of every split, ready for `image_dataset`.
+
+    Args:
+        root: the data folder.
+        class_names: class names, index order.
+        image_size: side of the decoded square images.
+        splits: the samples of each split ("train", "val", "test"); val or test may be empty.
+        images: uint8 arrays (N, size, size, 3) per split, aligned with `splits`.
+        labels: int arrays (N,) per split.
+        bad_files: files that could not be decoded, with the reason, left out.
+        ignored: files that are not images, left out.
+        fractions: the split fractions used to complete missing splits.
+        seed: the split seed.
+    """
+
+    root: Path
+    class_names: list[str]
+    image_size: int
+    splits: dict[str, list[Sample]]
+    images: dict[str, np.ndarray]
+    labels: dict[str, np.ndarray]
+    bad_files: list[BadFile] = field(default_factory=list)
+    ignored: list[IgnoredFile] = field(default_factory=list)
+    fractions: dict[str, float] = field(default_factory=dict)
+    seed: int = 0
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.class_names)
+
+    def counts(self) -> dict[str, int]:
+        """Number of images per split."""
+        return {name: len(samples) for name, samples in self.splits.items()}
+
+
+def prepare_image_data(
+    data_dir: str | Path,
+    *,
+    image_size: int,
+    interpolation: str = "bilinear",
+    val_fraction: float = 0.1,
+    test_fraction: float = 0.1,
+    seed: int = 0,
+    progress: bool = True,
+) -> PreparedData:
+    """Scans, decodes and splits an image folder.
+
+    Args:
+        data_dir: class folders, or `train/` (+ optional `val/`, `test/`) holding class folders.
+        image_size: side of the square images the model takes.
+        interpolation: resize method. Defaults to "bilinear".
+        val_fraction: validation share when there is no `val/`. Defaults to 0.1.
+        test_fraction: test share when there is no `test/`. Defaults to 0.1.
+        seed: seed of the stratified split. Defaults to 0.
+        progress: show a progress bar while decoding. Defaults to True.
+
+    Returns:
+        A `PreparedData`.
+
+    Raises:
+        DataError: no images, a single class, or a class without any decodable image.
+    """
+    folder = scan_image_folder(data_dir)
+    all_samples = [s for samples in folder.samples.values() for s in samples]
+    arrays, ok, bad = decode_images(
+        [s.path for s in all_samples], image_size, interpolation=interpolation, progress=progress
+    )
+    index_of = {all_samples[i].path: row for row, i in enumerate(ok)}
+    decodable = {
+        split: [s for s in samples if s.path in index_of]
+        for split, samples in folder.samples.items()
+    }
+    check_classes(folder.class_names, decodable)
+    fractions = {
+        "train": 1.0 - val_fraction - test_fraction,
+        "val": val_fraction,
+        "test": test_fraction,
+    }
+    splits = complete_splits(dataclasses.replace(folder, samples=decodable), fractions, seed)
+    images, labels = {}, {}
+    for split in SPLITS:
+        samples = splits.get(split, [])
+        rows = np.asarray([index_of[s.path] for s in samples], dtype=np.int64)
+        images[split] = arrays[rows] if len(rows) else np.zeros((0, image_size, image_size, 3), np.uint8)
+        labels[split] = np.asarray([s.label for s in samples], dtype=np.int64)
+    return PreparedData(
+        root=folder.root,
+        class_names=folder.class_names,
+        image_size=image_size,
+        splits={split: list(splits.get(split, [])) for split in SPLITS},
+        images=images,
+        labels=labels,
+        bad_files=bad,
+        ignored=folder.ignored,
+        fractions=fractions,
+        seed=seed,
+    )
+
+
+def image_dataset(
+    images: np.ndarray,
+    labels: np.ndarray,
+    num_classes: int,
+    *,
+    batch_size: int,
+    training: bool = False,
+    augmentation: keras.Sequential | None = None,
+    seed: int = 0,
+) -> tf.data.Dataset:
+    """Batches of (float32 pixels in [0, 255], one-hot labels).
+
+    Args:
+        images: uint8 array (N, H, W, 3).
+        labels: int array (N,).
+        num_classes: width of the one-hot labels.
+        batch_size: images per batch.
+        training: shuffle every epoch (seeded) and apply `augmentation`. Defaults to False.
+        augmentation: layers applied to training batches. Defaults to None.
+        seed: shuffle seed. Defaults to 0.
+
+    Returns:
+        A prefetched `tf.data.Dataset`.
+    """
+    ds = tf.data.Dataset.from_tensor_slices((images, labels))
+    if training:
+        ds = ds.shuffle(len(images), seed=seed, reshuffle_each_iteration=True)
+    ds = ds.batch(batch_size)
+
+    def to_model_input(x, y):
+        return tf.cast(x, tf.float32), tf.one_hot(y, num_classes)
+
+    ds = ds.map(to_model_input, num_parallel_calls=tf.data.AUTOTUNE)
+    if training and augmentation is not None:
+        ds = ds.map(
+            lambda x, y: (augmentation(x, training=True), y),
+            num_parallel_calls=tf.data.AUTOTUNE,
+        )
+    return ds.prefetch(tf.data.AUTOTUNE)

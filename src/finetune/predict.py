@@ -1,0 +1,139 @@
+"""Top-k predictions for image files and folders, from a run or a backbone's ImageNet head.
+
+`predict` takes a `Run`, a run directory, or a registered backbone name (whose ImageNet head then
+names one of the 1,000 ImageNet classes). Inputs may be files or folders (every image below a
+folder, in sorted order). A file that cannot be decoded gets a prediction with its `error` set, and
+the others go on.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import keras
+import numpy as np
+
+from finetune.data.decode import IMAGE_EXTENSIONS, decode_images
+from finetune.errors import FinetuneError
+from finetune.run import softmax
+
+
+@dataclass
+class Prediction:
+    """The top-k classes of one image.
+
+    Args:
+        path: the image file.
+        top: (class name, probability) pairs, most likely first; empty when `error` is set.
+        error: why the file could not be read, or None.
+    """
+
+    path: Path
+    top: list[tuple[str, float]] = field(default_factory=list)
+    error: str | None = None
+
+    def to_dict(self) -> dict:
+        return {
+            "path": str(self.path),
+            "predictions": [{"label": n, "probability": p} for n, p in self.top],
+            "error": self.error,
+        }
+
+
+def expand_inputs(inputs: Sequence[str | Path]) -> list[Path]:
+    """Files as given, and every image file below each folder (sorted).
+
+    Raises:
+        FinetuneError: an input does not exist, or a folder holds no images.
+    """
+    paths: list[Path] = []
+    for item in inputs:
+        p = Path(item)
+        if p.is_dir():
+            found = sorted(
+                f for f in p.rglob("*") if f.is_file() and f.suffix.lower() in IMAGE_EXTENSIONS
+            )
+            if not found:
+                raise FinetuneError(f"folder {p} holds no image files to predict.")
+            paths.extend(found)
+        elif p.is_file():
+            paths.append(p)
+        else:
+            raise FinetuneError(f"{p} does not exist: give image files or folders.")
+    return paths
+
+
+class _ImageNetClassifier:
+    """A backbone with its ImageNet head, taking [0, 255] RGB images like a run's model."""
+
+    def __init__(self, name: str):
+        from finetune.backbones.imagenet import imagenet_class_names
+        from finetune.backbones.registry import get_backbone, load_backbone
+        from finetune.model import Normalize
+
+        spec = get_backbone(name)
+        self.image_size = spec.input_size
+        self.class_names = imagenet_class_names()
+        net = load_backbone(name, include_top=True)
+        inputs = keras.Input((spec.input_size, spec.input_size, 3))
+        x = Normalize.from_preprocessing(spec.preprocessing)(inputs)
+        self.model = keras.Model(inputs, net(x))
+        self.logits = spec.top_is_logits
+
+    def predict_proba(self, images: np.ndarray) -> np.ndarray:
+        out = self.model.predict(np.asarray(images, np.float32), batch_size=32, verbose=0)
+        return softmax(out) if self.logits else out
+
+
+def load_predictor(model):
+    """A `Run`, a run directory or a backbone name -> something with `predict_proba`."""
+    from finetune.backbones.registry import has_backbone
+    from finetune.run import Run
+
+    if isinstance(model, Run):
+        return model
+    if Path(model).is_dir():
+        return Run.load(model)
+    if has_backbone(str(model)):
+        return _ImageNetClassifier(str(model))
+    raise FinetuneError(
+        f"{model!r} is neither a run directory nor a backbone name. Give the --out folder of "
+        "`finetune train`, or a name from `finetune backbones`."
+    )
+
+
+def predict(model, inputs: Sequence[str | Path], top_k: int = 5) -> list[Prediction]:
+    """Predicts the top-k classes of image files and folders.
+
+    Args:
+        model: a `Run`, a run directory, or a backbone name (its ImageNet head).
+        inputs: image files and/or folders.
+        top_k: how many classes per image. Defaults to 5.
+
+    Returns:
+        One `Prediction` per image file, in input order.
+
+    Raises:
+        FinetuneError: unknown model, or inputs that do not exist.
+
+    Example:
+        >>> predict("efficientnet_lite0", ["cat.jpg"])[0].top[0]
+        ('tabby', 0.41...)
+    """
+    predictor = load_predictor(model)
+    paths = expand_inputs(inputs)
+    images, ok, bad = decode_images(paths, predictor.image_size, progress=len(paths) > 50)
+    results = [Prediction(p) for p in paths]
+    for b in bad:
+        results[paths.index(Path(b.path))].error = b.reason
+    if len(ok):
+        probabilities = predictor.predict_proba(images)
+        k = min(top_k, probabilities.shape[1])
+        for row, i in enumerate(ok):
+            order = np.argsort(-probabilities[row])[:k]
+            results[i].top = [
+                (predictor.class_names[j], float(probabilities[row, j])) for j in order
+            ]
+    return results

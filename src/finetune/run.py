@@ -1,0 +1,134 @@
+"""A run: the fine-tuned model with everything needed to trust and reuse it.
+
+A run directory holds `model.keras`, `config.toml` (the resolved config), `run.json` (class
+names, image size, data folder, versions), `split.json`, `history.json`, `metrics.json` and
+`bad_files.json`. `Run` is the same thing in memory; `Run.load` reads a directory back (the model
+with Keras' safe mode).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import keras
+import numpy as np
+
+from finetune.config import Config, load_config
+from finetune.errors import FinetuneError
+
+MODEL_FILE = "model.keras"
+
+
+def write_text_atomic(path: Path, text: str) -> None:
+    """Writes a file so that a crash leaves either the old or the new content, never half."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def write_json(path: Path, data: Any) -> None:
+    """Writes JSON atomically, indented for people to read."""
+    write_text_atomic(path, json.dumps(data, indent=2, ensure_ascii=False) + "\n")
+
+
+def save_model_atomic(model: keras.Model, path: Path) -> None:
+    """Saves a `.keras` file through a temporary file and a rename."""
+    tmp = path.with_name(f".{path.stem}-{os.getpid()}.keras")
+    try:
+        model.save(tmp)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def softmax(logits: np.ndarray) -> np.ndarray:
+    """Row-wise softmax in float64, stable for large logits."""
+    z = np.asarray(logits, np.float64)
+    z = np.exp(z - z.max(axis=-1, keepdims=True))
+    return z / z.sum(axis=-1, keepdims=True)
+
+
+@dataclass
+class Run:
+    """A fine-tuned classifier and its record.
+
+    Args:
+        model: the `keras.Model` (pixels in [0, 255] -> logits).
+        config: the resolved `Config` it was trained with.
+        class_names: output classes, index order.
+        image_size: the input side in pixels.
+        path: the run directory, when saved.
+        history: one record per epoch (phase, epoch, loss, accuracy, val_loss, ...).
+        metrics: test metrics (see `finetune.evaluate.classification_metrics`).
+        info: the content of `run.json`.
+    """
+
+    model: keras.Model
+    config: Config
+    class_names: list[str]
+    image_size: int
+    path: Path | None = None
+    history: list[dict[str, Any]] = field(default_factory=list)
+    metrics: dict[str, Any] = field(default_factory=dict)
+    info: dict[str, Any] = field(default_factory=dict)
+
+    @classmethod
+    def load(cls, path: str | Path) -> Run:
+        """Reads a run directory written by `finetune.train`.
+
+        Raises:
+            FinetuneError: the folder is not a complete run directory.
+        """
+        import finetune.model  # noqa: F401  (registers the custom layers for loading)
+
+        path = Path(path)
+        model_file = path / MODEL_FILE
+        if not model_file.is_file():
+            raise FinetuneError(
+                f"{path} is not a run directory: {MODEL_FILE} is missing. "
+                "Give the --out folder of a finished `finetune train`."
+            )
+        info = json.loads((path / "run.json").read_text(encoding="utf-8"))
+        model = keras.saving.load_model(model_file, safe_mode=True)
+
+        def read(name: str, default: Any) -> Any:
+            f = path / name
+            return json.loads(f.read_text(encoding="utf-8")) if f.is_file() else default
+
+        return cls(
+            model=model,
+            config=load_config(path / "config.toml"),
+            class_names=list(info["class_names"]),
+            image_size=int(info["image_size"]),
+            path=path,
+            history=read("history.json", []),
+            metrics=read("metrics.json", {}),
+            info=info,
+        )
+
+    def predict_proba(self, images: np.ndarray, batch_size: int = 64) -> np.ndarray:
+        """Class probabilities for uint8/float RGB images of the run's input size."""
+        logits = self.model.predict(np.asarray(images, np.float32), batch_size=batch_size, verbose=0)
+        return softmax(logits)
+
+    def split_samples(self, split: str) -> list[tuple[Path, int]]:
+        """The (path, label) pairs of one split of the run's data, from `split.json`."""
+        from finetune.data.split import read_split
+
+        if self.path is None or not (self.path / "split.json").is_file():
+            return []
+        recorded = read_split(self.path / "split.json")
+        return [(s.path, s.label) for s in recorded.splits.get(split, [])]

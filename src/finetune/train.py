@@ -1,0 +1,346 @@
+"""Runs the fine-tuning recipe on an image folder and writes the run directory.
+
+The recipe is a short sequence of `fit` calls on one `keras.Model`, as in the Keras transfer
+learning guide and fastai's `fine_tune`: phase 1 freezes the backbone (BatchNorm in inference
+mode) and trains the new head; phase 2 unfreezes the top layer groups of the backbone and goes on
+at a lower learning rate. Each phase stops early on the validation loss and restores its best
+weights. `train` is the whole job: data, model, phases, test metrics, run directory.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import sys
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import keras
+
+from finetune.backbones.registry import get_backbone
+from finetune.config import Config, dump_config, load_config, with_overrides
+from finetune.data.augment import build_augmentation
+from finetune.data.pipeline import PreparedData, image_dataset, prepare_image_data
+from finetune.data.split import write_split
+from finetune.errors import FinetuneError
+from finetune.evaluate import classification_metrics
+from finetune.model import build_classifier, freeze_backbone, unfreeze_top_groups
+from finetune.run import MODEL_FILE, Run, save_model_atomic, write_json, write_text_atomic
+
+# Python keyword -> dotted config name, shared by the API and the CLI.
+OPTION_NAMES = {
+    "backbone": "model.backbone",
+    "weights": "model.weights",
+    "dropout": "model.dropout",
+    "hidden_units": "model.hidden_units",
+    "pooling": "model.pooling",
+    "image_size": "data.image_size",
+    "batch_size": "data.batch_size",
+    "val_fraction": "data.val_fraction",
+    "test_fraction": "data.test_fraction",
+    "augment": "augment.enabled",
+    "head_epochs": "recipe.head_epochs",
+    "head_lr": "recipe.head_lr",
+    "finetune_epochs": "recipe.finetune_epochs",
+    "finetune_lr": "recipe.finetune_lr",
+    "unfreeze_groups": "recipe.unfreeze_groups",
+    "optimizer": "recipe.optimizer",
+    "label_smoothing": "recipe.label_smoothing",
+    "early_stopping_patience": "recipe.early_stopping_patience",
+    "seed": "seed",
+}
+
+
+def resolve_config(config: Config | str | Path | None = None, **options: Any) -> Config:
+    """Merges a config (object or TOML path) with keyword options (see `OPTION_NAMES`).
+
+    Raises:
+        ConfigError: unknown option names or bad values.
+    """
+    unknown = sorted(set(options) - set(OPTION_NAMES))
+    if unknown:
+        raise FinetuneError(
+            f"unknown option(s) {', '.join(unknown)}; known: {', '.join(sorted(OPTION_NAMES))}."
+        )
+    if config is None:
+        base = Config()
+    elif isinstance(config, Config):
+        base = config
+    else:
+        base = load_config(config)
+    return with_overrides(base, **{OPTION_NAMES[k]: v for k, v in options.items()}).validate()
+
+
+def scratch_config(config: Config) -> Config:
+    """The same network and budget trained from random weights: the baseline fine-tuning beats.
+
+    One phase, every layer (BatchNorm included) trainable, at the head learning rate, for as many
+    epochs as both phases of `config` together.
+    """
+    recipe = dataclasses.replace(
+        config.recipe,
+        head_epochs=0,
+        finetune_epochs=config.recipe.head_epochs + config.recipe.finetune_epochs,
+        finetune_lr=config.recipe.head_lr,
+        unfreeze_groups=-1,
+        train_batchnorm=True,
+    )
+    model = dataclasses.replace(config.model, weights="none")
+    return dataclasses.replace(config, recipe=recipe, model=model)
+
+
+def make_optimizer(config: Config, learning_rate: float) -> keras.optimizers.Optimizer:
+    """The optimizer named by `config.recipe.optimizer` at `learning_rate`."""
+    r = config.recipe
+    if r.optimizer == "sgd":
+        return keras.optimizers.SGD(learning_rate, momentum=r.momentum, nesterov=r.nesterov)
+    if r.optimizer == "rmsprop":
+        return keras.optimizers.RMSprop(learning_rate, momentum=r.momentum)
+    if r.optimizer == "adagrad":
+        return keras.optimizers.Adagrad(learning_rate)
+    if r.optimizer == "adamw":
+        return keras.optimizers.AdamW(learning_rate, weight_decay=r.weight_decay)
+    return keras.optimizers.Adam(learning_rate)
+
+
+def _prepare_run_dir(out: str | Path | None, overwrite: bool) -> Path | None:
+    if out is None:
+        return None
+    out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise FinetuneError(f"--out {out} exists and is not a folder; choose another path.")
+    if (out / MODEL_FILE).exists() and not overwrite:
+        raise FinetuneError(
+            f"{out} already holds a finished run ({MODEL_FILE}); choose another --out "
+            "or pass --overwrite to replace it."
+        )
+    out.mkdir(parents=True, exist_ok=True)
+    return out
+
+
+def train(
+    data_dir: str | Path,
+    *,
+    out: str | Path | None = None,
+    config: Config | str | Path | None = None,
+    overwrite: bool = False,
+    progress: bool = True,
+    **options: Any,
+) -> Run:
+    """Fine-tunes a pretrained backbone on an image folder.
+
+    Args:
+        data_dir: class folders, or `train/` (+ optional `val/`, `test/`) of class folders.
+        out: run directory to write; None keeps everything in memory. Defaults to None.
+        config: a `Config` or the path of a TOML config. Defaults to the built-in defaults.
+        overwrite: replace a finished run in `out`. Defaults to False.
+        progress: show progress bars. Defaults to True.
+        **options: single options on top of `config`, e.g. `backbone="resnet50"`,
+            `head_epochs=3`, `seed=1` (the names of `OPTION_NAMES`).
+
+    Returns:
+        The `Run`, holding the fine-tuned `keras.Model`, its history and test metrics.
+
+    Raises:
+        FinetuneError: bad data folder, options or weights, each with a message naming it.
+
+    Example:
+        >>> run = finetune.train("photos/", backbone="efficientnet_lite0", out="runs/photos")
+        >>> run.metrics["accuracy"]
+    """
+    config = resolve_config(config, **options)
+    run_dir = _prepare_run_dir(out, overwrite)
+    data = prepare_data(data_dir, config, progress=progress)
+    return fit_run(data, config, run_dir, progress=progress)
+
+
+def prepare_data(data_dir: str | Path, config: Config, progress: bool = True) -> PreparedData:
+    """Scans, decodes and splits `data_dir` at the input size `config` asks for."""
+    spec = get_backbone(config.model.backbone)
+    return prepare_image_data(
+        data_dir,
+        image_size=config.data.image_size or spec.input_size,
+        interpolation=spec.preprocessing.interpolation,
+        val_fraction=config.data.val_fraction,
+        test_fraction=config.data.test_fraction,
+        seed=config.seed,
+        progress=progress,
+    )
+
+
+class _PhaseLogger(keras.callbacks.Callback):
+    """Collects one history record per epoch, tagged with its phase and learning rate."""
+
+    def __init__(self, phase: str, records: list[dict[str, Any]]):
+        super().__init__()
+        self.phase = phase
+        self.records = records
+
+    def on_epoch_end(self, epoch, logs=None):
+        record = {"phase": self.phase, "epoch": epoch + 1}
+        record.update({k: float(v) for k, v in (logs or {}).items()})
+        record["learning_rate"] = float(keras.ops.convert_to_numpy(self.model.optimizer.learning_rate))
+        self.records.append(record)
+
+
+def fit_run(
+    data: PreparedData, config: Config, run_dir: Path | None, progress: bool = True
+) -> Run:
+    """Builds the classifier, runs both phases on prepared data and records the run."""
+    keras.utils.set_random_seed(config.seed)
+    spec = get_backbone(config.model.backbone)
+    weights = None if config.model.weights == "none" else config.model.weights
+    model = build_classifier(
+        spec, data.num_classes, image_size=data.image_size, head=config.model, weights=weights
+    )
+    batch = config.data.batch_size
+    train_ds = image_dataset(
+        data.images["train"],
+        data.labels["train"],
+        data.num_classes,
+        batch_size=batch,
+        training=True,
+        augmentation=build_augmentation(config.augment, seed=config.seed),
+        seed=config.seed,
+    )
+    has_val = len(data.labels["val"]) > 0
+    val_ds = (
+        image_dataset(data.images["val"], data.labels["val"], data.num_classes, batch_size=batch)
+        if has_val
+        else None
+    )
+    records: list[dict[str, Any]] = []
+    verbose = (1 if sys.stdout.isatty() else 2) if progress else 0
+    r = config.recipe
+    epoch = 0
+    phases = [("head", r.head_epochs, r.head_lr), ("finetune", r.finetune_epochs, r.finetune_lr)]
+    for phase, epochs, lr in phases:
+        if epochs == 0:
+            continue
+        if phase == "head":
+            freeze_backbone(model)
+        else:
+            unfreeze_top_groups(model, spec, r.unfreeze_groups, train_batchnorm=r.train_batchnorm)
+        model.compile(
+            optimizer=make_optimizer(config, lr),
+            loss=keras.losses.CategoricalCrossentropy(
+                from_logits=True, label_smoothing=r.label_smoothing
+            ),
+            metrics=[keras.metrics.CategoricalAccuracy(name="accuracy")],
+        )
+        callbacks: list[keras.callbacks.Callback] = [_PhaseLogger(phase, records)]
+        if has_val and r.early_stopping_patience:
+            callbacks.append(
+                keras.callbacks.EarlyStopping(
+                    monitor="val_loss",
+                    patience=r.early_stopping_patience,
+                    restore_best_weights=True,
+                )
+            )
+        if run_dir is not None:
+            (run_dir / "checkpoints").mkdir(exist_ok=True)
+            callbacks.append(
+                keras.callbacks.ModelCheckpoint(
+                    run_dir / "checkpoints" / f"{phase}.weights.h5",
+                    monitor="val_loss" if has_val else "loss",
+                    save_best_only=True,
+                    save_weights_only=True,
+                )
+            )
+        if progress:
+            print(f"Phase '{phase}': {epochs} epoch(s) at learning rate {lr:g}", flush=True)
+        history = model.fit(
+            train_ds,
+            validation_data=val_ds,
+            initial_epoch=epoch,
+            epochs=epoch + epochs,
+            callbacks=callbacks,
+            shuffle=False,  # the dataset shuffles itself, seeded
+            verbose=verbose,
+        )
+        epoch += len(history.epoch)
+
+    eval_split = "test" if len(data.labels["test"]) else "val"
+    run = Run(
+        model=model,
+        config=config,
+        class_names=data.class_names,
+        image_size=data.image_size,
+        path=run_dir,
+        history=records,
+    )
+    if len(data.labels[eval_split]):
+        probabilities = run.predict_proba(data.images[eval_split])
+        run.metrics = classification_metrics(
+            data.labels[eval_split], probabilities, data.class_names
+        )
+        run.metrics["data"] = f"{eval_split} split"
+    run.info = _run_info(data, config)
+    if run_dir is not None:
+        _write_run_dir(run, data)
+    return run
+
+
+def _run_info(data: PreparedData, config: Config) -> dict[str, Any]:
+    import finetune
+
+    return {
+        "class_names": data.class_names,
+        "image_size": data.image_size,
+        "backbone": config.model.backbone,
+        "data_dir": str(data.root),
+        "counts": data.counts(),
+        "created": datetime.now(UTC).isoformat(timespec="seconds"),
+        "finetune_version": finetune.__version__,
+        "keras_version": keras.__version__,
+        "keras_backend": keras.backend.backend(),
+    }
+
+
+def _write_run_dir(run: Run, data: PreparedData) -> None:
+    path = run.path
+    assert path is not None
+    write_text_atomic(path / "config.toml", dump_config(run.config))
+    write_split(
+        path / "split.json", data.splits, data.root, data.class_names, data.seed, data.fractions
+    )
+    write_json(path / "history.json", run.history)
+    write_json(path / "metrics.json", run.metrics)
+    write_json(
+        path / "bad_files.json",
+        {
+            "bad_files": [{"path": str(b.path), "reason": b.reason} for b in data.bad_files],
+            "ignored": [{"path": str(i.path), "reason": i.reason} for i in data.ignored],
+        },
+    )
+    write_json(path / "run.json", run.info)
+    save_model_atomic(run.model, path / MODEL_FILE)
+
+
+def train_with_scratch_baseline(
+    data_dir: str | Path,
+    *,
+    out: str | Path | None = None,
+    config: Config | str | Path | None = None,
+    overwrite: bool = False,
+    progress: bool = True,
+    **options: Any,
+) -> tuple[Run, Run]:
+    """Fine-tunes as `train` does, then trains the same network from scratch on the same split.
+
+    The images are decoded once and both runs see the same train/val/test split and epoch budget,
+    so the difference in test accuracy is what the pretrained weights bring. The baseline run is
+    written to `out/scratch_baseline`.
+
+    Returns:
+        (fine-tuned run, from-scratch run).
+    """
+    config = resolve_config(config, **options)
+    run_dir = _prepare_run_dir(out, overwrite)
+    scratch_dir = _prepare_run_dir(run_dir / "scratch_baseline", overwrite) if run_dir else None
+    data = prepare_data(data_dir, config, progress=progress)
+    tuned = fit_run(data, config, run_dir, progress=progress)
+    if progress:
+        print("Training the same network from random weights for comparison...", flush=True)
+    scratch = fit_run(data, scratch_config(config), scratch_dir, progress=progress)
+    return tuned, scratch

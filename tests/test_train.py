@@ -1,0 +1,115 @@
+"""The two-phase recipe on a real pretrained network and real images.
+
+Phase 1 must leave every backbone weight (BatchNorm statistics included) exactly as pretrained
+and train the head; phase 2 must change the unfrozen top groups only, and keep BatchNorm
+statistics when `train_batchnorm` is off.
+"""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+import finetune
+from finetune.backbones import get_backbone, load_backbone
+from finetune.model import backbone_of, is_batchnorm
+from tests.helpers import DIGITS, image_subset
+
+SIZE = 32
+
+
+@pytest.fixture(scope="module")
+def digits(tmp_path_factory):
+    return image_subset(DIGITS, tmp_path_factory.mktemp("digits"), classes=4, per_class=40)
+
+
+@pytest.fixture(scope="module")
+def pretrained():
+    return load_backbone("efficientnet_lite0", image_size=SIZE)
+
+
+def weights_by_layer(model):
+    return {layer.name: [np.asarray(w) for w in layer.get_weights()] for layer in model.layers if layer.weights}
+
+
+@pytest.mark.slow
+def test_phase_one_trains_only_the_head(digits, pretrained):
+    run = finetune.train(digits, image_size=SIZE, head_epochs=2, finetune_epochs=0, progress=False)
+    before = weights_by_layer(pretrained)
+    after = weights_by_layer(backbone_of(run.model))
+    for name, values in before.items():
+        for b, a in zip(values, after[name], strict=True):
+            np.testing.assert_array_equal(a, b, err_msg=f"{name} changed in phase 1")
+    head = run.model.get_layer("logits").get_weights()[0]
+    assert np.abs(head).sum() > 0 and run.history[-1]["phase"] == "head"
+    assert [r["phase"] for r in run.history] == ["head", "head"]
+
+
+@pytest.mark.slow
+def test_phase_two_changes_only_the_unfrozen_groups(digits, pretrained):
+    run = finetune.train(
+        digits, image_size=SIZE, head_epochs=1, finetune_epochs=1, unfreeze_groups=2,
+        progress=False,
+    )
+    spec = get_backbone("efficientnet_lite0")
+    top_groups = spec.group_names[-2:]
+    before = weights_by_layer(pretrained)
+    backbone = backbone_of(run.model)
+    changed_top = 0
+    for layer in backbone.layers:
+        if not layer.weights:
+            continue
+        same = all(
+            np.array_equal(a, b) for a, b in zip(layer.get_weights(), before[layer.name], strict=True)
+        )
+        if spec.group_of(layer.name) in top_groups and not is_batchnorm(layer):
+            changed_top += not same
+        else:
+            assert same, f"{layer.name} ({spec.group_of(layer.name)}) changed but was frozen"
+    top_layers = [
+        layer for layer in backbone.layers
+        if layer.weights and spec.group_of(layer.name) in top_groups and not is_batchnorm(layer)
+    ]
+    assert changed_top == len(top_layers) > 0
+    assert [r["phase"] for r in run.history] == ["head", "finetune"]
+    assert run.history[1]["learning_rate"] == pytest.approx(run.history[0]["learning_rate"] / 10)
+
+
+@pytest.mark.slow
+def test_run_directory_holds_the_record(digits, tmp_path):
+    out = tmp_path / "run"
+    run = finetune.train(digits, out=out, image_size=SIZE, head_epochs=1, finetune_epochs=1,
+                         seed=3, progress=False)
+    for name in ("config.toml", "split.json", "history.json", "metrics.json", "model.keras",
+                 "bad_files.json", "run.json"):
+        assert (out / name).is_file(), name
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert set(metrics) >= {"accuracy", "macro_f1", "per_class", "confusion_matrix", "num_images"}
+    cm = np.asarray(metrics["confusion_matrix"])
+    assert cm.shape == (4, 4) and cm.sum() == metrics["num_images"] > 0
+    assert metrics["accuracy"] == pytest.approx(np.trace(cm) / cm.sum())
+    config = finetune.load_config(out / "config.toml")
+    assert config.seed == 3 and config.data.image_size == SIZE
+
+    loaded = finetune.Run.load(out)
+    images = np.random.default_rng(0).integers(0, 255, (3, SIZE, SIZE, 3)).astype(np.float32)
+    np.testing.assert_allclose(loaded.predict_proba(images), run.predict_proba(images), atol=1e-5)
+    assert loaded.class_names == run.class_names == ["0", "1", "2", "3"]
+
+    # The same seed gives the same split; evaluate() on the recorded test split agrees.
+    again = finetune.evaluate(out)
+    assert again["num_images"] == metrics["num_images"]
+    assert again["accuracy"] == pytest.approx(metrics["accuracy"])
+
+    with pytest.raises(finetune.FinetuneError, match="--overwrite"):
+        finetune.train(digits, out=out, image_size=SIZE, head_epochs=1, progress=False)
+    assert (out / "model.keras").is_file()
+
+
+def test_unknown_options_and_backbones_are_named(digits):
+    with pytest.raises(finetune.FinetuneError, match="learning_rate"):
+        finetune.train(digits, learning_rate=0.1)
+    with pytest.raises(finetune.ConfigError, match="resnet5000"):
+        finetune.train(digits, backbone="resnet5000")

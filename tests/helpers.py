@@ -10,7 +10,9 @@ FASHION = EXAMPLES / "data" / "fashion_mnist"
 DIGITS = EXAMPLES / "data" / "digits"
 
 
-def image_subset(source: Path, dest: Path, classes: int, per_class: int, layout: str = "flat") -> Path:
+def image_subset(
+    source: Path, dest: Path, classes: int, per_class: int, layout: str = "flat"
+) -> Path:
     """Copies the first `per_class` images of the first `classes` class folders of `source`.
 
     With layout="split", writes train/val/test sub-folders (60/20/20 of each class) instead.

@@ -11,8 +11,13 @@ from finetune.errors import ConfigError
 def test_toml_round_trip_keeps_every_value(tmp_path):
     config = with_overrides(
         Config(),
-        **{"model.backbone": "vgg16", "model.hidden_units": [256], "recipe.head_lr": 3e-4,
-           "augment.rotation": 40, "seed": 7},
+        **{
+            "model.backbone": "vgg16",
+            "model.hidden_units": [256],
+            "recipe.head_lr": 3e-4,
+            "augment.rotation": 40,
+            "seed": 7,
+        },
     )
     path = tmp_path / "config.toml"
     path.write_text(dump_config(config))

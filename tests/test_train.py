@@ -31,7 +31,11 @@ def pretrained():
 
 
 def weights_by_layer(model):
-    return {layer.name: [np.asarray(w) for w in layer.get_weights()] for layer in model.layers if layer.weights}
+    return {
+        layer.name: [np.asarray(w) for w in layer.get_weights()]
+        for layer in model.layers
+        if layer.weights
+    }
 
 
 @pytest.mark.slow
@@ -50,7 +54,11 @@ def test_phase_one_trains_only_the_head(digits, pretrained):
 @pytest.mark.slow
 def test_phase_two_changes_only_the_unfrozen_groups(digits, pretrained):
     run = finetune.train(
-        digits, image_size=SIZE, head_epochs=1, finetune_epochs=1, unfreeze_groups=2,
+        digits,
+        image_size=SIZE,
+        head_epochs=1,
+        finetune_epochs=1,
+        unfreeze_groups=2,
         progress=False,
     )
     spec = get_backbone("efficientnet_lite0")
@@ -62,14 +70,16 @@ def test_phase_two_changes_only_the_unfrozen_groups(digits, pretrained):
         if not layer.weights:
             continue
         same = all(
-            np.array_equal(a, b) for a, b in zip(layer.get_weights(), before[layer.name], strict=True)
+            np.array_equal(a, b)
+            for a, b in zip(layer.get_weights(), before[layer.name], strict=True)
         )
         if spec.group_of(layer.name) in top_groups and not is_batchnorm(layer):
             changed_top += not same
         else:
             assert same, f"{layer.name} ({spec.group_of(layer.name)}) changed but was frozen"
     top_layers = [
-        layer for layer in backbone.layers
+        layer
+        for layer in backbone.layers
         if layer.weights and spec.group_of(layer.name) in top_groups and not is_batchnorm(layer)
     ]
     assert changed_top == len(top_layers) > 0
@@ -80,10 +90,18 @@ def test_phase_two_changes_only_the_unfrozen_groups(digits, pretrained):
 @pytest.mark.slow
 def test_run_directory_holds_the_record(digits, tmp_path):
     out = tmp_path / "run"
-    run = finetune.train(digits, out=out, image_size=SIZE, head_epochs=1, finetune_epochs=1,
-                         seed=3, progress=False)
-    for name in ("config.toml", "split.json", "history.json", "metrics.json", "model.keras",
-                 "bad_files.json", "run.json"):
+    run = finetune.train(
+        digits, out=out, image_size=SIZE, head_epochs=1, finetune_epochs=1, seed=3, progress=False
+    )
+    for name in (
+        "config.toml",
+        "split.json",
+        "history.json",
+        "metrics.json",
+        "model.keras",
+        "bad_files.json",
+        "run.json",
+    ):
         assert (out / name).is_file(), name
     metrics = json.loads((out / "metrics.json").read_text())
     assert set(metrics) >= {"accuracy", "macro_f1", "per_class", "confusion_matrix", "num_images"}

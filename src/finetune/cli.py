@@ -42,8 +42,9 @@ def backbones() -> None:
     from finetune.backbones import list_backbones
 
     table = Table(title="Backbones")
-    for col in ("name", "family", "input", "layer groups", "weights", "where / how to get"):
-        table.add_column(col)
+    for col in ("name", "family", "input", "groups", "ImageNet weights"):
+        table.add_column(col, no_wrap=col == "name")
+    missing = []
     for spec in list_backbones():
         status = spec.weights.status()
         table.add_row(
@@ -52,9 +53,12 @@ def backbones() -> None:
             f"{spec.input_size}px",
             str(len(spec.layer_groups)),
             "[green]available[/]" if status.available else "[red]missing[/]",
-            status.location if status.available else status.how_to_get,
         )
+        if not status.available:
+            missing.append((spec.name, status.how_to_get))
     console.print(table)
+    for name, how in missing:
+        console.print(f"[bold]{name}[/]: {how}", soft_wrap=True)
 
 
 def _print_metrics(title: str, metrics: dict[str, Any]) -> None:
@@ -62,8 +66,9 @@ def _print_metrics(title: str, metrics: dict[str, Any]) -> None:
     for col in ("class", "precision", "recall", "f1", "support"):
         table.add_column(col, justify="right" if col != "class" else "left")
     for name, m in metrics["per_class"].items():
-        table.add_row(name, f"{m['precision']:.3f}", f"{m['recall']:.3f}", f"{m['f1']:.3f}",
-                      str(m["support"]))
+        table.add_row(
+            name, f"{m['precision']:.3f}", f"{m['recall']:.3f}", f"{m['f1']:.3f}", str(m["support"])
+        )
     console.print(table)
     console.print(
         f"accuracy [bold]{_percent(metrics['accuracy'])}[/]  macro F1 {metrics['macro_f1']:.3f}"
@@ -76,14 +81,18 @@ def train(
     data_dir: Annotated[Path, typer.Argument(help="Class folders, or train/ (+ val/, test/).")],
     out: Annotated[Path, typer.Option(help="Run directory to write.")] = Path("runs/latest"),
     config: Annotated[Path | None, typer.Option(help="TOML config file.")] = None,
-    backbone: Annotated[str | None, typer.Option(help="Backbone name (finetune backbones).")] = None,
+    backbone: Annotated[
+        str | None, typer.Option(help="Backbone name (finetune backbones).")
+    ] = None,
     weights: Annotated[
         str | None, typer.Option(help="'imagenet', 'none', or a local weights file.")
     ] = None,
     seed: Annotated[int | None, typer.Option(help="Seed of split, shuffling, init.")] = None,
     image_size: Annotated[int | None, typer.Option(help="Input side in pixels.")] = None,
     batch_size: Annotated[int | None, typer.Option()] = None,
-    head_epochs: Annotated[int | None, typer.Option(help="Phase 1 epochs (frozen backbone).")] = None,
+    head_epochs: Annotated[
+        int | None, typer.Option(help="Phase 1 epochs (frozen backbone).")
+    ] = None,
     head_lr: Annotated[float | None, typer.Option(help="Phase 1 learning rate.")] = None,
     finetune_epochs: Annotated[int | None, typer.Option(help="Phase 2 epochs.")] = None,
     finetune_lr: Annotated[float | None, typer.Option(help="Phase 2 learning rate.")] = None,
@@ -107,12 +116,22 @@ def train(
     options = {
         k: v
         for k, v in dict(
-            backbone=backbone, weights=weights, seed=seed, image_size=image_size,
-            batch_size=batch_size, head_epochs=head_epochs, head_lr=head_lr,
-            finetune_epochs=finetune_epochs, finetune_lr=finetune_lr,
-            unfreeze_groups=unfreeze_groups, optimizer=optimizer, dropout=dropout,
-            label_smoothing=label_smoothing, val_fraction=val_fraction,
-            test_fraction=test_fraction, augment=augment,
+            backbone=backbone,
+            weights=weights,
+            seed=seed,
+            image_size=image_size,
+            batch_size=batch_size,
+            head_epochs=head_epochs,
+            head_lr=head_lr,
+            finetune_epochs=finetune_epochs,
+            finetune_lr=finetune_lr,
+            unfreeze_groups=unfreeze_groups,
+            optimizer=optimizer,
+            dropout=dropout,
+            label_smoothing=label_smoothing,
+            val_fraction=val_fraction,
+            test_fraction=test_fraction,
+            augment=augment,
         ).items()
         if v is not None
     }
@@ -121,8 +140,10 @@ def train(
             data_dir, out=out, config=config, overwrite=overwrite, **options
         )
     else:
-        run, scratch = finetune.train(data_dir, out=out, config=config, overwrite=overwrite,
-                                      **options), None
+        run, scratch = (
+            finetune.train(data_dir, out=out, config=config, overwrite=overwrite, **options),
+            None,
+        )
     if run.metrics:
         _print_metrics(f"Test metrics of {out}", run.metrics)
     if scratch is not None and scratch.metrics and run.metrics:
@@ -130,10 +151,16 @@ def train(
         table.add_column("model")
         table.add_column("test accuracy", justify="right")
         table.add_column("macro F1", justify="right")
-        table.add_row("fine-tuned from ImageNet weights", _percent(run.metrics["accuracy"]),
-                      f"{run.metrics['macro_f1']:.3f}")
-        table.add_row("trained from scratch", _percent(scratch.metrics["accuracy"]),
-                      f"{scratch.metrics['macro_f1']:.3f}")
+        table.add_row(
+            "fine-tuned from ImageNet weights",
+            _percent(run.metrics["accuracy"]),
+            f"{run.metrics['macro_f1']:.3f}",
+        )
+        table.add_row(
+            "trained from scratch",
+            _percent(scratch.metrics["accuracy"]),
+            f"{scratch.metrics['macro_f1']:.3f}",
+        )
         console.print(table)
     console.print(f"Run written to [bold]{out}[/] (model.keras, metrics.json, history.json, ...)")
 
@@ -141,7 +168,9 @@ def train(
 @app.command()
 def evaluate(
     run_dir: Annotated[Path, typer.Argument(help="A run directory.")],
-    data_dir: Annotated[Path | None, typer.Argument(help="Labelled folder; default: the run's test split.")] = None,
+    data_dir: Annotated[
+        Path | None, typer.Argument(help="Labelled folder; default: the run's test split.")
+    ] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print the metrics as JSON.")] = False,
 ) -> None:
     """Evaluate a run's model and write metrics.json in the run directory (own test split)."""
@@ -152,7 +181,7 @@ def evaluate(
     if data_dir is None:
         write_json(run_dir / "metrics.json", metrics)
     if as_json:
-        console.print_json(json.dumps(metrics))
+        print(json.dumps(metrics, indent=2))
     else:
         _print_metrics(f"Evaluation of {run_dir}", metrics)
 

@@ -240,13 +240,16 @@ def _section_from_dict(section: str, data: dict[str, Any], base: Any, source: st
     for key, value in data.items():
         if key not in known:
             raise ConfigError(
-                f"{source}: unknown key {key!r} in [{section}]. Known keys: {', '.join(sorted(known))}."
+                f"{source}: unknown key {key!r} in [{section}]. "
+                f"Known keys: {', '.join(sorted(known))}."
             )
         changes[key] = _coerce(f"{source}: {section}.{key}", value, hints[key])
     return dataclasses.replace(base, **changes)
 
 
-def config_from_dict(data: dict[str, Any], base: Config | None = None, source: str = "config") -> Config:
+def config_from_dict(
+    data: dict[str, Any], base: Config | None = None, source: str = "config"
+) -> Config:
     """Builds a `Config` from nested plain data (the TOML layout), on top of `base`.
 
     Raises:

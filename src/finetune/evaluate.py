@@ -53,11 +53,13 @@ def classification_metrics(
     k = min(5, len(class_names) - 1)
     result: dict[str, Any] = {
         "accuracy": float(accuracy_score(y_true, y_pred)),
-        "macro_f1": float(f1_score(y_true, y_pred, labels=labels, average="macro", zero_division=0)),
+        "macro_f1": float(
+            f1_score(y_true, y_pred, labels=labels, average="macro", zero_division=0)
+        ),
         "weighted_f1": float(
             f1_score(y_true, y_pred, labels=labels, average="weighted", zero_division=0)
         ),
-        "loss": float(log_loss(y_true, np.clip(probabilities, 1e-7, 1.0), labels=labels)),
+        "loss": float(log_loss(y_true, probabilities, labels=labels)),
         "num_images": int(len(y_true)),
         "per_class": {
             name: {

@@ -1,10 +1,11 @@
 """The classifier: a pretrained backbone under a new head, and freezing by layer group.
 
 `build_classifier` returns a plain `keras.Model` that takes RGB pixels in [0, 255] at the training
-size and returns class logits: `Normalize` (the backbone's own preprocessing) -> the backbone (a
-nested model called "backbone") -> pooling -> optional hidden ReLU Dense layers -> dropout -> a Dense
-output layer without activation (the loss is built `from_logits=True`). Because the normalisation
-is the model's first layer, a saved or exported model needs no preprocessing code beside it.
+size and returns class logits: `Normalize` (the backbone's own preprocessing) -> the backbone
+(a nested model called "backbone") -> pooling -> optional hidden ReLU Dense layers -> dropout ->
+a Dense output layer without activation (the loss is built `from_logits=True`). Because the
+normalisation is the model's first layer, a saved or exported model needs no preprocessing code
+beside it.
 """
 
 from __future__ import annotations

@@ -121,7 +121,9 @@ class Run:
 
     def predict_proba(self, images: np.ndarray, batch_size: int = 64) -> np.ndarray:
         """Class probabilities for uint8/float RGB images of the run's input size."""
-        logits = self.model.predict(np.asarray(images, np.float32), batch_size=batch_size, verbose=0)
+        logits = self.model.predict(
+            np.asarray(images, np.float32), batch_size=batch_size, verbose=0
+        )
         return softmax(logits)
 
     def split_samples(self, split: str) -> list[tuple[Path, int]]:

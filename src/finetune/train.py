@@ -179,13 +179,13 @@ class _PhaseLogger(keras.callbacks.Callback):
     def on_epoch_end(self, epoch, logs=None):
         record = {"phase": self.phase, "epoch": epoch + 1}
         record.update({k: float(v) for k, v in (logs or {}).items()})
-        record["learning_rate"] = float(keras.ops.convert_to_numpy(self.model.optimizer.learning_rate))
+        record["learning_rate"] = float(
+            keras.ops.convert_to_numpy(self.model.optimizer.learning_rate)
+        )
         self.records.append(record)
 
 
-def fit_run(
-    data: PreparedData, config: Config, run_dir: Path | None, progress: bool = True
-) -> Run:
+def fit_run(data: PreparedData, config: Config, run_dir: Path | None, progress: bool = True) -> Run:
     """Builds the classifier, runs both phases on prepared data and records the run."""
     keras.utils.set_random_seed(config.seed)
     spec = get_backbone(config.model.backbone)

@@ -25,6 +25,11 @@ def _same_pad(x: np.ndarray, kernel: int, stride: int) -> np.ndarray:
     return np.pad(x, ((0, 0), pads[0], pads[1], (0, 0)))
 
 
+def _shifted(x: np.ndarray, i: int, j: int, stride: int, oh: int, ow: int) -> np.ndarray:
+    """The (oh, ow) input pixels that kernel tap (i, j) sees, for every output pixel."""
+    return x[:, i : i + stride * oh : stride, j : j + stride * ow : stride]
+
+
 def _conv(x: np.ndarray, weight: np.ndarray, stride: int = 1) -> np.ndarray:
     """Full convolution; `weight` is PyTorch's (out, in, kh, kw)."""
     out_ch, in_ch, kh, kw = weight.shape
@@ -37,7 +42,7 @@ def _conv(x: np.ndarray, weight: np.ndarray, stride: int = 1) -> np.ndarray:
     cols = np.empty((n, oh, ow, kh, kw, in_ch))
     for i in range(kh):
         for j in range(kw):
-            cols[:, :, :, i, j, :] = x[:, i : i + stride * oh : stride, j : j + stride * ow : stride]
+            cols[:, :, :, i, j, :] = _shifted(x, i, j, stride, oh, ow)
     flat_weight = weight.transpose(2, 3, 1, 0).reshape(kh * kw * in_ch, out_ch)
     return cols.reshape(n, oh, ow, -1) @ flat_weight
 
@@ -51,7 +56,7 @@ def _depthwise(x: np.ndarray, weight: np.ndarray, stride: int) -> np.ndarray:
     out = np.zeros((n, oh, ow, c))
     for i in range(kh):
         for j in range(kw):
-            out += x[:, i : i + stride * oh : stride, j : j + stride * ow : stride] * weight[:, 0, i, j]
+            out += _shifted(x, i, j, stride, oh, ow) * weight[:, 0, i, j]
     return out
 
 

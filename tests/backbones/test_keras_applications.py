@@ -27,7 +27,9 @@ def write_legacy_h5_weights(model: keras.Model, path) -> None:
         f.attrs["keras_version"] = b"2.2.4"
         for layer in model.layers:
             group = f.create_group(layer.name)
-            names = [f"{layer.name}/{w.path.split('/')[-1]}_{i}:0" for i, w in enumerate(layer.weights)]
+            names = [
+                f"{layer.name}/{w.path.split('/')[-1]}_{i}:0" for i, w in enumerate(layer.weights)
+            ]
             group.attrs["weight_names"] = [n.encode() for n in names]
             for name, value in zip(names, layer.get_weights(), strict=True):
                 group.create_dataset(name, data=value)
@@ -46,7 +48,13 @@ def keras_home(tmp_path, monkeypatch):
 
 
 def test_the_seed_families_are_registered():
-    assert set(FAMILY) == {"vgg16", "resnet50", "mobilenet_v2", "mobilenet_v3_small", "efficientnet_b0"}
+    assert set(FAMILY) == {
+        "vgg16",
+        "resnet50",
+        "mobilenet_v2",
+        "mobilenet_v3_small",
+        "efficientnet_b0",
+    }
 
 
 @pytest.mark.slow
@@ -72,7 +80,9 @@ def test_imagenet_weights_are_read_from_the_keras_cache(name, keras_home):
 def test_every_weighted_layer_is_in_a_layer_group(name):
     spec = get_backbone(name)
     model = spec.build(64, False)
-    ungrouped = [layer.name for layer in model.layers if layer.weights and spec.group_of(layer.name) is None]
+    ungrouped = [
+        layer.name for layer in model.layers if layer.weights and spec.group_of(layer.name) is None
+    ]
     assert ungrouped == []
     # Groups are ordered bottom to top: the first weighted layer is in the first group.
     weighted = [layer.name for layer in model.layers if layer.weights]

@@ -82,7 +82,9 @@ def _state_dict_pickle(entries: dict[str, bytes]) -> bytes:
     return b"\x80\x02" + _ORDERED_DICT + b"(" + items + b"u."
 
 
-def _write_zip(path: Path, data_pkl: bytes, storages: dict[str, bytes], byteorder: str = "") -> Path:
+def _write_zip(
+    path: Path, data_pkl: bytes, storages: dict[str, bytes], byteorder: str = ""
+) -> Path:
     with zipfile.ZipFile(path, "w") as archive:
         archive.writestr("archive/data.pkl", data_pkl)
         for key, raw in storages.items():

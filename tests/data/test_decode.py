@@ -51,7 +51,9 @@ def png_header_only(path: Path, width: int, height: int) -> Path:
     """A tiny PNG that declares a huge size: a decompression bomb as far as the header goes."""
 
     def chunk(kind: bytes, data: bytes) -> bytes:
-        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+        return (
+            struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+        )
 
     ihdr = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
     path.write_bytes(
@@ -302,6 +304,11 @@ def test_unsupported_format_is_refused(tmp_path):
 def test_empty_file(tmp_path):
     (tmp_path / "zero.png").write_bytes(b"")
     assert reason_for(tmp_path / "zero.png") == "empty file"
+
+
+def test_folder_instead_of_file(tmp_path):
+    (tmp_path / "dir.jpg").mkdir()
+    assert "not a regular file" in reason_for(tmp_path / "dir.jpg")
 
 
 def test_missing_file(tmp_path):

@@ -31,7 +31,9 @@ def make_tree(root: Path, files: list[str]) -> Path:
 
 
 def rel(folder: ImageFolder, samples: list[Sample]) -> list[tuple[str, str]]:
-    return [(s.path.relative_to(folder.root).as_posix(), folder.class_names[s.label]) for s in samples]
+    return [
+        (s.path.relative_to(folder.root).as_posix(), folder.class_names[s.label]) for s in samples
+    ]
 
 
 def ignored_rel(folder: ImageFolder) -> dict[str, str]:
@@ -140,7 +142,10 @@ def test_pre_split_layout_with_val_and_test(tmp_path):
         ("train/cat/b.jpg", "cat"),
         ("train/dog/c.jpg", "dog"),
     ]
-    assert rel(folder, folder.samples["val"]) == [("val/cat/d.jpg", "cat"), ("val/dog/e.jpg", "dog")]
+    assert rel(folder, folder.samples["val"]) == [
+        ("val/cat/d.jpg", "cat"),
+        ("val/dog/e.jpg", "dog"),
+    ]
     assert rel(folder, folder.samples["test"]) == [("test/dog/f.jpg", "dog")]
     assert folder.class_counts("test") == {"cat": 0, "dog": 1}
 

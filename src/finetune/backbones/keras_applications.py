@@ -82,9 +82,7 @@ class KerasApplicationWeights:
                     f"{self._how_to_get(include_top)}."
                 )
             try:
-                path = Path(
-                    keras.utils.get_file(name, self.base_url + name, cache_subdir="models")
-                )
+                path = Path(keras.utils.get_file(name, self.base_url + name, cache_subdir="models"))
             except Exception as err:  # any network failure becomes one clear message
                 raise WeightsError(
                     f"could not download the ImageNet weights {name} ({err}). To fix it, "

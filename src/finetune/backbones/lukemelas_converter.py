@@ -11,6 +11,7 @@ from __future__ import annotations
 import os
 import tempfile
 import zipfile
+import zlib
 from pathlib import Path
 
 import keras
@@ -129,7 +130,7 @@ def read_weights_cache(path: Path) -> LayerWeights:
         # allow_pickle=False: an .npz may come from a user, and object arrays would unpickle.
         with np.load(path, allow_pickle=False) as archive:
             flat = {key: archive[key] for key in archive.files}  # reads all, so CRCs are checked
-    except (OSError, ValueError, EOFError, zipfile.BadZipFile) as error:
+    except (OSError, ValueError, EOFError, zipfile.BadZipFile, zlib.error) as error:
         raise WeightsError(f"{path}: cannot read converted weights ({error})") from error
     grouped: dict[str, dict[int, np.ndarray]] = {}
     for key, array in flat.items():

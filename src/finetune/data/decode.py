@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import os
 import re
+import stat
 import threading
 import warnings
 from collections.abc import Sequence
@@ -193,14 +194,17 @@ def load_image(
     resample = _resampling(interpolation)
     path = Path(path)
     try:
-        if path.stat().st_size == 0:
-            raise ImageDecodeError(path, "empty file")
+        info = path.stat()
     except FileNotFoundError:
         raise ImageDecodeError(path, "file not found") from None
     except PermissionError:
         raise ImageDecodeError(path, "permission denied") from None
     except OSError as exc:
         raise ImageDecodeError(path, f"cannot read file ({exc.strerror or exc})") from None
+    if not stat.S_ISREG(info.st_mode):
+        raise ImageDecodeError(path, "not a regular file (a folder, device or pipe)")
+    if info.st_size == 0:
+        raise ImageDecodeError(path, "empty file")
 
     try:
         with _OPEN_LOCK, warnings.catch_warnings():

@@ -19,7 +19,7 @@ import numpy as np
 import tensorflow as tf
 
 from finetune.data.decode import BadFile, decode_images
-from finetune.data.scan import ImageFolder, IgnoredFile, Sample, check_classes, scan_image_folder
+from finetune.data.scan import IgnoredFile, Sample, check_classes, scan_image_folder
 from finetune.data.split import complete_splits
 
 SPLITS = ("train", "val", "test")
@@ -110,7 +110,9 @@ def prepare_image_data(
     for split in SPLITS:
         samples = splits.get(split, [])
         rows = np.asarray([index_of[s.path] for s in samples], dtype=np.int64)
-        images[split] = arrays[rows] if len(rows) else np.zeros((0, image_size, image_size, 3), np.uint8)
+        images[split] = (
+            arrays[rows] if len(rows) else np.zeros((0, image_size, image_size, 3), np.uint8)
+        )
         labels[split] = np.asarray([s.label for s in samples], dtype=np.int64)
     return PreparedData(
         root=folder.root,

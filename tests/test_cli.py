@@ -1,0 +1,113 @@
+"""The `finetune` command line, run in-process (Typer's runner) and once as a real process."""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import subprocess
+import sys
+
+import pytest
+from PIL import Image
+from typer.testing import CliRunner
+
+from finetune.cli import app
+from tests.helpers import DIGITS, image_subset
+
+runner = CliRunner()
+
+
+def invoke(*args: str):
+    result = runner.invoke(app, [str(a) for a in args], catch_exceptions=False)
+    assert result.exit_code == 0, result.output
+    return result.stdout
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    data = image_subset(DIGITS, tmp_path_factory.mktemp("digits"), classes=3, per_class=30)
+    out = tmp_path_factory.mktemp("runs") / "digits"
+    output = invoke(
+        "train",
+        data,
+        "--out",
+        out,
+        "--image-size",
+        "32",
+        "--head-epochs",
+        "1",
+        "--finetune-epochs",
+        "1",
+        "--seed",
+        "5",
+    )
+    return data, out, output
+
+
+@pytest.mark.slow
+def test_train_prints_metrics_and_writes_the_run(trained):
+    _, out, output = trained
+    assert "accuracy" in output and str(out) in output
+    assert (out / "model.keras").is_file()
+
+
+@pytest.mark.slow
+def test_evaluate_and_predict_a_run(trained):
+    data, out, _ = trained
+    metrics = json.loads(invoke("evaluate", out, "--json"))
+    assert metrics["num_images"] > 0 and 0.0 <= metrics["accuracy"] <= 1.0
+
+    as_json = json.loads(invoke("predict", out, data / "0", "--format", "json", "--top-k", "2"))
+    assert len(as_json) == len(list((data / "0").glob("*.png")))
+    first = as_json[0]["predictions"]
+    assert len(first) == 2 and {p["label"] for p in first} <= {"0", "1", "2"}
+    assert first[0]["probability"] >= first[1]["probability"]
+
+    rows = list(csv.DictReader(io.StringIO(invoke("predict", out, data / "1", "--format", "csv"))))
+    assert rows and rows[0]["rank"] == "1" and float(rows[0]["probability"]) > 0
+    assert "probability" in invoke("predict", out, data / "2")
+
+
+@pytest.mark.slow
+def test_predict_with_a_backbone_imagenet_head_names_the_cat(tmp_path):
+    from skimage import data
+
+    photo = tmp_path / "chelsea.jpg"
+    Image.fromarray(data.chelsea()).save(photo)
+    (tmp_path / "notes.jpg").write_text("not an image")
+    result = json.loads(
+        invoke("predict", "efficientnet_lite0", photo, tmp_path / "notes.jpg", "--format", "json")
+    )
+    assert result[0]["predictions"][0]["label"] in {"tabby", "tiger cat", "Egyptian cat"}
+    assert len(result[0]["predictions"]) == 5
+    assert result[1]["error"] and not result[1]["predictions"]
+
+
+def test_backbones_lists_every_entry_with_weights_status():
+    output = invoke("backbones")
+    for name in (
+        "efficientnet_lite0",
+        "efficientnet_lite2",
+        "vgg16",
+        "resnet50",
+        "mobilenet_v2",
+        "mobilenet_v3_small",
+        "efficientnet_b0",
+    ):
+        assert name in output
+    assert "available" in output and "missing" in output
+
+
+def test_user_errors_exit_2_with_one_clear_line(tmp_path):
+    (tmp_path / "only_class").mkdir()
+    Image.new("RGB", (8, 8)).save(tmp_path / "only_class" / "a.png")
+    proc = subprocess.run(
+        [sys.executable, "-m", "finetune", "train", str(tmp_path), "--out", str(tmp_path / "out")],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert proc.returncode == 2
+    assert "error:" in proc.stderr and "Traceback" not in proc.stderr
+    assert "class" in proc.stderr

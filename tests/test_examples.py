@@ -43,9 +43,22 @@ def test_example_trains_on_bundled_data(example, tmp_path):
     finetune_epochs = min(1, config.recipe.finetune_epochs)
     result = CliRunner().invoke(
         app,
-        ["train", str(data), "--config", str(EXAMPLES / example), "--out", str(out),
-         "--backbone", "efficientnet_lite0", "--image-size", "32", "--head-epochs", "1",
-         "--finetune-epochs", str(finetune_epochs)],
+        [
+            "train",
+            str(data),
+            "--config",
+            str(EXAMPLES / example),
+            "--out",
+            str(out),
+            "--backbone",
+            "efficientnet_lite0",
+            "--image-size",
+            "32",
+            "--head-epochs",
+            "1",
+            "--finetune-epochs",
+            str(finetune_epochs),
+        ],
         catch_exceptions=False,
     )
     assert result.exit_code == 0, result.output

@@ -81,7 +81,9 @@ def classification_metrics(
     return result
 
 
-def evaluate(run: Run | str | Path, data_dir: str | Path | None = None) -> dict[str, Any]:
+def evaluate(
+    run: Run | str | Path, data_dir: str | Path | None = None, progress: bool = True
+) -> dict[str, Any]:
     """Evaluates a run's model on its test split, or on every image of `data_dir`.
 
     Args:
@@ -121,8 +123,8 @@ def evaluate(run: Run | str | Path, data_dir: str | Path | None = None) -> dict[
         where = f"{data_dir} ({split})"
     if not paths:
         raise DataError(f"nothing to evaluate: {where} holds no images.")
-    images, ok, bad = decode_images(paths, run.image_size, progress=True)
-    probabilities = run.predict_proba(images)
+    images, ok, bad = decode_images(paths, run.image_size, progress=progress)
+    probabilities = run.predict_proba(images, progress=progress)
     metrics = classification_metrics(y[ok], probabilities, run.class_names)
     metrics["data"] = where
     metrics["bad_files"] = [{"path": str(b.path), "reason": b.reason} for b in bad]

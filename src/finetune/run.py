@@ -119,10 +119,12 @@ class Run:
             info=info,
         )
 
-    def predict_proba(self, images: np.ndarray, batch_size: int = 64) -> np.ndarray:
+    def predict_proba(
+        self, images: np.ndarray, batch_size: int = 64, progress: bool = False
+    ) -> np.ndarray:
         """Class probabilities for uint8/float RGB images of the run's input size."""
         logits = self.model.predict(
-            np.asarray(images, np.float32), batch_size=batch_size, verbose=0
+            np.asarray(images, np.float32), batch_size=batch_size, verbose=int(progress)
         )
         return softmax(logits)
 

@@ -270,7 +270,9 @@ def fit_run(data: PreparedData, config: Config, run_dir: Path | None, progress: 
         history=records,
     )
     if len(data.labels[eval_split]):
-        probabilities = run.predict_proba(data.images[eval_split])
+        if progress:
+            print(f"Evaluating on the {eval_split} split...", flush=True)
+        probabilities = run.predict_proba(data.images[eval_split], progress=progress)
         run.metrics = classification_metrics(
             data.labels[eval_split], probabilities, data.class_names
         )

@@ -7,10 +7,14 @@ statistics when `train_batchnorm` is off.
 
 from __future__ import annotations
 
+import io
 import json
+import shutil
+from pathlib import Path
 
 import numpy as np
 import pytest
+from PIL import Image
 
 import finetune
 from finetune.backbones import get_backbone, load_backbone
@@ -89,9 +93,17 @@ def test_phase_two_changes_only_the_unfrozen_groups(digits, pretrained):
 
 @pytest.mark.slow
 def test_run_directory_holds_the_record(digits, tmp_path):
+    # A truncated JPEG and a text file named .jpg are reported and left out; the run goes on.
+    data = tmp_path / "data"
+    shutil.copytree(digits, data)
+    photo = io.BytesIO()
+    Image.new("RGB", (64, 64), (200, 10, 10)).save(photo, "JPEG")
+    (data / "0" / "truncated.jpg").write_bytes(photo.getvalue()[:300])
+    (data / "1" / "notes.jpg").write_text("not an image")
+    (data / "2" / "labels.csv").write_text("a,b")
     out = tmp_path / "run"
     run = finetune.train(
-        digits, out=out, image_size=SIZE, head_epochs=1, finetune_epochs=1, seed=3, progress=False
+        data, out=out, image_size=SIZE, head_epochs=1, finetune_epochs=1, seed=3, progress=False
     )
     for name in (
         "config.toml",
@@ -103,6 +115,13 @@ def test_run_directory_holds_the_record(digits, tmp_path):
         "run.json",
     ):
         assert (out / name).is_file(), name
+    report = json.loads((out / "bad_files.json").read_text())
+    assert sorted(Path(b["path"]).name for b in report["bad_files"]) == [
+        "notes.jpg",
+        "truncated.jpg",
+    ]
+    assert [Path(i["path"]).name for i in report["ignored"]] == ["labels.csv"]
+    assert sum(run.info["counts"].values()) == 4 * 40
     metrics = json.loads((out / "metrics.json").read_text())
     assert set(metrics) >= {"accuracy", "macro_f1", "per_class", "confusion_matrix", "num_images"}
     cm = np.asarray(metrics["confusion_matrix"])
@@ -122,7 +141,7 @@ def test_run_directory_holds_the_record(digits, tmp_path):
     assert again["accuracy"] == pytest.approx(metrics["accuracy"])
 
     with pytest.raises(finetune.FinetuneError, match="--overwrite"):
-        finetune.train(digits, out=out, image_size=SIZE, head_epochs=1, progress=False)
+        finetune.train(data, out=out, image_size=SIZE, head_epochs=1, progress=False)
     assert (out / "model.keras").is_file()
 
 

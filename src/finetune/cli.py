@@ -177,7 +177,8 @@ def evaluate(
     import finetune
     from finetune.run import write_json
 
-    metrics = finetune.evaluate(run_dir, data_dir)
+    # Keras' progress bar writes to stdout: keep it out of JSON output.
+    metrics = finetune.evaluate(run_dir, data_dir, progress=not as_json)
     if data_dir is None:
         write_json(run_dir / "metrics.json", metrics)
     if as_json:

@@ -59,12 +59,15 @@ class DataConfig:
             Defaults to 0.1.
         test_fraction: share used for testing when the folder has no `test/`. Defaults to 0.1.
         batch_size: images per training step. Defaults to 32.
+        max_memory_gb: the most memory the decoded images may take (they are decoded once and
+            kept in memory); a larger folder is refused before decoding. Defaults to 8.
     """
 
     image_size: int = 0
     val_fraction: float = 0.1
     test_fraction: float = 0.1
     batch_size: int = 32
+    max_memory_gb: float = 8.0
 
 
 @dataclass
@@ -172,6 +175,8 @@ class Config:
             raise ConfigError("data.val_fraction + data.test_fraction must stay below 1.")
         if d.image_size and d.image_size < 16:
             raise ConfigError(f"data.image_size {d.image_size} is too small; use 32 or more.")
+        if not d.max_memory_gb > 0:
+            raise ConfigError(f"data.max_memory_gb must be positive, got {d.max_memory_gb}.")
         if d.batch_size < 1:
             raise ConfigError(f"data.batch_size must be at least 1, got {d.batch_size}.")
         for name in ("head_epochs", "finetune_epochs", "early_stopping_patience"):

@@ -1,10 +1,9 @@
 """Runs the fine-tuning recipe on an image folder and writes the run directory.
 
-The recipe is a short sequence of `fit` calls on one `keras.Model`, as in the Keras transfer
-learning guide and fastai's `fine_tune`: phase 1 freezes the backbone (BatchNorm in inference
-mode) and trains the new head; phase 2 unfreezes the top layer groups of the backbone and goes on
-at a lower learning rate. Each phase stops early on the validation loss and restores its best
-weights. `train` is the whole job: data, model, phases, test metrics, run directory.
+`train` is the whole job: data (scan, decode, split), the classifier, the recipe's phases
+(`finetune.recipes`), test metrics and the run directory. `train_with_scratch_baseline` adds the
+same network trained from random weights on the same split, the comparison that shows what the
+pretrained weights bring.
 """
 
 from __future__ import annotations
@@ -24,7 +23,8 @@ from finetune.data.pipeline import PreparedData, image_dataset, prepare_image_da
 from finetune.data.split import write_split
 from finetune.errors import FinetuneError
 from finetune.evaluate import classification_metrics
-from finetune.model import build_classifier, freeze_backbone, unfreeze_top_groups
+from finetune.model import build_classifier
+from finetune.recipes import fit_phases, two_phase_plan
 from finetune.run import MODEL_FILE, Run, save_model_atomic, write_json, write_text_atomic
 
 # Python keyword -> dotted config name, shared by the API and the CLI.
@@ -89,20 +89,6 @@ def scratch_config(config: Config) -> Config:
     return dataclasses.replace(config, recipe=recipe, model=model)
 
 
-def make_optimizer(config: Config, learning_rate: float) -> keras.optimizers.Optimizer:
-    """The optimizer named by `config.recipe.optimizer` at `learning_rate`."""
-    r = config.recipe
-    if r.optimizer == "sgd":
-        return keras.optimizers.SGD(learning_rate, momentum=r.momentum, nesterov=r.nesterov)
-    if r.optimizer == "rmsprop":
-        return keras.optimizers.RMSprop(learning_rate, momentum=r.momentum)
-    if r.optimizer == "adagrad":
-        return keras.optimizers.Adagrad(learning_rate)
-    if r.optimizer == "adamw":
-        return keras.optimizers.AdamW(learning_rate, weight_decay=r.weight_decay)
-    return keras.optimizers.Adam(learning_rate)
-
-
 def _prepare_run_dir(out: str | Path | None, overwrite: bool) -> Path | None:
     if out is None:
         return None
@@ -165,24 +151,8 @@ def prepare_data(data_dir: str | Path, config: Config, progress: bool = True) ->
         test_fraction=config.data.test_fraction,
         seed=config.seed,
         progress=progress,
+        max_memory_gb=config.data.max_memory_gb,
     )
-
-
-class _PhaseLogger(keras.callbacks.Callback):
-    """Collects one history record per epoch, tagged with its phase and learning rate."""
-
-    def __init__(self, phase: str, records: list[dict[str, Any]]):
-        super().__init__()
-        self.phase = phase
-        self.records = records
-
-    def on_epoch_end(self, epoch, logs=None):
-        record = {"phase": self.phase, "epoch": epoch + 1}
-        record.update({k: float(v) for k, v in (logs or {}).items()})
-        record["learning_rate"] = float(
-            keras.ops.convert_to_numpy(self.model.optimizer.learning_rate)
-        )
-        self.records.append(record)
 
 
 def fit_run(data: PreparedData, config: Config, run_dir: Path | None, progress: bool = True) -> Run:
@@ -209,56 +179,17 @@ def fit_run(data: PreparedData, config: Config, run_dir: Path | None, progress: 
         if has_val
         else None
     )
-    records: list[dict[str, Any]] = []
     verbose = (1 if sys.stdout.isatty() else 2) if progress else 0
-    r = config.recipe
-    epoch = 0
-    phases = [("head", r.head_epochs, r.head_lr), ("finetune", r.finetune_epochs, r.finetune_lr)]
-    for phase, epochs, lr in phases:
-        if epochs == 0:
-            continue
-        if phase == "head":
-            freeze_backbone(model)
-        else:
-            unfreeze_top_groups(model, spec, r.unfreeze_groups, train_batchnorm=r.train_batchnorm)
-        model.compile(
-            optimizer=make_optimizer(config, lr),
-            loss=keras.losses.CategoricalCrossentropy(
-                from_logits=True, label_smoothing=r.label_smoothing
-            ),
-            metrics=[keras.metrics.CategoricalAccuracy(name="accuracy")],
-        )
-        callbacks: list[keras.callbacks.Callback] = [_PhaseLogger(phase, records)]
-        if has_val and r.early_stopping_patience:
-            callbacks.append(
-                keras.callbacks.EarlyStopping(
-                    monitor="val_loss",
-                    patience=r.early_stopping_patience,
-                    restore_best_weights=True,
-                )
-            )
-        if run_dir is not None:
-            (run_dir / "checkpoints").mkdir(exist_ok=True)
-            callbacks.append(
-                keras.callbacks.ModelCheckpoint(
-                    run_dir / "checkpoints" / f"{phase}.weights.h5",
-                    monitor="val_loss" if has_val else "loss",
-                    save_best_only=True,
-                    save_weights_only=True,
-                )
-            )
-        if progress:
-            print(f"Phase '{phase}': {epochs} epoch(s) at learning rate {lr:g}", flush=True)
-        history = model.fit(
-            train_ds,
-            validation_data=val_ds,
-            initial_epoch=epoch,
-            epochs=epoch + epochs,
-            callbacks=callbacks,
-            shuffle=False,  # the dataset shuffles itself, seeded
-            verbose=verbose,
-        )
-        epoch += len(history.epoch)
+    records = fit_phases(
+        model,
+        spec,
+        config.recipe,
+        two_phase_plan(config.recipe),
+        train_ds,
+        val_ds,
+        run_dir=run_dir,
+        verbose=verbose,
+    )
 
     eval_split = "test" if len(data.labels["test"]) else "val"
     run = Run(

@@ -21,6 +21,7 @@ import tensorflow as tf
 from finetune.data.decode import BadFile, decode_images
 from finetune.data.scan import IgnoredFile, Sample, check_classes, scan_image_folder
 from finetune.data.split import complete_splits
+from finetune.errors import DataError
 
 SPLITS = ("train", "val", "test")
 
@@ -71,6 +72,7 @@ def prepare_image_data(
     test_fraction: float = 0.1,
     seed: int = 0,
     progress: bool = True,
+    max_memory_gb: float = 8.0,
 ) -> PreparedData:
     """Scans, decodes and splits an image folder.
 
@@ -82,15 +84,28 @@ def prepare_image_data(
         test_fraction: test share when there is no `test/`. Defaults to 0.1.
         seed: seed of the stratified split. Defaults to 0.
         progress: show a progress bar while decoding. Defaults to True.
+        max_memory_gb: refuse, before decoding, a folder whose decoded images would take more
+            memory than this. Defaults to 8.
 
     Returns:
         A `PreparedData`.
 
     Raises:
-        DataError: no images, a single class, or a class without any decodable image.
+        DataError: no images, a single class, a class without any decodable image, or more
+            decoded pixels than `max_memory_gb`.
     """
     folder = scan_image_folder(data_dir)
     all_samples = [s for samples in folder.samples.values() for s in samples]
+    needed_gb = len(all_samples) * image_size * image_size * 3 / 2**30
+    if needed_gb > max_memory_gb:
+        # Images are decoded once and kept in memory (streaming from disk is not built yet):
+        # say so before spending minutes decoding into a swap storm.
+        raise DataError(
+            f"{data_dir}: {len(all_samples)} images at {image_size}x{image_size} take "
+            f"{needed_gb:.1f} GiB decoded, above data.max_memory_gb = {max_memory_gb:g}. "
+            "Use a smaller --image-size, raise max_memory_gb in the [data] section of the "
+            "config if this machine has the memory, or train on a subset."
+        )
     arrays, ok, bad = decode_images(
         [s.path for s in all_samples], image_size, interpolation=interpolation, progress=progress
     )

@@ -1,0 +1,117 @@
+"""The tf.data pipeline and augmentation: what training and evaluation batches look like."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from finetune.config import AugmentConfig, load_config
+from finetune.data.augment import build_augmentation
+from finetune.data.pipeline import image_dataset, prepare_image_data
+from tests.helpers import DIGITS, EXAMPLES, image_subset
+
+
+def batches(ds):
+    return [(np.asarray(x), np.asarray(y)) for x, y in ds]
+
+
+@pytest.fixture(scope="module")
+def images():
+    rng = np.random.default_rng(0)
+    x = rng.integers(0, 256, (10, 16, 16, 3), dtype=np.uint8)
+    return x, np.arange(10) % 3
+
+
+def test_evaluation_batches_are_the_images_in_order_with_one_hot_labels(images):
+    x, y = images
+    out = batches(image_dataset(x, y, 3, batch_size=4))
+    assert [b[0].shape[0] for b in out] == [4, 4, 2]
+    np.testing.assert_array_equal(np.concatenate([b[0] for b in out]), x.astype(np.float32))
+    np.testing.assert_array_equal(np.concatenate([b[1] for b in out]), np.eye(3)[y])
+
+
+def test_training_batches_are_shuffled_reproducibly(images):
+    x, y = images
+    first = np.concatenate(
+        [
+            b[1].argmax(1)
+            for b in batches(image_dataset(x, y, 3, batch_size=4, training=True, seed=1))
+        ]
+    )
+    again = np.concatenate(
+        [
+            b[1].argmax(1)
+            for b in batches(image_dataset(x, y, 3, batch_size=4, training=True, seed=1))
+        ]
+    )
+    np.testing.assert_array_equal(first, again)
+    assert sorted(first.tolist()) == sorted(y.tolist())
+
+
+def test_augmentation_changes_training_images_only(images):
+    x, y = images
+    augmentation = build_augmentation(AugmentConfig(rotation=30, zoom=0.2), seed=0)
+    train = np.concatenate(
+        [
+            b[0]
+            for b in batches(
+                image_dataset(x, y, 3, batch_size=10, training=True, augmentation=augmentation)
+            )
+        ]
+    )
+    assert train.shape == (10, 16, 16, 3)
+    assert train.min() >= 0 and train.max() <= 255
+    # Shuffled and transformed: no training image equals any original one.
+    originals = x.astype(np.float32)
+    assert not any(np.array_equal(t, o) for t in train for o in originals)
+    evaluation = np.concatenate(
+        [b[0] for b in batches(image_dataset(x, y, 3, batch_size=10, augmentation=augmentation))]
+    )
+    np.testing.assert_array_equal(evaluation, originals)
+
+
+def test_augmentation_off_or_empty_gives_none():
+    assert build_augmentation(AugmentConfig(enabled=False)) is None
+    nothing = AugmentConfig(
+        horizontal_flip=False, rotation=0, zoom=0, width_shift=0, height_shift=0
+    )
+    assert build_augmentation(nothing) is None
+
+
+def test_seed_augmentations_are_expressible():
+    seed000 = build_augmentation(load_config(EXAMPLES / "seed000_resnet50_augment.toml").augment)
+    names = [type(layer).__name__ for layer in seed000.layers]
+    assert names == ["RandomFlip", "RandomRotation", "RandomZoom"]
+    assert seed000.layers[0].mode == "horizontal_and_vertical"
+    assert seed000.layers[1].factor == pytest.approx((-0.1, 0.1))  # RandomRotation(0.1)
+    seed001 = build_augmentation(
+        load_config(EXAMPLES / "seed001_freeze_then_unfreeze.toml").augment
+    )
+    names = [type(layer).__name__ for layer in seed001.layers]
+    assert names == [
+        "RandomFlip",
+        "RandomRotation",
+        "RandomTranslation",
+        "RandomShear",
+        "RandomZoom",
+    ]
+    assert all(getattr(layer, "fill_mode", "nearest") == "nearest" for layer in seed001.layers)
+
+
+def test_prepare_image_data_splits_and_decodes_at_the_size(tmp_path):
+    data = image_subset(DIGITS, tmp_path / "d", classes=3, per_class=20)
+    prepared = prepare_image_data(data, image_size=40, seed=1, progress=False)
+    assert prepared.counts() == {"train": 48, "val": 6, "test": 6}
+    assert prepared.images["train"].shape == (48, 40, 40, 3)
+    assert prepared.images["train"].dtype == np.uint8
+    assert np.bincount(prepared.labels["test"]).tolist() == [2, 2, 2]
+    again = prepare_image_data(data, image_size=40, seed=1, progress=False)
+    assert [s.path for s in again.splits["test"]] == [s.path for s in prepared.splits["test"]]
+
+
+def test_a_folder_too_large_for_memory_is_refused_before_decoding(tmp_path):
+    from finetune.errors import DataError
+
+    data = image_subset(DIGITS, tmp_path / "d", classes=2, per_class=10)
+    with pytest.raises(DataError, match="max_memory_gb"):
+        prepare_image_data(data, image_size=1024, max_memory_gb=0.01, progress=False)

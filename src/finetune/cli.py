@@ -175,7 +175,7 @@ def evaluate(
 ) -> None:
     """Evaluate a run's model and write metrics.json in the run directory (own test split)."""
     import finetune
-    from finetune.run import write_json
+    from finetune.atomic import write_json
 
     # Keras' progress bar writes to stdout: keep it out of JSON output.
     metrics = finetune.evaluate(run_dir, data_dir, progress=not as_json)

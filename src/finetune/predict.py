@@ -126,8 +126,10 @@ def predict(model, inputs: Sequence[str | Path], top_k: int = 5) -> list[Predict
     paths = expand_inputs(inputs)
     images, ok, bad = decode_images(paths, predictor.image_size, progress=len(paths) > 50)
     results = [Prediction(p) for p in paths]
-    for b in bad:
-        results[paths.index(Path(b.path))].error = b.reason
+    # `bad` lists the failed files in input order: the indices missing from `ok`, in order.
+    failed = sorted(set(range(len(paths))) - set(ok))
+    for i, b in zip(failed, bad, strict=True):
+        results[i].error = b.reason
     if len(ok):
         probabilities = predictor.predict_proba(images)
         k = min(top_k, probabilities.shape[1])

@@ -16,6 +16,7 @@ from typing import Any
 
 import keras
 
+from finetune.atomic import write_json, write_text_atomic
 from finetune.backbones.registry import get_backbone
 from finetune.config import Config, dump_config, load_config, with_overrides
 from finetune.data.augment import build_augmentation
@@ -25,7 +26,7 @@ from finetune.errors import FinetuneError
 from finetune.evaluate import classification_metrics
 from finetune.model import build_classifier
 from finetune.recipes import fit_phases, two_phase_plan
-from finetune.run import MODEL_FILE, Run, save_model_atomic, write_json, write_text_atomic
+from finetune.run import MODEL_FILE, Run, save_model_atomic
 
 # Python keyword -> dotted config name, shared by the API and the CLI.
 OPTION_NAMES = {

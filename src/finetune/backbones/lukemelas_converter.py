@@ -8,8 +8,6 @@ atomically so that a crash or a concurrent run never leaves a half-written cache
 
 from __future__ import annotations
 
-import os
-import tempfile
 import zipfile
 import zlib
 from pathlib import Path
@@ -17,6 +15,7 @@ from pathlib import Path
 import keras
 import numpy as np
 
+from finetune.atomic import atomic_write
 from finetune.backbones.efficientnet_lite import block_layout
 from finetune.backbones.torch_state_dict import read_state_dict
 from finetune.errors import WeightsError
@@ -162,19 +161,8 @@ def write_weights_cache(path: Path, weights: LayerWeights) -> None:
         for index, array in enumerate(arrays)
     }
     try:
-        # The temp file lives in the destination folder so os.replace is an atomic rename.
-        handle = tempfile.NamedTemporaryFile(  # noqa: SIM115 (closed below, then renamed)
-            dir=path.parent, prefix=f".{path.name}.", suffix=".tmp", delete=False
-        )
-        try:
-            with handle:
-                np.savez(handle, **flat)
-                handle.flush()
-                os.fsync(handle.fileno())
-            os.replace(handle.name, path)
-        except BaseException:
-            Path(handle.name).unlink(missing_ok=True)
-            raise
+        with atomic_write(path, "wb") as handle:
+            np.savez(handle, **flat)
     except OSError as error:
         raise WeightsError(f"{path}: cannot write converted weights ({error})") from error
 

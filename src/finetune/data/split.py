@@ -16,7 +16,6 @@ import contextlib
 import json
 import math
 import os
-import tempfile
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
@@ -24,6 +23,7 @@ from typing import Any
 
 import numpy as np
 
+from finetune.atomic import write_text_atomic
 from finetune.data.scan import SPLIT_NAMES, ImageFolder, Sample
 from finetune.errors import ConfigError, DataError
 
@@ -246,23 +246,6 @@ def _relative(path: Path, root: Path) -> str:
     raise DataError(f"{path} is not inside the data folder {root}")
 
 
-def _atomic_write_text(path: Path, text: str) -> None:
-    """Writes a file so a reader never sees it half-written: temp file + os.replace."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.chmod(tmp, 0o644)  # mkstemp makes it private; a split file is not secret
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise
-
-
 def write_split(
     path: str | os.PathLike[str],
     splits: Mapping[str, Sequence[Sample]],
@@ -318,7 +301,7 @@ def write_split(
         "counts": counts,
         "splits": entries,
     }
-    _atomic_write_text(path, json.dumps(document, indent=1, ensure_ascii=False) + "\n")
+    write_text_atomic(path, json.dumps(document, indent=1, ensure_ascii=False) + "\n")
     return path
 
 

@@ -99,9 +99,16 @@ def train(
     unfreeze_groups: Annotated[
         int | None, typer.Option(help="Layer groups unfrozen in phase 2 (-1: all).")
     ] = None,
+    discriminative_lr: Annotated[
+        float | None,
+        typer.Option(help="Phase 2 LR factor of the lowest unfrozen group (geometric to 1)."),
+    ] = None,
     optimizer: Annotated[str | None, typer.Option(help="sgd|rmsprop|adagrad|adam|adamw")] = None,
     dropout: Annotated[float | None, typer.Option()] = None,
     label_smoothing: Annotated[float | None, typer.Option()] = None,
+    class_weight: Annotated[
+        str | None, typer.Option(help="none|balanced (weights from the training split).")
+    ] = None,
     val_fraction: Annotated[float | None, typer.Option()] = None,
     test_fraction: Annotated[float | None, typer.Option()] = None,
     augment: Annotated[bool | None, typer.Option("--augment/--no-augment")] = None,
@@ -126,9 +133,11 @@ def train(
             finetune_epochs=finetune_epochs,
             finetune_lr=finetune_lr,
             unfreeze_groups=unfreeze_groups,
+            discriminative_lr=discriminative_lr,
             optimizer=optimizer,
             dropout=dropout,
             label_smoothing=label_smoothing,
+            class_weight=class_weight,
             val_fraction=val_fraction,
             test_fraction=test_fraction,
             augment=augment,

@@ -24,6 +24,7 @@ from finetune.errors import ConfigError
 OPTIMIZERS = ("sgd", "rmsprop", "adagrad", "adam", "adamw")
 POOLINGS = ("avg", "max", "flatten")
 FILL_MODES = ("reflect", "wrap", "constant", "nearest")
+CLASS_WEIGHTS = ("none", "balanced")
 
 
 @dataclass
@@ -119,7 +120,14 @@ class RecipeConfig:
         momentum: momentum of SGD and RMSprop. Defaults to 0.9.
         nesterov: Nesterov momentum for SGD. Defaults to False.
         weight_decay: decoupled weight decay of AdamW. Defaults to 1e-4.
+        discriminative_lr: phase 2 learning-rate factor of the lowest unfrozen layer group;
+            the groups above get factors rising geometrically to 1.0 for the head (fastai's
+            `slice(finetune_lr * discriminative_lr, finetune_lr)`). 1.0 gives every layer the
+            same rate. Defaults to 1.0.
         label_smoothing: label smoothing of the cross-entropy loss. Defaults to 0.
+        class_weight: "none", or "balanced" to weight each class's loss by
+            `n_images / (n_classes * n_images_of_class)` computed on the training split.
+            Defaults to "none".
         early_stopping_patience: epochs without a better validation loss before a phase stops
             (best weights restored); 0 disables early stopping. Defaults to 3.
         train_batchnorm: let unfrozen BatchNorm layers update their statistics in phase 2.
@@ -135,7 +143,9 @@ class RecipeConfig:
     momentum: float = 0.9
     nesterov: bool = False
     weight_decay: float = 1e-4
+    discriminative_lr: float = 1.0
     label_smoothing: float = 0.0
+    class_weight: str = "none"
     early_stopping_patience: int = 3
     train_batchnorm: bool = False
 
@@ -168,6 +178,7 @@ class Config:
         _choice("model.pooling", m.pooling, POOLINGS)
         _choice("recipe.optimizer", r.optimizer, OPTIMIZERS)
         _choice("augment.fill_mode", a.fill_mode, FILL_MODES)
+        _choice("recipe.class_weight", r.class_weight, CLASS_WEIGHTS)
         _range("model.dropout", m.dropout, 0.0, 0.99)
         _range("data.val_fraction", d.val_fraction, 0.0, 0.9)
         _range("data.test_fraction", d.test_fraction, 0.0, 0.9)
@@ -188,6 +199,11 @@ class Config:
         if r.unfreeze_groups < -1:
             raise ConfigError("recipe.unfreeze_groups must be -1 (all) or a count of 0 or more.")
         _range("recipe.label_smoothing", r.label_smoothing, 0.0, 0.5)
+        if not 0.0 < r.discriminative_lr <= 1.0:
+            raise ConfigError(
+                f"recipe.discriminative_lr = {r.discriminative_lr} must be in (0, 1]; "
+                "e.g. 0.01 trains the lowest unfrozen group 100x slower than the head."
+            )
         if any(u < 1 for u in m.hidden_units):
             raise ConfigError(f"model.hidden_units must be positive sizes, got {m.hidden_units}.")
         return self

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -31,6 +32,13 @@ def save_model_atomic(model: keras.Model, path: Path) -> None:
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
+
+
+def keras_verbosity(progress: bool) -> int:
+    """Keras' `verbose`: a live bar in a terminal, one line per epoch in logs, or nothing."""
+    if not progress:
+        return 0
+    return 1 if sys.stdout.isatty() else 2
 
 
 def softmax(logits: np.ndarray) -> np.ndarray:
@@ -103,7 +111,9 @@ class Run:
     ) -> np.ndarray:
         """Class probabilities for uint8/float RGB images of the run's input size."""
         logits = self.model.predict(
-            np.asarray(images, np.float32), batch_size=batch_size, verbose=int(progress)
+            np.asarray(images, np.float32),
+            batch_size=batch_size,
+            verbose=keras_verbosity(progress),
         )
         return softmax(logits)
 

@@ -9,16 +9,17 @@ pretrained weights bring.
 from __future__ import annotations
 
 import dataclasses
-import sys
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 import keras
+import numpy as np
+from sklearn.utils.class_weight import compute_class_weight
 
 from finetune.atomic import write_json, write_text_atomic
 from finetune.backbones.registry import get_backbone
-from finetune.config import Config, dump_config, load_config, with_overrides
+from finetune.config import Config, RecipeConfig, dump_config, load_config, with_overrides
 from finetune.data.augment import build_augmentation
 from finetune.data.pipeline import PreparedData, image_dataset, prepare_image_data
 from finetune.data.split import write_split
@@ -26,7 +27,7 @@ from finetune.errors import FinetuneError
 from finetune.evaluate import classification_metrics
 from finetune.model import build_classifier
 from finetune.recipes import fit_phases, two_phase_plan
-from finetune.run import MODEL_FILE, Run, save_model_atomic
+from finetune.run import MODEL_FILE, Run, keras_verbosity, save_model_atomic
 
 # Python keyword -> dotted config name, shared by the API and the CLI.
 OPTION_NAMES = {
@@ -45,8 +46,10 @@ OPTION_NAMES = {
     "finetune_epochs": "recipe.finetune_epochs",
     "finetune_lr": "recipe.finetune_lr",
     "unfreeze_groups": "recipe.unfreeze_groups",
+    "discriminative_lr": "recipe.discriminative_lr",
     "optimizer": "recipe.optimizer",
     "label_smoothing": "recipe.label_smoothing",
+    "class_weight": "recipe.class_weight",
     "early_stopping_patience": "recipe.early_stopping_patience",
     "seed": "seed",
 }
@@ -156,6 +159,15 @@ def prepare_data(data_dir: str | Path, config: Config, progress: bool = True) ->
     )
 
 
+def class_weights(labels: np.ndarray, recipe: RecipeConfig) -> dict[int, float] | None:
+    """The per-class loss weights `recipe.class_weight` asks for, from the training labels."""
+    if recipe.class_weight == "none":
+        return None
+    present = np.unique(labels)
+    weights = compute_class_weight("balanced", classes=present, y=labels)
+    return {int(c): float(w) for c, w in zip(present, weights, strict=True)}
+
+
 def fit_run(data: PreparedData, config: Config, run_dir: Path | None, progress: bool = True) -> Run:
     """Builds the classifier, runs both phases on prepared data and records the run."""
     keras.utils.set_random_seed(config.seed)
@@ -180,7 +192,6 @@ def fit_run(data: PreparedData, config: Config, run_dir: Path | None, progress: 
         if has_val
         else None
     )
-    verbose = (1 if sys.stdout.isatty() else 2) if progress else 0
     records = fit_phases(
         model,
         spec,
@@ -189,7 +200,8 @@ def fit_run(data: PreparedData, config: Config, run_dir: Path | None, progress: 
         train_ds,
         val_ds,
         run_dir=run_dir,
-        verbose=verbose,
+        class_weight=class_weights(data.labels["train"], config.recipe),
+        verbose=keras_verbosity(progress),
     )
 
     eval_split = "test" if len(data.labels["test"]) else "val"

@@ -19,6 +19,7 @@ import tensorflow as tf
 from finetune.backbones.registry import BackboneSpec
 from finetune.config import RecipeConfig
 from finetune.model import freeze_backbone, unfreeze_top_groups
+from finetune.recipes.discriminative import group_lr_multipliers, with_lr_multipliers
 from finetune.recipes.optimizers import make_optimizer
 
 
@@ -33,6 +34,8 @@ class Phase:
         unfreeze_groups: None freezes the whole backbone; otherwise how many layer groups from
             the top are trainable (-1: all).
         train_batchnorm: whether unfrozen BatchNorm layers train.
+        lowest_group_lr: learning-rate factor of the lowest unfrozen group, rising geometrically
+            to 1.0 for the head (see `finetune.recipes.discriminative`); 1.0 means one rate.
     """
 
     name: str
@@ -40,6 +43,7 @@ class Phase:
     learning_rate: float
     unfreeze_groups: int | None = None
     train_batchnorm: bool = False
+    lowest_group_lr: float = 1.0
 
 
 def two_phase_plan(recipe: RecipeConfig) -> list[Phase]:
@@ -52,6 +56,7 @@ def two_phase_plan(recipe: RecipeConfig) -> list[Phase]:
             recipe.finetune_lr,
             unfreeze_groups=recipe.unfreeze_groups,
             train_batchnorm=recipe.train_batchnorm,
+            lowest_group_lr=recipe.discriminative_lr,
         ),
     ]
     return [p for p in phases if p.epochs > 0]
@@ -107,6 +112,7 @@ def fit_phases(
     val_data: tf.data.Dataset | None,
     *,
     run_dir: Path | None = None,
+    class_weight: dict[int, float] | None = None,
     verbose: int | str = "auto",
 ) -> list[dict[str, Any]]:
     """Runs `phases` on `model` in order and returns the per-epoch history records.
@@ -119,6 +125,7 @@ def fit_phases(
         train_data: batches of (pixels, one-hot labels), shuffled and augmented.
         val_data: validation batches, or None (then no early stopping).
         run_dir: where to checkpoint each phase's best weights. Defaults to None.
+        class_weight: loss weight per class index, or None. Defaults to None.
         verbose: Keras' `fit` verbosity. Defaults to "auto".
 
     Returns:
@@ -127,15 +134,19 @@ def fit_phases(
     records: list[dict[str, Any]] = []
     epoch = 0
     for phase in phases:
+        optimizer = make_optimizer(recipe, phase.learning_rate)
         if phase.unfreeze_groups is None:
             freeze_backbone(model)
         else:
-            unfreeze_top_groups(
+            groups = unfreeze_top_groups(
                 model, spec, phase.unfreeze_groups, train_batchnorm=phase.train_batchnorm
             )
+            if phase.lowest_group_lr != 1.0 and groups:
+                factors = group_lr_multipliers(model, spec, groups, phase.lowest_group_lr)
+                optimizer = with_lr_multipliers(optimizer, factors)
         # Trainability changed: compile again so the train step sees it.
         model.compile(
-            optimizer=make_optimizer(recipe, phase.learning_rate),
+            optimizer=optimizer,
             loss=keras.losses.CategoricalCrossentropy(
                 from_logits=True, label_smoothing=recipe.label_smoothing
             ),
@@ -153,6 +164,7 @@ def fit_phases(
             initial_epoch=epoch,
             epochs=epoch + phase.epochs,
             callbacks=_callbacks(phase, recipe, records, val_data is not None, run_dir),
+            class_weight=class_weight,
             shuffle=False,  # the dataset shuffles itself, seeded
             verbose=verbose,
         )

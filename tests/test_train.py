@@ -150,3 +150,17 @@ def test_unknown_options_and_backbones_are_named(digits):
         finetune.train(digits, learning_rate=0.1)
     with pytest.raises(finetune.ConfigError, match="resnet5000"):
         finetune.train(digits, backbone="resnet5000")
+
+
+@pytest.mark.slow
+def test_the_same_seed_gives_the_same_weights(digits):
+    runs = [
+        finetune.train(
+            digits, image_size=SIZE, head_epochs=1, finetune_epochs=1, seed=11, progress=False
+        )
+        for _ in range(2)
+    ]
+    first, second = (r.model.get_weights() for r in runs)
+    assert all(np.array_equal(a, b) for a, b in zip(first, second, strict=True))
+    assert runs[0].history == runs[1].history
+    assert runs[0].metrics["confusion_matrix"] == runs[1].metrics["confusion_matrix"]

@@ -2,7 +2,8 @@
 
 A run is described by one `Config` made of small dataclasses (`ModelConfig`, `DataConfig`,
 `AugmentConfig`, `RecipeConfig`). A TOML file only supplies values for the same fields, section by
-section (`[model]`, `[data]`, `[augment]`, `[recipe]`, plus top-level `seed`); anything it does
+section (`[model]`, `[data]`, `[augment]`, `[recipe]`, plus top-level `seed` and
+`deterministic`); anything it does
 not name keeps its default. Unknown sections, keys or wrongly typed values are refused with a
 message naming them. The resolved config of every run is written back as `config.toml`.
 """
@@ -160,6 +161,9 @@ class Config:
         augment: training augmentation. Defaults to `AugmentConfig()`.
         recipe: the training phases. Defaults to `RecipeConfig()`.
         seed: seed of the split, the shuffling, augmentation and initialisation. Defaults to 0.
+        deterministic: make TensorFlow's kernels deterministic, so the same seed gives the same
+            weights bit for bit (measured at no cost on this CPU: benchmarks/RESULTS.md).
+            Defaults to True.
     """
 
     model: ModelConfig = field(default_factory=ModelConfig)
@@ -167,6 +171,7 @@ class Config:
     augment: AugmentConfig = field(default_factory=AugmentConfig)
     recipe: RecipeConfig = field(default_factory=RecipeConfig)
     seed: int = 0
+    deterministic: bool = True
 
     def validate(self) -> Config:
         """Checks value ranges and choices; returns self.
@@ -281,12 +286,14 @@ def config_from_dict(
     for key, value in data.items():
         if key == "seed":
             changes["seed"] = _coerce(f"{source}: seed", value, int)
+        elif key == "deterministic":
+            changes["deterministic"] = _coerce(f"{source}: deterministic", value, bool)
         elif key in _SECTION_CLASSES:
             if not isinstance(value, dict):
                 raise ConfigError(f"{source}: [{key}] must be a table of keys.")
             changes[key] = _section_from_dict(key, value, getattr(config, key), source)
         else:
-            known = ", ".join(["seed", *_SECTION_CLASSES])
+            known = ", ".join(["seed", "deterministic", *_SECTION_CLASSES])
             raise ConfigError(f"{source}: unknown section or key {key!r}. Known: {known}.")
     return dataclasses.replace(config, **changes).validate()
 

@@ -52,6 +52,7 @@ OPTION_NAMES = {
     "class_weight": "recipe.class_weight",
     "early_stopping_patience": "recipe.early_stopping_patience",
     "seed": "seed",
+    "deterministic": "deterministic",
 }
 
 
@@ -159,6 +160,19 @@ def prepare_data(data_dir: str | Path, config: Config, progress: bool = True) ->
     )
 
 
+def seed_everything(seed: int, deterministic: bool = True) -> None:
+    """Seeds Python, NumPy and TensorFlow, and optionally makes TensorFlow's kernels deterministic.
+
+    Without op determinism, oneDNN's threaded kernels sum in varying orders and two runs with
+    the same seed drift apart; with it they are identical (process-wide, and cannot be undone).
+    """
+    keras.utils.set_random_seed(seed)
+    if deterministic:
+        import tensorflow as tf
+
+        tf.config.experimental.enable_op_determinism()
+
+
 def class_weights(labels: np.ndarray, recipe: RecipeConfig) -> dict[int, float] | None:
     """The per-class loss weights `recipe.class_weight` asks for, from the training labels."""
     if recipe.class_weight == "none":
@@ -170,7 +184,7 @@ def class_weights(labels: np.ndarray, recipe: RecipeConfig) -> dict[int, float] 
 
 def fit_run(data: PreparedData, config: Config, run_dir: Path | None, progress: bool = True) -> Run:
     """Builds the classifier, runs both phases on prepared data and records the run."""
-    keras.utils.set_random_seed(config.seed)
+    seed_everything(config.seed, deterministic=config.deterministic)
     spec = get_backbone(config.model.backbone)
     weights = None if config.model.weights == "none" else config.model.weights
     model = build_classifier(

@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 
 import keras
+import numpy as np
 import pytest
 
 from finetune.config import Config, RecipeConfig
@@ -51,3 +52,25 @@ def test_scratch_baseline_has_the_same_budget_and_trains_everything():
         ("finetune", 5, -1, True)
     ]
     assert scratch.model.weights == "none" and scratch.data == config.data
+
+
+@pytest.mark.parametrize("discriminative", [False, True])
+def test_weight_decay_skips_biases_and_batchnorm(discriminative):
+    model = keras.Sequential(
+        [keras.Input((3,)), keras.layers.Dense(2), keras.layers.BatchNormalization()]
+    )
+    factors = {model.layers[0].kernel.path: 0.5} if discriminative else None
+    recipe = RecipeConfig(optimizer="adamw", weight_decay=0.5)
+    optimizer = make_optimizer(recipe, 0.1, lr_multipliers=factors)
+    assert type(optimizer).__name__ == ("DiscriminativeAdamW" if discriminative else "AdamW")
+    before = {v.path: np.asarray(v).copy() for v in model.trainable_variables}
+    # Zero gradients: Adam's step is zero, so whatever changes is weight decay alone.
+    optimizer.apply_gradients(
+        [(np.zeros(v.shape, "float32"), v) for v in model.trainable_variables]
+    )
+    for v in model.trainable_variables:
+        after = np.asarray(v)
+        if v.name == "kernel":
+            np.testing.assert_allclose(after, before[v.path] * (1 - 0.1 * 0.5), rtol=1e-6)
+        else:
+            np.testing.assert_array_equal(after, before[v.path])

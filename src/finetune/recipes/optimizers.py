@@ -1,4 +1,9 @@
-"""Optimizers by name, configured from `RecipeConfig`."""
+"""Optimizers by name, configured from `RecipeConfig`.
+
+Weight decay (AdamW's `weight_decay`) never applies to biases or to BatchNorm's gamma and beta:
+decaying them pulls the network's offsets and normalisation scales towards zero, which only
+hurts (the common practice of timm and fastai).
+"""
 
 from __future__ import annotations
 
@@ -6,26 +11,47 @@ import keras
 
 from finetune.config import RecipeConfig
 
+# Matched with re.search against variable names: Dense/Conv biases, BatchNorm gamma and beta.
+NO_DECAY_NAMES = ("bias", "gamma", "beta")
 
-def make_optimizer(recipe: RecipeConfig, learning_rate: float) -> keras.optimizers.Optimizer:
+_CLASSES = {
+    "sgd": keras.optimizers.SGD,
+    "rmsprop": keras.optimizers.RMSprop,
+    "adagrad": keras.optimizers.Adagrad,
+    "adam": keras.optimizers.Adam,
+    "adamw": keras.optimizers.AdamW,
+}
+
+
+def make_optimizer(
+    recipe: RecipeConfig, learning_rate: float, lr_multipliers: dict[str, float] | None = None
+) -> keras.optimizers.Optimizer:
     """Returns the optimizer named by `recipe.optimizer` at `learning_rate`.
 
     Args:
         recipe: supplies the name ("sgd", "rmsprop", "adagrad", "adam", "adamw"), momentum,
             Nesterov flag and weight decay.
         learning_rate: the phase's learning rate.
+        lr_multipliers: optional learning-rate factor per variable path (discriminative rates,
+            see `finetune.recipes.discriminative`). Defaults to None.
 
     Returns:
-        A new `keras.optimizers.Optimizer` (each phase gets a fresh one).
+        A new, unbuilt `keras.optimizers.Optimizer` (each phase gets a fresh one).
     """
+    options: dict = {"learning_rate": learning_rate}
     if recipe.optimizer == "sgd":
-        return keras.optimizers.SGD(
-            learning_rate, momentum=recipe.momentum, nesterov=recipe.nesterov
-        )
-    if recipe.optimizer == "rmsprop":
-        return keras.optimizers.RMSprop(learning_rate, momentum=recipe.momentum)
-    if recipe.optimizer == "adagrad":
-        return keras.optimizers.Adagrad(learning_rate)
-    if recipe.optimizer == "adamw":
-        return keras.optimizers.AdamW(learning_rate, weight_decay=recipe.weight_decay)
-    return keras.optimizers.Adam(learning_rate)
+        options.update(momentum=recipe.momentum, nesterov=recipe.nesterov)
+    elif recipe.optimizer == "rmsprop":
+        options.update(momentum=recipe.momentum)
+    elif recipe.optimizer == "adamw":
+        options.update(weight_decay=recipe.weight_decay)
+    cls = _CLASSES[recipe.optimizer]
+    if lr_multipliers:
+        from finetune.recipes.discriminative import DISCRIMINATIVE_OPTIMIZERS
+
+        optimizer = DISCRIMINATIVE_OPTIMIZERS[cls](**options, lr_multipliers=lr_multipliers)
+    else:
+        optimizer = cls(**options)
+    if optimizer.weight_decay:
+        optimizer.exclude_from_weight_decay(var_names=list(NO_DECAY_NAMES))
+    return optimizer

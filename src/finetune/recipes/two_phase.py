@@ -19,7 +19,7 @@ import tensorflow as tf
 from finetune.backbones.registry import BackboneSpec
 from finetune.config import RecipeConfig
 from finetune.model import freeze_backbone, unfreeze_top_groups
-from finetune.recipes.discriminative import group_lr_multipliers, with_lr_multipliers
+from finetune.recipes.discriminative import group_lr_multipliers
 from finetune.recipes.optimizers import make_optimizer
 
 
@@ -134,7 +134,7 @@ def fit_phases(
     records: list[dict[str, Any]] = []
     epoch = 0
     for phase in phases:
-        optimizer = make_optimizer(recipe, phase.learning_rate)
+        factors = None
         if phase.unfreeze_groups is None:
             freeze_backbone(model)
         else:
@@ -143,7 +143,7 @@ def fit_phases(
             )
             if phase.lowest_group_lr != 1.0 and groups:
                 factors = group_lr_multipliers(model, spec, groups, phase.lowest_group_lr)
-                optimizer = with_lr_multipliers(optimizer, factors)
+        optimizer = make_optimizer(recipe, phase.learning_rate, lr_multipliers=factors)
         # Trainability changed: compile again so the train step sees it.
         model.compile(
             optimizer=optimizer,

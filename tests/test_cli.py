@@ -111,3 +111,16 @@ def test_user_errors_exit_2_with_one_clear_line(tmp_path):
     assert proc.returncode == 2
     assert "error:" in proc.stderr and "Traceback" not in proc.stderr
     assert "class" in proc.stderr
+
+
+def test_a_damaged_run_directory_is_named(tmp_path):
+    import finetune
+
+    (tmp_path / "model.keras").write_bytes(b"not a zip")
+    with pytest.raises(finetune.FinetuneError, match="run.json is missing"):
+        finetune.Run.load(tmp_path)
+    (tmp_path / "run.json").write_text('{"class_names": ["a"], "image_size": 32}')
+    with pytest.raises(finetune.FinetuneError, match="cannot load"):
+        finetune.Run.load(tmp_path)
+    with pytest.raises(finetune.FinetuneError, match="not a run directory"):
+        finetune.Run.load(tmp_path / "elsewhere")

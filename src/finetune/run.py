@@ -88,13 +88,25 @@ class Run:
                 f"{path} is not a run directory: {MODEL_FILE} is missing. "
                 "Give the --out folder of a finished `finetune train`."
             )
-        info = json.loads((path / "run.json").read_text(encoding="utf-8"))
-        model = keras.saving.load_model(model_file, safe_mode=True)
 
-        def read(name: str, default: Any) -> Any:
+        def read(name: str, default: Any = None) -> Any:
             f = path / name
-            return json.loads(f.read_text(encoding="utf-8")) if f.is_file() else default
+            if not f.is_file():
+                if default is None:
+                    raise FinetuneError(
+                        f"{path} is not a complete run directory: {name} is missing."
+                    )
+                return default
+            try:
+                return json.loads(f.read_text(encoding="utf-8"))
+            except (UnicodeDecodeError, json.JSONDecodeError) as err:
+                raise FinetuneError(f"{f} is damaged ({err}).") from None
 
+        info = read("run.json")
+        try:
+            model = keras.saving.load_model(model_file, safe_mode=True)
+        except Exception as err:  # Keras raises many types for a damaged or unsafe file
+            raise FinetuneError(f"cannot load {model_file}: {err}") from None
         return cls(
             model=model,
             config=load_config(path / "config.toml"),

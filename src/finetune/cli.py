@@ -103,6 +103,10 @@ def train(
         float | None,
         typer.Option(help="Phase 2 LR factor of the lowest unfrozen group (geometric to 1)."),
     ] = None,
+    schedule: Annotated[
+        str | None, typer.Option(help="constant|cosine|one_cycle|plateau, per phase.")
+    ] = None,
+    warmup_epochs: Annotated[float | None, typer.Option(help="Warm-up of 'cosine'.")] = None,
     optimizer: Annotated[str | None, typer.Option(help="sgd|rmsprop|adagrad|adam|adamw")] = None,
     dropout: Annotated[float | None, typer.Option()] = None,
     label_smoothing: Annotated[float | None, typer.Option()] = None,
@@ -134,6 +138,8 @@ def train(
             finetune_lr=finetune_lr,
             unfreeze_groups=unfreeze_groups,
             discriminative_lr=discriminative_lr,
+            schedule=schedule,
+            warmup_epochs=warmup_epochs,
             optimizer=optimizer,
             dropout=dropout,
             label_smoothing=label_smoothing,

@@ -26,6 +26,7 @@ OPTIMIZERS = ("sgd", "rmsprop", "adagrad", "adam", "adamw")
 POOLINGS = ("avg", "max", "flatten")
 FILL_MODES = ("reflect", "wrap", "constant", "nearest")
 CLASS_WEIGHTS = ("none", "balanced")
+SCHEDULES = ("constant", "cosine", "one_cycle", "plateau")
 
 
 @dataclass
@@ -125,6 +126,14 @@ class RecipeConfig:
             the groups above get factors rising geometrically to 1.0 for the head (fastai's
             `slice(finetune_lr * discriminative_lr, finetune_lr)`). 1.0 gives every layer the
             same rate. Defaults to 1.0.
+        schedule: learning-rate schedule of each phase: "constant", "cosine" (cosine decay to
+            0 after `warmup_epochs` of linear warm-up), "one_cycle" (fastai's 1cycle) or
+            "plateau" (divide by 1 / `plateau_factor` when the validation loss stalls for
+            `plateau_patience` epochs). Defaults to "constant".
+        warmup_epochs: linear warm-up of the "cosine" schedule, in epochs. Defaults to 0.
+        plateau_factor: learning-rate factor of the "plateau" schedule. Defaults to 0.2.
+        plateau_patience: epochs without improvement before "plateau" lowers the rate.
+            Defaults to 1.
         label_smoothing: label smoothing of the cross-entropy loss. Defaults to 0.
         class_weight: "none", or "balanced" to weight each class's loss by
             `n_images / (n_classes * n_images_of_class)` computed on the training split.
@@ -145,6 +154,10 @@ class RecipeConfig:
     nesterov: bool = False
     weight_decay: float = 1e-4
     discriminative_lr: float = 1.0
+    schedule: str = "constant"
+    warmup_epochs: float = 0.0
+    plateau_factor: float = 0.2
+    plateau_patience: int = 1
     label_smoothing: float = 0.0
     class_weight: str = "none"
     early_stopping_patience: int = 3
@@ -184,6 +197,12 @@ class Config:
         _choice("recipe.optimizer", r.optimizer, OPTIMIZERS)
         _choice("augment.fill_mode", a.fill_mode, FILL_MODES)
         _choice("recipe.class_weight", r.class_weight, CLASS_WEIGHTS)
+        _choice("recipe.schedule", r.schedule, SCHEDULES)
+        _range("recipe.warmup_epochs", r.warmup_epochs, 0.0, 1e6)
+        if not 0.0 < r.plateau_factor < 1.0:
+            raise ConfigError(f"recipe.plateau_factor = {r.plateau_factor} must be in (0, 1).")
+        if r.plateau_patience < 0:
+            raise ConfigError("recipe.plateau_patience must be 0 or more.")
         _range("model.dropout", m.dropout, 0.0, 0.99)
         _range("data.val_fraction", d.val_fraction, 0.0, 0.9)
         _range("data.test_fraction", d.test_fraction, 0.0, 0.9)

@@ -47,6 +47,8 @@ OPTION_NAMES = {
     "finetune_lr": "recipe.finetune_lr",
     "unfreeze_groups": "recipe.unfreeze_groups",
     "discriminative_lr": "recipe.discriminative_lr",
+    "schedule": "recipe.schedule",
+    "warmup_epochs": "recipe.warmup_epochs",
     "optimizer": "recipe.optimizer",
     "label_smoothing": "recipe.label_smoothing",
     "class_weight": "recipe.class_weight",

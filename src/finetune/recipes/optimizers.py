@@ -24,14 +24,16 @@ _CLASSES = {
 
 
 def make_optimizer(
-    recipe: RecipeConfig, learning_rate: float, lr_multipliers: dict[str, float] | None = None
+    recipe: RecipeConfig,
+    learning_rate: float | keras.optimizers.schedules.LearningRateSchedule,
+    lr_multipliers: dict[str, float] | None = None,
 ) -> keras.optimizers.Optimizer:
     """Returns the optimizer named by `recipe.optimizer` at `learning_rate`.
 
     Args:
         recipe: supplies the name ("sgd", "rmsprop", "adagrad", "adam", "adamw"), momentum,
             Nesterov flag and weight decay.
-        learning_rate: the phase's learning rate.
+        learning_rate: the phase's learning rate, or a schedule of it.
         lr_multipliers: optional learning-rate factor per variable path (discriminative rates,
             see `finetune.recipes.discriminative`). Defaults to None.
 

@@ -21,6 +21,7 @@ from finetune.config import RecipeConfig
 from finetune.model import freeze_backbone, unfreeze_top_groups
 from finetune.recipes.discriminative import group_lr_multipliers
 from finetune.recipes.optimizers import make_optimizer
+from finetune.recipes.schedules import phase_learning_rate, schedule_callbacks
 
 
 @dataclass(frozen=True)
@@ -143,7 +144,11 @@ def fit_phases(
             )
             if phase.lowest_group_lr != 1.0 and groups:
                 factors = group_lr_multipliers(model, spec, groups, phase.lowest_group_lr)
-        optimizer = make_optimizer(recipe, phase.learning_rate, lr_multipliers=factors)
+        steps = int(train_data.cardinality())
+        learning_rate = phase_learning_rate(
+            recipe, phase.learning_rate, max(steps, 1), phase.epochs
+        )
+        optimizer = make_optimizer(recipe, learning_rate, lr_multipliers=factors)
         # Trainability changed: compile again so the train step sees it.
         model.compile(
             optimizer=optimizer,
@@ -163,7 +168,8 @@ def fit_phases(
             validation_data=val_data,
             initial_epoch=epoch,
             epochs=epoch + phase.epochs,
-            callbacks=_callbacks(phase, recipe, records, val_data is not None, run_dir),
+            callbacks=_callbacks(phase, recipe, records, val_data is not None, run_dir)
+            + schedule_callbacks(recipe, val_data is not None),
             class_weight=class_weight,
             shuffle=False,  # the dataset shuffles itself, seeded
             verbose=verbose,

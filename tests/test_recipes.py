@@ -74,3 +74,24 @@ def test_weight_decay_skips_biases_and_batchnorm(discriminative):
             np.testing.assert_allclose(after, before[v.path] * (1 - 0.1 * 0.5), rtol=1e-6)
         else:
             np.testing.assert_array_equal(after, before[v.path])
+
+
+def test_gradual_unfreezing_adds_one_group_per_step():
+    recipe = RecipeConfig(
+        head_epochs=1, finetune_epochs=5, unfreeze_groups=3, unfreeze="gradual", gradual_epochs=1
+    )
+    plan = two_phase_plan(recipe)
+    assert [(p.name, p.epochs, p.unfreeze_groups) for p in plan] == [
+        ("head", 1, None),
+        ("finetune_1", 1, 1),
+        ("finetune_2", 1, 2),
+        ("finetune_3", 3, 3),  # the last step runs the rest of finetune_epochs
+    ]
+    assert all(p.learning_rate == recipe.finetune_lr for p in plan[1:])
+    # -1 (all groups) needs the backbone's group count; too few epochs drop the late steps.
+    short = dataclasses.replace(recipe, unfreeze_groups=-1, finetune_epochs=2)
+    assert [p.name for p in two_phase_plan(short, num_groups=9)] == [
+        "head",
+        "finetune_1",
+        "finetune_2",
+    ]

@@ -164,3 +164,30 @@ def test_the_same_seed_gives_the_same_weights(digits):
     assert all(np.array_equal(a, b) for a, b in zip(first, second, strict=True))
     assert runs[0].history == runs[1].history
     assert runs[0].metrics["confusion_matrix"] == runs[1].metrics["confusion_matrix"]
+
+
+@pytest.mark.slow
+def test_gradual_unfreezing_starts_with_the_top_group_only(digits, pretrained):
+    run = finetune.train(
+        digits,
+        image_size=SIZE,
+        head_epochs=1,
+        finetune_epochs=1,
+        unfreeze_groups=2,
+        unfreeze="gradual",
+        progress=False,
+    )
+    assert [r["phase"] for r in run.history] == ["head", "finetune_1"]
+    spec = get_backbone("efficientnet_lite0")
+    before = weights_by_layer(pretrained)
+    backbone = backbone_of(run.model)
+    changed = {
+        spec.group_of(layer.name)
+        for layer in backbone.layers
+        if layer.weights
+        and not all(
+            np.array_equal(a, b)
+            for a, b in zip(layer.get_weights(), before[layer.name], strict=True)
+        )
+    }
+    assert changed == {"top"}

@@ -99,6 +99,12 @@ def train(
     unfreeze_groups: Annotated[
         int | None, typer.Option(help="Layer groups unfrozen in phase 2 (-1: all).")
     ] = None,
+    unfreeze: Annotated[
+        str | None, typer.Option(help="at_once|gradual: how phase 2 unfreezes its groups.")
+    ] = None,
+    gradual_epochs: Annotated[
+        int | None, typer.Option(help="Epochs per group when unfreezing gradually.")
+    ] = None,
     discriminative_lr: Annotated[
         float | None,
         typer.Option(help="Phase 2 LR factor of the lowest unfrozen group (geometric to 1)."),
@@ -137,6 +143,8 @@ def train(
             finetune_epochs=finetune_epochs,
             finetune_lr=finetune_lr,
             unfreeze_groups=unfreeze_groups,
+            unfreeze=unfreeze,
+            gradual_epochs=gradual_epochs,
             discriminative_lr=discriminative_lr,
             schedule=schedule,
             warmup_epochs=warmup_epochs,

@@ -117,6 +117,12 @@ class RecipeConfig:
             Defaults to 1e-4.
         unfreeze_groups: how many layer groups of the backbone phase 2 unfreezes, from the top;
             -1 unfreezes all of them. Defaults to 2.
+        unfreeze: "at_once" unfreezes the `unfreeze_groups` top groups together for phase 2;
+            "gradual" unfreezes them one more group at a time, from the top, every
+            `gradual_epochs` epochs (ULMFiT's gradual unfreezing), each step a `fit` of its own.
+            Defaults to "at_once".
+        gradual_epochs: epochs per step of gradual unfreezing; the last step (all
+            `unfreeze_groups` groups) runs the rest of `finetune_epochs`. Defaults to 1.
         optimizer: "sgd" (with momentum), "rmsprop", "adagrad", "adam" or "adamw".
             Defaults to "adam".
         momentum: momentum of SGD and RMSprop. Defaults to 0.9.
@@ -149,6 +155,8 @@ class RecipeConfig:
     finetune_epochs: int = 5
     finetune_lr: float = 1e-4
     unfreeze_groups: int = 2
+    unfreeze: str = "at_once"
+    gradual_epochs: int = 1
     optimizer: str = "adam"
     momentum: float = 0.9
     nesterov: bool = False
@@ -198,6 +206,9 @@ class Config:
         _choice("augment.fill_mode", a.fill_mode, FILL_MODES)
         _choice("recipe.class_weight", r.class_weight, CLASS_WEIGHTS)
         _choice("recipe.schedule", r.schedule, SCHEDULES)
+        _choice("recipe.unfreeze", r.unfreeze, ("at_once", "gradual"))
+        if r.gradual_epochs < 1:
+            raise ConfigError(f"recipe.gradual_epochs must be 1 or more, got {r.gradual_epochs}.")
         _range("recipe.warmup_epochs", r.warmup_epochs, 0.0, 1e6)
         if not 0.0 < r.plateau_factor < 1.0:
             raise ConfigError(f"recipe.plateau_factor = {r.plateau_factor} must be in (0, 1).")

@@ -46,6 +46,8 @@ OPTION_NAMES = {
     "finetune_epochs": "recipe.finetune_epochs",
     "finetune_lr": "recipe.finetune_lr",
     "unfreeze_groups": "recipe.unfreeze_groups",
+    "unfreeze": "recipe.unfreeze",
+    "gradual_epochs": "recipe.gradual_epochs",
     "discriminative_lr": "recipe.discriminative_lr",
     "schedule": "recipe.schedule",
     "warmup_epochs": "recipe.warmup_epochs",
@@ -90,6 +92,8 @@ def scratch_config(config: Config) -> Config:
         finetune_epochs=config.recipe.head_epochs + config.recipe.finetune_epochs,
         finetune_lr=config.recipe.head_lr,
         unfreeze_groups=-1,
+        unfreeze="at_once",
+        discriminative_lr=1.0,
         train_batchnorm=True,
     )
     model = dataclasses.replace(config.model, weights="none")
@@ -212,7 +216,7 @@ def fit_run(data: PreparedData, config: Config, run_dir: Path | None, progress: 
         model,
         spec,
         config.recipe,
-        two_phase_plan(config.recipe),
+        two_phase_plan(config.recipe, num_groups=len(spec.layer_groups)),
         train_ds,
         val_ds,
         run_dir=run_dir,

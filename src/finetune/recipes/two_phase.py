@@ -9,6 +9,7 @@ best weights, and checkpoints its best weights in the run directory.
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -47,19 +48,42 @@ class Phase:
     lowest_group_lr: float = 1.0
 
 
-def two_phase_plan(recipe: RecipeConfig) -> list[Phase]:
-    """The phases of `recipe`, leaving out those with zero epochs."""
-    phases = [
-        Phase("head", recipe.head_epochs, recipe.head_lr),
-        Phase(
-            "finetune",
-            recipe.finetune_epochs,
-            recipe.finetune_lr,
-            unfreeze_groups=recipe.unfreeze_groups,
-            train_batchnorm=recipe.train_batchnorm,
-            lowest_group_lr=recipe.discriminative_lr,
-        ),
-    ]
+def two_phase_plan(recipe: RecipeConfig, num_groups: int | None = None) -> list[Phase]:
+    """The phases of `recipe`, leaving out those with zero epochs.
+
+    Args:
+        recipe: the recipe.
+        num_groups: how many layer groups the backbone has (to resolve `unfreeze_groups = -1`
+            for gradual unfreezing). Defaults to None (then -1 unfreezes at once).
+
+    Returns:
+        "head" (frozen backbone), then "finetune" (top groups unfrozen) or, with
+        `unfreeze = "gradual"`, "finetune_1", "finetune_2", ... unfreezing one more group each.
+    """
+    phases = [Phase("head", recipe.head_epochs, recipe.head_lr)]
+    finetune = Phase(
+        "finetune",
+        recipe.finetune_epochs,
+        recipe.finetune_lr,
+        unfreeze_groups=recipe.unfreeze_groups,
+        train_batchnorm=recipe.train_batchnorm,
+        lowest_group_lr=recipe.discriminative_lr,
+    )
+    target = recipe.unfreeze_groups
+    if target == -1 and num_groups is not None:
+        target = num_groups
+    if recipe.unfreeze == "gradual" and target > 1:
+        remaining = recipe.finetune_epochs
+        for count in range(1, target + 1):
+            epochs = remaining if count == target else min(recipe.gradual_epochs, remaining)
+            remaining -= epochs
+            phases.append(
+                dataclasses.replace(
+                    finetune, name=f"finetune_{count}", epochs=epochs, unfreeze_groups=count
+                )
+            )
+    else:
+        phases.append(finetune)
     return [p for p in phases if p.epochs > 0]
 
 

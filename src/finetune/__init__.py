@@ -36,6 +36,7 @@ from finetune.errors import (  # noqa: E402
     WeightsError,
 )
 from finetune.evaluate import classification_metrics, evaluate  # noqa: E402
+from finetune.lr_find import lr_find  # noqa: E402
 from finetune.model import (  # noqa: E402
     Normalize,
     build_classifier,
@@ -70,6 +71,7 @@ __all__ = [
     "list_backbones",
     "load_backbone",
     "load_config",
+    "lr_find",
     "predict",
     "register_backbone",
     "train",

@@ -122,6 +122,9 @@ def train(
     val_fraction: Annotated[float | None, typer.Option()] = None,
     test_fraction: Annotated[float | None, typer.Option()] = None,
     augment: Annotated[bool | None, typer.Option("--augment/--no-augment")] = None,
+    lr: Annotated[
+        str | None, typer.Option("--lr", help="'auto': pick the learning rates by a range test.")
+    ] = None,
     compare_scratch: Annotated[
         bool, typer.Option(help="Also train the same network from scratch and compare.")
     ] = False,
@@ -159,12 +162,14 @@ def train(
         if v is not None
     }
     if compare_scratch:
+        if lr is not None:
+            raise FinetuneError("--lr auto and --compare-scratch cannot be combined yet.")
         run, scratch = finetune.train_with_scratch_baseline(
             data_dir, out=out, config=config, overwrite=overwrite, **options
         )
     else:
         run, scratch = (
-            finetune.train(data_dir, out=out, config=config, overwrite=overwrite, **options),
+            finetune.train(data_dir, out=out, config=config, overwrite=overwrite, lr=lr, **options),
             None,
         )
     if run.metrics:
@@ -186,6 +191,33 @@ def train(
         )
         console.print(table)
     console.print(f"Run written to [bold]{out}[/] (model.keras, metrics.json, history.json, ...)")
+
+
+@app.command("lr-find")
+def lr_find(
+    data_dir: Annotated[Path, typer.Argument(help="Class folders, or train/ (+ val/, test/).")],
+    out: Annotated[Path, typer.Option(help="Folder for lr_find.png and lr_find.json.")] = Path(
+        "runs/lr_find"
+    ),
+    config: Annotated[Path | None, typer.Option(help="TOML config file.")] = None,
+    backbone: Annotated[str | None, typer.Option(help="Backbone name.")] = None,
+    image_size: Annotated[int | None, typer.Option(help="Input side in pixels.")] = None,
+    batch_size: Annotated[int | None, typer.Option()] = None,
+    steps: Annotated[int, typer.Option(help="Batches of the learning-rate ramp.")] = 100,
+) -> None:
+    """Run the learning-rate range test for phase 1 and suggest a learning rate."""
+    import finetune
+
+    options = {
+        k: v
+        for k, v in dict(backbone=backbone, image_size=image_size, batch_size=batch_size).items()
+        if v is not None
+    }
+    result = finetune.lr_find(data_dir, out=out, config=config, num_steps=steps, **options)
+    console.print(
+        f"Suggested learning rate: [bold]{result.suggestion:.2g}[/] "
+        f"(curve: {out / 'lr_find.png'}); use it with --head-lr, or train --lr auto."
+    )
 
 
 @app.command()

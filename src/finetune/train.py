@@ -122,6 +122,7 @@ def train(
     config: Config | str | Path | None = None,
     overwrite: bool = False,
     progress: bool = True,
+    lr: str | None = None,
     **options: Any,
 ) -> Run:
     """Fine-tunes a pretrained backbone on an image folder.
@@ -132,6 +133,9 @@ def train(
         config: a `Config` or the path of a TOML config. Defaults to the built-in defaults.
         overwrite: replace a finished run in `out`. Defaults to False.
         progress: show progress bars. Defaults to True.
+        lr: "auto" runs the learning-rate range test first and uses its suggestion as
+            `head_lr` (and a tenth as `finetune_lr`); the curve goes to `lr_find.png`.
+            Defaults to None (the config's rates).
         **options: single options on top of `config`, e.g. `backbone="resnet50"`,
             `head_epochs=3`, `seed=1` (the names of `OPTION_NAMES`).
 
@@ -148,7 +152,31 @@ def train(
     config = resolve_config(config, **options)
     run_dir = _prepare_run_dir(out, overwrite)
     data = prepare_data(data_dir, config, progress=progress)
+    if lr == "auto":
+        config = _auto_learning_rate(data, config, run_dir, progress)
+    elif lr is not None:
+        raise FinetuneError(f"lr={lr!r}: only 'auto' is accepted (or give head_lr/finetune_lr).")
     return fit_run(data, config, run_dir, progress=progress)
+
+
+def _auto_learning_rate(
+    data: PreparedData, config: Config, run_dir: Path | None, progress: bool
+) -> Config:
+    from finetune.lr_find import config_with_found_lr, range_test, save_range_test
+
+    if progress:
+        print("Finding a learning rate (range test)...", flush=True)
+    result = range_test(data, config)
+    if run_dir is not None:
+        save_range_test(result, run_dir)
+    config = config_with_found_lr(config, result)
+    if progress:
+        print(
+            f"Learning rates: head {config.recipe.head_lr:.2g}, "
+            f"fine-tuning {config.recipe.finetune_lr:.2g}",
+            flush=True,
+        )
+    return config
 
 
 def prepare_data(data_dir: str | Path, config: Config, progress: bool = True) -> PreparedData:

@@ -18,6 +18,12 @@ from tests.helpers import DIGITS, image_subset
 runner = CliRunner()
 
 
+def finetune_config(run_dir):
+    from finetune.config import load_config
+
+    return load_config(run_dir / "config.toml")
+
+
 def invoke(*args: str):
     result = runner.invoke(app, [str(a) for a in args], catch_exceptions=False)
     assert result.exit_code == 0, result.output
@@ -41,6 +47,8 @@ def trained(tmp_path_factory):
         "1",
         "--seed",
         "5",
+        "--augment",
+        "strong",
     )
     return data, out, output
 
@@ -50,6 +58,7 @@ def test_train_prints_metrics_and_writes_the_run(trained):
     _, out, output = trained
     assert "accuracy" in output and str(out) in output
     assert (out / "model.keras").is_file()
+    assert finetune_config(out).augment.randaugment  # --augment strong reached the run
 
 
 @pytest.mark.slow

@@ -121,7 +121,13 @@ def train(
     ] = None,
     val_fraction: Annotated[float | None, typer.Option()] = None,
     test_fraction: Annotated[float | None, typer.Option()] = None,
-    augment: Annotated[bool | None, typer.Option("--augment/--no-augment")] = None,
+    augment: Annotated[
+        str | None,
+        typer.Option(help="Augmentation preset: light (default), strong, none, seed000, seed001."),
+    ] = None,
+    no_augment: Annotated[
+        bool, typer.Option("--no-augment", help="Same as --augment none.")
+    ] = False,
     lr: Annotated[
         str | None, typer.Option("--lr", help="'auto': pick the learning rates by a range test.")
     ] = None,
@@ -157,7 +163,7 @@ def train(
             class_weight=class_weight,
             val_fraction=val_fraction,
             test_fraction=test_fraction,
-            augment=augment,
+            augment="none" if no_augment else augment,
         ).items()
         if v is not None
     }

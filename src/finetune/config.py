@@ -88,6 +88,8 @@ class AugmentConfig:
         shear: maximum shear, as a fraction (Keras `RandomShear` factor). Defaults to 0.
         fill_mode: how pixels outside the image are filled: "reflect", "wrap", "constant" or
             "nearest". Defaults to "reflect".
+        randaugment: add Keras' `RandAugment` (2 random colour/geometry operations per image,
+            magnitude 0.5). Defaults to False.
     """
 
     enabled: bool = True
@@ -99,6 +101,41 @@ class AugmentConfig:
     height_shift: float = 0.1
     shear: float = 0.0
     fill_mode: str = "reflect"
+    randaugment: bool = False
+
+
+AUGMENT_PRESETS: dict[str, AugmentConfig] = {
+    # The default: flips, small rotations, shifts and zooms.
+    "light": AugmentConfig(),
+    # Light geometry plus RandAugment's colour and geometry operations, for larger datasets.
+    "strong": AugmentConfig(
+        rotation=15.0, zoom=0.15, width_shift=0.15, height_shift=0.15, randaugment=True
+    ),  # fmt: skip
+    "none": AugmentConfig(enabled=False),
+    # Seed document 000: RandomRotation(0.1) (36 degrees), both flips, RandomZoom(0.1).
+    "seed000": AugmentConfig(
+        vertical_flip=True, rotation=36.0, zoom=0.1, width_shift=0.0, height_shift=0.0
+    ),  # fmt: skip
+    # Seed document 001's ImageDataGenerator: rotation 40, shifts 0.2, shear 0.2, zoom 0.2,
+    # horizontal flip, nearest fill.
+    "seed001": AugmentConfig(
+        rotation=40.0, width_shift=0.2, height_shift=0.2, shear=0.2, zoom=0.2, fill_mode="nearest"
+    ),  # fmt: skip
+}
+
+
+def augment_preset(name: str) -> AugmentConfig:
+    """The `AugmentConfig` of a named preset: light, strong, none, seed000 or seed001.
+
+    Raises:
+        ConfigError: an unknown preset name.
+    """
+    try:
+        return AUGMENT_PRESETS[name]
+    except KeyError:
+        raise ConfigError(
+            f"augmentation preset {name!r} is not one of: {', '.join(AUGMENT_PRESETS)}."
+        ) from None
 
 
 @dataclass

@@ -19,7 +19,14 @@ from sklearn.utils.class_weight import compute_class_weight
 
 from finetune.atomic import write_json, write_text_atomic
 from finetune.backbones.registry import get_backbone
-from finetune.config import Config, RecipeConfig, dump_config, load_config, with_overrides
+from finetune.config import (
+    Config,
+    RecipeConfig,
+    augment_preset,
+    dump_config,
+    load_config,
+    with_overrides,
+)
 from finetune.data.augment import build_augmentation
 from finetune.data.pipeline import PreparedData, image_dataset, prepare_image_data
 from finetune.data.split import write_split
@@ -77,6 +84,8 @@ def resolve_config(config: Config | str | Path | None = None, **options: Any) ->
         base = config
     else:
         base = load_config(config)
+    if isinstance(options.get("augment"), str):  # a preset name replaces the whole section
+        base = dataclasses.replace(base, augment=augment_preset(options.pop("augment")))
     return with_overrides(base, **{OPTION_NAMES[k]: v for k, v in options.items()}).validate()
 
 

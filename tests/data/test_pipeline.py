@@ -115,3 +115,30 @@ def test_a_folder_too_large_for_memory_is_refused_before_decoding(tmp_path):
     data = image_subset(DIGITS, tmp_path / "d", classes=2, per_class=10)
     with pytest.raises(DataError, match="max_memory_gb"):
         prepare_image_data(data, image_size=1024, max_memory_gb=0.01, progress=False)
+
+
+def test_presets_match_the_seed_examples_and_unknown_names_are_refused():
+    from finetune.config import augment_preset
+    from finetune.errors import ConfigError
+
+    for seed in ("seed000", "seed001"):
+        (example,) = EXAMPLES.glob(f"{seed}_*.toml")
+        assert load_config(example).augment == augment_preset(seed)
+    assert augment_preset("light") == AugmentConfig()
+    assert build_augmentation(augment_preset("none")) is None
+    with pytest.raises(ConfigError, match="'heavy' is not one of: light, strong, none"):
+        augment_preset("heavy")
+
+
+def test_strong_preset_adds_randaugment_and_keeps_the_pixel_range(images):
+    from finetune.config import augment_preset
+    from finetune.train import resolve_config
+
+    assert resolve_config(augment="strong").augment == augment_preset("strong")
+    assert resolve_config(augment=False).augment.enabled is False
+    strong = build_augmentation(augment_preset("strong"), seed=0)
+    assert type(strong.layers[-1]).__name__ == "RandAugment"
+    x, _ = images
+    out = np.asarray(strong(x.astype(np.float32), training=True))
+    assert out.shape == x.shape and out.min() >= 0 and out.max() <= 255
+    assert not np.array_equal(out, x.astype(np.float32))

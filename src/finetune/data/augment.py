@@ -50,6 +50,8 @@ def build_augmentation(config: AugmentConfig, seed: int = 0) -> keras.Sequential
         )
     if config.zoom:
         layers.append(keras.layers.RandomZoom(config.zoom, fill_mode=fill, seed=seed + 5))
+    if config.randaugment:
+        layers.append(keras.layers.RandAugment(value_range=(0, 255), seed=seed + 6))
     if not layers:
         return None
     return keras.Sequential(layers, name="augmentation")

@@ -34,6 +34,20 @@ def pretrained():
     return load_backbone("efficientnet_lite0", image_size=SIZE)
 
 
+def changed_layers(model, reference):
+    """Names of the layers of `model` whose weights differ from those of `reference`."""
+    before = weights_by_layer(reference)
+    return {
+        layer.name
+        for layer in model.layers
+        if layer.weights
+        and not all(
+            np.array_equal(a, b)
+            for a, b in zip(layer.get_weights(), before[layer.name], strict=True)
+        )
+    }
+
+
 def weights_by_layer(model):
     return {
         layer.name: [np.asarray(w) for w in layer.get_weights()]
@@ -45,13 +59,10 @@ def weights_by_layer(model):
 @pytest.mark.slow
 def test_phase_one_trains_only_the_head(digits, pretrained):
     run = finetune.train(digits, image_size=SIZE, head_epochs=2, finetune_epochs=0, progress=False)
-    before = weights_by_layer(pretrained)
-    after = weights_by_layer(backbone_of(run.model))
-    for name, values in before.items():
-        for b, a in zip(values, after[name], strict=True):
-            np.testing.assert_array_equal(a, b, err_msg=f"{name} changed in phase 1")
-    head = run.model.get_layer("logits").get_weights()[0]
-    assert np.abs(head).sum() > 0 and run.history[-1]["phase"] == "head"
+    # Every backbone weight, BatchNorm moving statistics included, is still the pretrained one.
+    assert changed_layers(backbone_of(run.model), pretrained) == set()
+    # The head did train: the training loss went down from the first epoch to the second.
+    assert run.history[1]["loss"] < run.history[0]["loss"]
     assert [r["phase"] for r in run.history] == ["head", "head"]
 
 
@@ -67,26 +78,14 @@ def test_phase_two_changes_only_the_unfrozen_groups(digits, pretrained):
     )
     spec = get_backbone("efficientnet_lite0")
     top_groups = spec.group_names[-2:]
-    before = weights_by_layer(pretrained)
-    backbone = backbone_of(run.model)
-    changed_top = 0
-    for layer in backbone.layers:
-        if not layer.weights:
-            continue
-        same = all(
-            np.array_equal(a, b)
-            for a, b in zip(layer.get_weights(), before[layer.name], strict=True)
-        )
-        if spec.group_of(layer.name) in top_groups and not is_batchnorm(layer):
-            changed_top += not same
-        else:
-            assert same, f"{layer.name} ({spec.group_of(layer.name)}) changed but was frozen"
-    top_layers = [
-        layer
-        for layer in backbone.layers
+    changed = changed_layers(backbone_of(run.model), pretrained)
+    trainable = {
+        layer.name
+        for layer in backbone_of(run.model).layers
         if layer.weights and spec.group_of(layer.name) in top_groups and not is_batchnorm(layer)
-    ]
-    assert changed_top == len(top_layers) > 0
+    }
+    # Every trainable layer of the unfrozen groups moved; nothing else did (BatchNorm included).
+    assert changed == trainable and trainable
     assert [r["phase"] for r in run.history] == ["head", "finetune"]
     assert run.history[1]["learning_rate"] == pytest.approx(run.history[0]["learning_rate"] / 10)
 
@@ -179,15 +178,5 @@ def test_gradual_unfreezing_starts_with_the_top_group_only(digits, pretrained):
     )
     assert [r["phase"] for r in run.history] == ["head", "finetune_1"]
     spec = get_backbone("efficientnet_lite0")
-    before = weights_by_layer(pretrained)
-    backbone = backbone_of(run.model)
-    changed = {
-        spec.group_of(layer.name)
-        for layer in backbone.layers
-        if layer.weights
-        and not all(
-            np.array_equal(a, b)
-            for a, b in zip(layer.get_weights(), before[layer.name], strict=True)
-        )
-    }
+    changed = {spec.group_of(name) for name in changed_layers(backbone_of(run.model), pretrained)}
     assert changed == {"top"}

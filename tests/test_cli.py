@@ -133,3 +133,26 @@ def test_a_damaged_run_directory_is_named(tmp_path):
         finetune.Run.load(tmp_path)
     with pytest.raises(finetune.FinetuneError, match="not a run directory"):
         finetune.Run.load(tmp_path / "elsewhere")
+
+
+@pytest.mark.slow
+def test_test_time_augmentation(trained):
+    import numpy as np
+
+    import finetune
+
+    data, out, _ = trained
+    metrics = json.loads(invoke("evaluate", out, "--json", "--tta", "3"))
+    assert metrics["tta"] == 3 and metrics["num_images"] > 0
+    run = finetune.Run.load(out)
+    x = np.random.default_rng(0).uniform(0, 255, (4, 32, 32, 3)).astype(np.float32)
+    plain = run.predict_proba(x)
+    np.testing.assert_array_equal(run.predict_proba(x, tta=1), plain)
+    averaged = run.predict_proba(x, tta=3)
+    np.testing.assert_array_equal(run.predict_proba(x, tta=3), averaged)  # seeded: repeatable
+    np.testing.assert_allclose(averaged.sum(axis=1), 1.0, rtol=1e-6)
+    assert not np.allclose(averaged, plain)
+    with pytest.raises(finetune.FinetuneError, match="tta must be 1 or more"):
+        run.predict_proba(x, tta=0)
+    with pytest.raises(finetune.FinetuneError, match="ImageNet head"):
+        finetune.predict("efficientnet_lite0", [next((data / "0").glob("*.png"))], tta=2)

@@ -233,13 +233,14 @@ def evaluate(
         Path | None, typer.Argument(help="Labelled folder; default: the run's test split.")
     ] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print the metrics as JSON.")] = False,
+    tta: Annotated[int, typer.Option(help="Test-time augmentation copies per image.")] = 1,
 ) -> None:
     """Evaluate a run's model and write metrics.json in the run directory (own test split)."""
     import finetune
     from finetune.atomic import write_json
 
     # Keras' progress bar writes to stdout: keep it out of JSON output.
-    metrics = finetune.evaluate(run_dir, data_dir, progress=not as_json)
+    metrics = finetune.evaluate(run_dir, data_dir, progress=not as_json, tta=tta)
     if data_dir is None:
         write_json(run_dir / "metrics.json", metrics)
     if as_json:
@@ -254,13 +255,14 @@ def predict(
     inputs: Annotated[list[Path], typer.Argument(help="Image files and/or folders.")],
     top_k: Annotated[int, typer.Option(help="Classes per image.")] = 5,
     fmt: Annotated[str, typer.Option("--format", help="table|json|csv")] = "table",
+    tta: Annotated[int, typer.Option(help="Test-time augmentation copies (runs only).")] = 1,
 ) -> None:
     """Predict the top-k classes of images with a run's model or a backbone's ImageNet head."""
     import finetune
 
     if fmt not in ("table", "json", "csv"):
         raise FinetuneError(f"--format {fmt!r} is not one of: table, json, csv.")
-    results = finetune.predict(model, inputs, top_k=top_k)
+    results = finetune.predict(model, inputs, top_k=top_k, tta=tta)
     if fmt == "json":
         print(json.dumps([r.to_dict() for r in results], indent=2))
     elif fmt == "csv":

@@ -82,7 +82,10 @@ def classification_metrics(
 
 
 def evaluate(
-    run: Run | str | Path, data_dir: str | Path | None = None, progress: bool = True
+    run: Run | str | Path,
+    data_dir: str | Path | None = None,
+    progress: bool = True,
+    tta: int = 1,
 ) -> dict[str, Any]:
     """Evaluates a run's model on its test split, or on every image of `data_dir`.
 
@@ -91,9 +94,11 @@ def evaluate(
         data_dir: a labelled folder (class folders, or one with a `test/` folder, whose test split
             is used). Its class names must be among the run's. Defaults to the run's own test
             split.
+        progress: show progress bars while decoding and predicting. Defaults to True.
+        tta: test-time augmentation copies per image (see `Run.predict_proba`). Defaults to 1.
 
     Returns:
-        The metrics (see `classification_metrics`) plus `data` (what was evaluated).
+        The metrics (see `classification_metrics`) plus `data` (what was evaluated) and `tta`.
 
     Raises:
         DataError: the folder has classes the model does not know, or no images.
@@ -124,8 +129,9 @@ def evaluate(
     if not paths:
         raise DataError(f"nothing to evaluate: {where} holds no images.")
     images, ok, bad = decode_images(paths, run.image_size, progress=progress)
-    probabilities = run.predict_proba(images, progress=progress)
+    probabilities = run.predict_proba(images, progress=progress, tta=tta)
     metrics = classification_metrics(y[ok], probabilities, run.class_names)
     metrics["data"] = where
+    metrics["tta"] = tta
     metrics["bad_files"] = [{"path": str(b.path), "reason": b.reason} for b in bad]
     return metrics

@@ -17,7 +17,7 @@ import numpy as np
 
 from finetune.data.decode import IMAGE_EXTENSIONS, decode_images
 from finetune.errors import FinetuneError
-from finetune.run import softmax
+from finetune.run import Run, softmax
 
 
 @dataclass
@@ -90,7 +90,6 @@ class _ImageNetClassifier:
 def load_predictor(model):
     """A `Run`, a run directory or a backbone name -> something with `predict_proba`."""
     from finetune.backbones.registry import has_backbone
-    from finetune.run import Run
 
     if isinstance(model, Run):
         return model
@@ -104,13 +103,15 @@ def load_predictor(model):
     )
 
 
-def predict(model, inputs: Sequence[str | Path], top_k: int = 5) -> list[Prediction]:
+def predict(model, inputs: Sequence[str | Path], top_k: int = 5, tta: int = 1) -> list[Prediction]:
     """Predicts the top-k classes of image files and folders.
 
     Args:
         model: a `Run`, a run directory, or a backbone name (its ImageNet head).
         inputs: image files and/or folders.
         top_k: how many classes per image. Defaults to 5.
+        tta: test-time augmentation copies per image, for a run (see `Run.predict_proba`).
+            Defaults to 1.
 
     Returns:
         One `Prediction` per image file, in input order.
@@ -131,7 +132,12 @@ def predict(model, inputs: Sequence[str | Path], top_k: int = 5) -> list[Predict
     for i, b in zip(failed, bad, strict=True):
         results[i].error = b.reason
     if len(ok):
-        probabilities = predictor.predict_proba(images)
+        if tta == 1:
+            probabilities = predictor.predict_proba(images)
+        elif isinstance(predictor, Run):
+            probabilities = predictor.predict_proba(images, tta=tta)
+        else:
+            raise FinetuneError("--tta applies to a fine-tuned run, not to an ImageNet head.")
         k = min(top_k, probabilities.shape[1])
         for row, i in enumerate(ok):
             order = np.argsort(-probabilities[row])[:k]

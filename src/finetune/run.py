@@ -119,15 +119,44 @@ class Run:
         )
 
     def predict_proba(
-        self, images: np.ndarray, batch_size: int = 64, progress: bool = False
+        self, images: np.ndarray, batch_size: int = 64, progress: bool = False, tta: int = 1
     ) -> np.ndarray:
-        """Class probabilities for uint8/float RGB images of the run's input size."""
-        logits = self.model.predict(
-            np.asarray(images, np.float32),
-            batch_size=batch_size,
-            verbose=keras_verbosity(progress),
-        )
-        return softmax(logits)
+        """Class probabilities for uint8/float RGB images of the run's input size.
+
+        Args:
+            images: (N, size, size, 3) RGB pixels in [0, 255].
+            batch_size: images per forward pass. Defaults to 64.
+            progress: show Keras' progress bar. Defaults to False.
+            tta: test-time augmentation: average the probabilities of the images and of
+                `tta - 1` copies transformed by the run's own training augmentation (seeded,
+                so repeatable). Defaults to 1 (no augmentation).
+
+        Raises:
+            FinetuneError: `tta` below 1, or above 1 for a run trained without augmentation.
+        """
+        import tensorflow as tf
+
+        from finetune.data.augment import build_augmentation
+
+        if tta < 1:
+            raise FinetuneError(f"tta must be 1 or more, got {tta}.")
+        x = np.asarray(images, np.float32)
+        verbose = keras_verbosity(progress)
+        probabilities = softmax(self.model.predict(x, batch_size=batch_size, verbose=verbose))
+        for copy in range(1, tta):
+            augmentation = build_augmentation(self.config.augment, seed=self.config.seed + copy)
+            if augmentation is None:
+                raise FinetuneError(
+                    "test-time augmentation uses the run's training augmentation, and this run "
+                    "was trained without any: use tta=1 (--tta 1)."
+                )
+            batches = (
+                tf.data.Dataset.from_tensor_slices(x)
+                .batch(batch_size)
+                .map(lambda b, a=augmentation: a(b, training=True))
+            )
+            probabilities += softmax(self.model.predict(batches, verbose=verbose))
+        return probabilities / tta
 
     def split_samples(self, split: str) -> list[tuple[Path, int]]:
         """The (path, label) pairs of one split of the run's data, from `split.json`."""

@@ -101,9 +101,13 @@ def test_run_directory_holds_the_record(digits, tmp_path):
     (data / "1" / "notes.jpg").write_text("not an image")
     (data / "2" / "labels.csv").write_text("a,b")
     out = tmp_path / "run"
+    # The recipe options that change the optimizer and the loss go through the whole run too,
+    # including saving and safe-mode loading of a model compiled with a DiscriminativeAdam.
     run = finetune.train(
-        data, out=out, image_size=SIZE, head_epochs=1, finetune_epochs=1, seed=3, progress=False
-    )
+        data, out=out, image_size=SIZE, head_epochs=1, finetune_epochs=1, seed=3, progress=False,
+        discriminative_lr=0.1, schedule="cosine", class_weight="balanced",
+    )  # fmt: skip
+    assert type(run.model.optimizer).__name__ == "DiscriminativeAdam"
     for name in (
         "config.toml",
         "split.json",
@@ -128,6 +132,7 @@ def test_run_directory_holds_the_record(digits, tmp_path):
     assert metrics["accuracy"] == pytest.approx(np.trace(cm) / cm.sum())
     config = finetune.load_config(out / "config.toml")
     assert config.seed == 3 and config.data.image_size == SIZE
+    assert (config.recipe.discriminative_lr, config.recipe.schedule) == (0.1, "cosine")
 
     loaded = finetune.Run.load(out)
     images = np.random.default_rng(0).integers(0, 255, (3, SIZE, SIZE, 3)).astype(np.float32)

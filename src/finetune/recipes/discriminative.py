@@ -80,7 +80,8 @@ def with_lr_multipliers(
     cls = DISCRIMINATIVE_OPTIMIZERS.get(type(optimizer))
     if cls is None:
         raise TypeError(f"no per-variable learning rates for {type(optimizer).__name__}")
-    return cls(**optimizer.get_config(), lr_multipliers=multipliers)
+    # from_config, not cls(**config): it turns a serialized learning-rate schedule back into one.
+    return cls.from_config({**optimizer.get_config(), "lr_multipliers": multipliers})
 
 
 def group_lr_multipliers(

@@ -47,13 +47,11 @@ def make_optimizer(
         options.update(momentum=recipe.momentum)
     elif recipe.optimizer == "adamw":
         options.update(weight_decay=recipe.weight_decay)
-    cls = _CLASSES[recipe.optimizer]
+    optimizer = _CLASSES[recipe.optimizer](**options)
     if lr_multipliers:
-        from finetune.recipes.discriminative import DISCRIMINATIVE_OPTIMIZERS
+        from finetune.recipes.discriminative import with_lr_multipliers
 
-        optimizer = DISCRIMINATIVE_OPTIMIZERS[cls](**options, lr_multipliers=lr_multipliers)
-    else:
-        optimizer = cls(**options)
+        optimizer = with_lr_multipliers(optimizer, lr_multipliers)
     if optimizer.weight_decay:
         optimizer.exclude_from_weight_decay(var_names=list(NO_DECAY_NAMES))
     return optimizer

@@ -15,36 +15,22 @@ from typing import Any
 import keras
 
 from finetune.atomic import write_json
-from finetune.backbones.registry import get_backbone
 from finetune.config import Config
-from finetune.data.augment import build_augmentation
-from finetune.data.pipeline import PreparedData, image_dataset
+from finetune.data.pipeline import PreparedData
 from finetune.errors import FinetuneError
-from finetune.model import build_classifier, freeze_backbone
+from finetune.model import freeze_backbone
 from finetune.recipes.lr_finder import LRFinderResult, find_learning_rate
 from finetune.recipes.optimizers import make_optimizer
 
 
 def range_test(data: PreparedData, config: Config, num_steps: int = 100) -> LRFinderResult:
     """Runs the range test for phase 1 of `config` on prepared data."""
-    from finetune.train import seed_everything
+    from finetune.train import build_run_model, seed_everything, training_dataset
 
     seed_everything(config.seed, deterministic=config.deterministic)
-    spec = get_backbone(config.model.backbone)
-    weights = None if config.model.weights == "none" else config.model.weights
-    model = build_classifier(
-        spec, data.num_classes, image_size=data.image_size, head=config.model, weights=weights
-    )
+    model = build_run_model(data, config)
     freeze_backbone(model)
-    train_ds = image_dataset(
-        data.images["train"],
-        data.labels["train"],
-        data.num_classes,
-        batch_size=config.data.batch_size,
-        training=True,
-        augmentation=build_augmentation(config.augment, seed=config.seed),
-        seed=config.seed,
-    )
+    train_ds = training_dataset(data, config)
     loss = keras.losses.CategoricalCrossentropy(
         from_logits=True, label_smoothing=config.recipe.label_smoothing
     )

@@ -225,24 +225,38 @@ def class_weights(labels: np.ndarray, recipe: RecipeConfig) -> dict[int, float] 
     return {int(c): float(w) for c, w in zip(present, weights, strict=True)}
 
 
-def fit_run(data: PreparedData, config: Config, run_dir: Path | None, progress: bool = True) -> Run:
-    """Builds the classifier, runs both phases on prepared data and records the run."""
-    seed_everything(config.seed, deterministic=config.deterministic)
-    spec = get_backbone(config.model.backbone)
+def build_run_model(data: PreparedData, config: Config) -> keras.Model:
+    """The classifier `config` describes, for the classes and image size of `data`."""
     weights = None if config.model.weights == "none" else config.model.weights
-    model = build_classifier(
-        spec, data.num_classes, image_size=data.image_size, head=config.model, weights=weights
+    return build_classifier(
+        get_backbone(config.model.backbone),
+        data.num_classes,
+        image_size=data.image_size,
+        head=config.model,
+        weights=weights,
     )
-    batch = config.data.batch_size
-    train_ds = image_dataset(
+
+
+def training_dataset(data: PreparedData, config: Config):
+    """The shuffled, augmented training batches of `data` as `config` asks for them."""
+    return image_dataset(
         data.images["train"],
         data.labels["train"],
         data.num_classes,
-        batch_size=batch,
+        batch_size=config.data.batch_size,
         training=True,
         augmentation=build_augmentation(config.augment, seed=config.seed),
         seed=config.seed,
     )
+
+
+def fit_run(data: PreparedData, config: Config, run_dir: Path | None, progress: bool = True) -> Run:
+    """Builds the classifier, runs both phases on prepared data and records the run."""
+    seed_everything(config.seed, deterministic=config.deterministic)
+    spec = get_backbone(config.model.backbone)
+    model = build_run_model(data, config)
+    batch = config.data.batch_size
+    train_ds = training_dataset(data, config)
     has_val = len(data.labels["val"]) > 0
     val_ds = (
         image_dataset(data.images["val"], data.labels["val"], data.num_classes, batch_size=batch)

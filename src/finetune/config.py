@@ -64,6 +64,8 @@ class DataConfig:
         batch_size: images per training step. Defaults to 32.
         max_memory_gb: the most memory the decoded images may take (they are decoded once and
             kept in memory); a larger folder is refused before decoding. Defaults to 8.
+        feature_cache_max_memory_gb: cached backbone features (see `recipe.feature_cache`)
+            larger than this are written to a temporary file instead of memory. Defaults to 2.
     """
 
     image_size: int = 0
@@ -71,6 +73,7 @@ class DataConfig:
     test_fraction: float = 0.1
     batch_size: int = 32
     max_memory_gb: float = 8.0
+    feature_cache_max_memory_gb: float = 2.0
 
 
 @dataclass
@@ -185,6 +188,12 @@ class RecipeConfig:
             (best weights restored); 0 disables early stopping. Defaults to 3.
         train_batchnorm: let unfrozen BatchNorm layers update their statistics in phase 2.
             Defaults to False (they stay in inference mode, the safer choice on small data).
+        head_augment: augment the training images in phase 1 too. Defaults to False: phase 1
+            then trains the head on backbone features computed once (`feature_cache`), which
+            is many times faster; phase 2 always augments when augmentation is enabled.
+        feature_cache: train frozen-backbone phases without augmentation on cached backbone
+            features; the head ends up the same as training through the frozen backbone.
+            Defaults to True.
     """
 
     head_epochs: int = 5
@@ -207,6 +216,8 @@ class RecipeConfig:
     class_weight: str = "none"
     early_stopping_patience: int = 3
     train_batchnorm: bool = False
+    head_augment: bool = False
+    feature_cache: bool = True
 
 
 @dataclass
@@ -258,6 +269,8 @@ class Config:
             raise ConfigError("data.val_fraction + data.test_fraction must stay below 1.")
         if d.image_size and d.image_size < 16:
             raise ConfigError(f"data.image_size {d.image_size} is too small; use 32 or more.")
+        if d.feature_cache_max_memory_gb < 0:
+            raise ConfigError("data.feature_cache_max_memory_gb must be 0 or more.")
         if not d.max_memory_gb > 0:
             raise ConfigError(f"data.max_memory_gb must be positive, got {d.max_memory_gb}.")
         if d.batch_size < 1:

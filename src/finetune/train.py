@@ -33,7 +33,7 @@ from finetune.data.split import write_split
 from finetune.errors import FinetuneError
 from finetune.evaluate import classification_metrics
 from finetune.model import build_classifier
-from finetune.recipes import fit_phases, two_phase_plan
+from finetune.recipes import PhaseData, fit_phases, two_phase_plan
 from finetune.run import MODEL_FILE, Run, keras_verbosity, save_model_atomic
 
 # Python keyword -> dotted config name, shared by the API and the CLI.
@@ -250,26 +250,33 @@ def training_dataset(data: PreparedData, config: Config):
     )
 
 
+def phase_data(data: PreparedData, config: Config) -> PhaseData:
+    """The training and validation images of `data`, batched and augmented as `config` asks."""
+    return PhaseData(
+        train_images=data.images["train"],
+        train_labels=data.labels["train"],
+        num_classes=data.num_classes,
+        batch_size=config.data.batch_size,
+        val_images=data.images["val"],
+        val_labels=data.labels["val"],
+        augmentation=build_augmentation(config.augment, seed=config.seed),
+        seed=config.seed,
+        feature_cache=config.recipe.feature_cache,
+        feature_cache_max_memory_gb=config.data.feature_cache_max_memory_gb,
+    )
+
+
 def fit_run(data: PreparedData, config: Config, run_dir: Path | None, progress: bool = True) -> Run:
     """Builds the classifier, runs both phases on prepared data and records the run."""
     seed_everything(config.seed, deterministic=config.deterministic)
     spec = get_backbone(config.model.backbone)
     model = build_run_model(data, config)
-    batch = config.data.batch_size
-    train_ds = training_dataset(data, config)
-    has_val = len(data.labels["val"]) > 0
-    val_ds = (
-        image_dataset(data.images["val"], data.labels["val"], data.num_classes, batch_size=batch)
-        if has_val
-        else None
-    )
     records = fit_phases(
         model,
         spec,
         config.recipe,
         two_phase_plan(config.recipe, num_groups=len(spec.layer_groups)),
-        train_ds,
-        val_ds,
+        phase_data(data, config),
         run_dir=run_dir,
         class_weight=class_weights(data.labels["train"], config.recipe),
         verbose=keras_verbosity(progress),

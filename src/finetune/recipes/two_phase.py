@@ -5,6 +5,9 @@ As in the Keras transfer-learning guide and fastai's `fine_tune`, the recipe is 
 phases, the optimizer and learning rate are new in each, and the epoch counter runs on so the
 history reads as one training. Each phase stops early on the validation loss and restores its
 best weights, and checkpoints its best weights in the run directory.
+
+A phase that trains the head on a frozen backbone without augmentation takes the fast path of
+`finetune.recipes.feature_cache`: the backbone runs once and the head trains on its features.
 """
 
 from __future__ import annotations
@@ -15,11 +18,14 @@ from pathlib import Path
 from typing import Any
 
 import keras
+import numpy as np
 import tensorflow as tf
 
 from finetune.backbones.registry import BackboneSpec
 from finetune.config import RecipeConfig
+from finetune.data.pipeline import image_dataset
 from finetune.model import freeze_backbone, unfreeze_top_groups
+from finetune.recipes.feature_cache import FeatureStore, feature_dataset, split_at_pool
 from finetune.recipes.discriminative import group_lr_multipliers
 from finetune.recipes.optimizers import make_optimizer
 from finetune.recipes.schedules import phase_learning_rate, schedule_callbacks
@@ -38,6 +44,7 @@ class Phase:
         train_batchnorm: whether unfrozen BatchNorm layers train.
         lowest_group_lr: learning-rate factor of the lowest unfrozen group, rising geometrically
             to 1.0 for the head (see `finetune.recipes.discriminative`); 1.0 means one rate.
+        augment: whether the phase sees augmented training images. Defaults to True.
     """
 
     name: str
@@ -46,6 +53,74 @@ class Phase:
     unfreeze_groups: int | None = None
     train_batchnorm: bool = False
     lowest_group_lr: float = 1.0
+    augment: bool = True
+
+
+@dataclass
+class PhaseData:
+    """What the phases train on: decoded training (and validation) images and their batching.
+
+    Args:
+        train_images: uint8 pixels (N, H, W, 3).
+        train_labels: class indices (N,).
+        num_classes: number of classes.
+        batch_size: images per step.
+        val_images: validation pixels, or None. Defaults to None.
+        val_labels: validation class indices, or None. Defaults to None.
+        augmentation: layers applied to training batches of phases that augment, or None.
+            Defaults to None.
+        seed: shuffle seed. Defaults to 0.
+        feature_cache: let frozen phases without augmentation train the head on cached
+            backbone features. Defaults to True.
+        feature_cache_max_memory_gb: cached features above this size go to a temporary file.
+            Defaults to 2.
+    """
+
+    train_images: np.ndarray
+    train_labels: np.ndarray
+    num_classes: int
+    batch_size: int
+    val_images: np.ndarray | None = None
+    val_labels: np.ndarray | None = None
+    augmentation: keras.Sequential | None = None
+    seed: int = 0
+    feature_cache: bool = True
+    feature_cache_max_memory_gb: float = 2.0
+    _datasets: dict[Any, tf.data.Dataset] = dataclasses.field(default_factory=dict, repr=False)
+
+    @property
+    def has_val(self) -> bool:
+        return self.val_labels is not None and len(self.val_labels) > 0
+
+    def train_dataset(self, augment: bool = True) -> tf.data.Dataset:
+        """Shuffled training batches, augmented if `augment` and there is an augmentation."""
+        augment = augment and self.augmentation is not None
+        if ("train", augment) not in self._datasets:
+            self._datasets[("train", augment)] = image_dataset(
+                self.train_images,
+                self.train_labels,
+                self.num_classes,
+                batch_size=self.batch_size,
+                training=True,
+                augmentation=self.augmentation if augment else None,
+                seed=self.seed,
+            )
+        return self._datasets[("train", augment)]
+
+    def val_dataset(self) -> tf.data.Dataset | None:
+        """Validation batches in order, or None without a validation split."""
+        if not self.has_val:
+            return None
+        if "val" not in self._datasets:
+            self._datasets["val"] = image_dataset(
+                self.val_images, self.val_labels, self.num_classes, batch_size=self.batch_size
+            )
+        return self._datasets["val"]
+
+    def uses_feature_cache(self, phase: Phase) -> bool:
+        """Whether `phase` takes the fast path (frozen backbone, no augmentation)."""
+        augmented = phase.augment and self.augmentation is not None
+        return self.feature_cache and phase.unfreeze_groups is None and not augmented
 
 
 def two_phase_plan(recipe: RecipeConfig, num_groups: int | None = None) -> list[Phase]:
@@ -60,7 +135,7 @@ def two_phase_plan(recipe: RecipeConfig, num_groups: int | None = None) -> list[
         "head" (frozen backbone), then "finetune" (top groups unfrozen) or, with
         `unfreeze = "gradual"`, "finetune_1", "finetune_2", ... unfreezing one more group each.
     """
-    phases = [Phase("head", recipe.head_epochs, recipe.head_lr)]
+    phases = [Phase("head", recipe.head_epochs, recipe.head_lr, augment=recipe.head_augment)]
     finetune = Phase(
         "finetune",
         recipe.finetune_epochs,
@@ -103,8 +178,24 @@ class PhaseLogger(keras.callbacks.Callback):
         self.records.append(record)
 
 
+class _ClassifierCheckpoint(keras.callbacks.ModelCheckpoint):
+    """`ModelCheckpoint` that saves the whole classifier while `fit` trains only its head."""
+
+    def __init__(self, classifier: keras.Model, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self._classifier = classifier
+
+    def set_model(self, model):
+        super().set_model(self._classifier)
+
+
 def _callbacks(
-    phase: Phase, recipe: RecipeConfig, records: list, has_val: bool, run_dir: Path | None
+    phase: Phase,
+    recipe: RecipeConfig,
+    records: list,
+    has_val: bool,
+    run_dir: Path | None,
+    classifier: keras.Model,
 ) -> list[keras.callbacks.Callback]:
     callbacks: list[keras.callbacks.Callback] = [PhaseLogger(phase.name, records)]
     if has_val and recipe.early_stopping_patience:
@@ -118,14 +209,50 @@ def _callbacks(
     if run_dir is not None:
         (run_dir / "checkpoints").mkdir(parents=True, exist_ok=True)
         callbacks.append(
-            keras.callbacks.ModelCheckpoint(
+            _ClassifierCheckpoint(
+                classifier,
                 run_dir / "checkpoints" / f"{phase.name}.weights.h5",
                 monitor="val_loss" if has_val else "loss",
                 save_best_only=True,
                 save_weights_only=True,
             )
         )
-    return callbacks
+    return callbacks + schedule_callbacks(recipe, has_val)
+
+
+def _compile(model: keras.Model, recipe: RecipeConfig, optimizer) -> None:
+    model.compile(
+        optimizer=optimizer,
+        loss=keras.losses.CategoricalCrossentropy(
+            from_logits=True, label_smoothing=recipe.label_smoothing
+        ),
+        metrics=[keras.metrics.CategoricalAccuracy(name="accuracy")],
+    )
+
+
+class _Features:
+    """Backbone features of the training and validation images, computed on first use."""
+
+    def __init__(self, model: keras.Model, data: PhaseData):
+        self.model, self.data = model, data
+        self.store = FeatureStore(int(data.feature_cache_max_memory_gb * 1024**3))
+        self.datasets: tuple[tf.data.Dataset, tf.data.Dataset | None] | None = None
+
+    def head_and_datasets(self):
+        extractor, head = split_at_pool(self.model)
+        if self.datasets is None:
+            d = self.data
+            train = self.store.compute(extractor, d.train_images, d.batch_size, "train")
+            train_ds = feature_dataset(
+                train, d.train_labels, d.num_classes,
+                batch_size=d.batch_size, training=True, seed=d.seed,
+            )  # fmt: skip
+            val_ds = None
+            if d.has_val:
+                val = self.store.compute(extractor, d.val_images, d.batch_size, "val")
+                val_ds = feature_dataset(val, d.val_labels, d.num_classes, batch_size=d.batch_size)
+            self.datasets = (train_ds, val_ds)
+        return head, *self.datasets
 
 
 def fit_phases(
@@ -133,8 +260,7 @@ def fit_phases(
     spec: BackboneSpec,
     recipe: RecipeConfig,
     phases: list[Phase],
-    train_data: tf.data.Dataset,
-    val_data: tf.data.Dataset | None,
+    data: PhaseData,
     *,
     run_dir: Path | None = None,
     class_weight: dict[int, float] | None = None,
@@ -147,56 +273,62 @@ def fit_phases(
         spec: its backbone's registry entry (layer groups).
         recipe: optimizer, loss and early-stopping settings.
         phases: what to run (see `two_phase_plan`).
-        train_data: batches of (pixels, one-hot labels), shuffled and augmented.
-        val_data: validation batches, or None (then no early stopping).
+        data: the training and validation images and their batching (see `PhaseData`).
         run_dir: where to checkpoint each phase's best weights. Defaults to None.
         class_weight: loss weight per class index, or None. Defaults to None.
         verbose: Keras' `fit` verbosity. Defaults to "auto".
 
     Returns:
-        One dict per epoch: phase, epoch, loss, accuracy, val_loss, val_accuracy, learning_rate.
+        One dict per epoch: phase, epoch, loss, accuracy, val_loss, val_accuracy, learning_rate,
+        and `features_cached` (True when the phase trained the head on cached features).
     """
     records: list[dict[str, Any]] = []
     epoch = 0
-    for phase in phases:
-        factors = None
-        if phase.unfreeze_groups is None:
-            freeze_backbone(model)
-        else:
-            groups = unfreeze_top_groups(
-                model, spec, phase.unfreeze_groups, train_batchnorm=phase.train_batchnorm
+    features = _Features(model, data)
+    try:
+        for phase in phases:
+            factors = None
+            if phase.unfreeze_groups is None:
+                freeze_backbone(model)
+            else:
+                groups = unfreeze_top_groups(
+                    model, spec, phase.unfreeze_groups, train_batchnorm=phase.train_batchnorm
+                )
+                if phase.lowest_group_lr != 1.0 and groups:
+                    factors = group_lr_multipliers(model, spec, groups, phase.lowest_group_lr)
+            cached = data.uses_feature_cache(phase)
+            if cached:
+                fit_model, train_ds, val_ds = features.head_and_datasets()
+            else:
+                fit_model, train_ds = model, data.train_dataset(phase.augment)
+                val_ds = data.val_dataset()
+            steps = int(train_ds.cardinality())
+            learning_rate = phase_learning_rate(
+                recipe, phase.learning_rate, max(steps, 1), phase.epochs
             )
-            if phase.lowest_group_lr != 1.0 and groups:
-                factors = group_lr_multipliers(model, spec, groups, phase.lowest_group_lr)
-        steps = int(train_data.cardinality())
-        learning_rate = phase_learning_rate(
-            recipe, phase.learning_rate, max(steps, 1), phase.epochs
-        )
-        optimizer = make_optimizer(recipe, learning_rate, lr_multipliers=factors)
-        # Trainability changed: compile again so the train step sees it.
-        model.compile(
-            optimizer=optimizer,
-            loss=keras.losses.CategoricalCrossentropy(
-                from_logits=True, label_smoothing=recipe.label_smoothing
-            ),
-            metrics=[keras.metrics.CategoricalAccuracy(name="accuracy")],
-        )
-        if verbose:
-            print(
-                f"Phase '{phase.name}': up to {phase.epochs} epoch(s) at learning rate "
-                f"{phase.learning_rate:g}",
-                flush=True,
+            # Trainability changed: compile again so the train step sees it.
+            _compile(fit_model, recipe, make_optimizer(recipe, learning_rate, lr_multipliers=factors))
+            if verbose:
+                how = " (head on cached backbone features)" if cached else ""
+                print(
+                    f"Phase '{phase.name}': up to {phase.epochs} epoch(s) at learning rate "
+                    f"{phase.learning_rate:g}{how}",
+                    flush=True,
+                )
+            first = len(records)
+            history = fit_model.fit(
+                train_ds,
+                validation_data=val_ds,
+                initial_epoch=epoch,
+                epochs=epoch + phase.epochs,
+                callbacks=_callbacks(phase, recipe, records, val_ds is not None, run_dir, model),
+                class_weight=class_weight,
+                shuffle=False,  # the dataset shuffles itself, seeded
+                verbose=verbose,
             )
-        history = model.fit(
-            train_data,
-            validation_data=val_data,
-            initial_epoch=epoch,
-            epochs=epoch + phase.epochs,
-            callbacks=_callbacks(phase, recipe, records, val_data is not None, run_dir)
-            + schedule_callbacks(recipe, val_data is not None),
-            class_weight=class_weight,
-            shuffle=False,  # the dataset shuffles itself, seeded
-            verbose=verbose,
-        )
-        epoch += len(history.epoch)
+            for record in records[first:]:
+                record["features_cached"] = cached
+            epoch += len(history.epoch)
+    finally:
+        features.store.close()
     return records

@@ -1,0 +1,134 @@
+"""The frozen-phase fast path: run the frozen backbone once, then train the head on its features.
+
+While the whole backbone is frozen and the training images are not augmented, every epoch feeds
+the same images through the same frozen layers and gets the same features. Computing them once
+and training only the head (pooling output -> hidden layers -> dropout -> logits) on them gives
+the head the same inputs, the same shuffling order, the same dropout masks and therefore the
+same weights as training through the frozen backbone, at the cost of one inference pass instead
+of one forward pass per epoch (tests/test_feature_cache.py checks the equality;
+benchmarks/accuracy.py measures the speed-up).
+
+The head model built here shares its layers with the classifier, so training it trains the
+classifier's head in place. Features larger than a configurable size are written to a
+memory-mapped file in a temporary folder instead of being held in memory.
+"""
+
+from __future__ import annotations
+
+import shutil
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import keras
+import numpy as np
+import tensorflow as tf
+
+POOL_LAYER = "pool"
+
+
+def split_at_pool(model: keras.Model) -> tuple[keras.Model, keras.Model]:
+    """Splits a classifier made by `build_classifier` at its pooling layer.
+
+    Returns:
+        (feature extractor: pixels -> pooled features, head: pooled features -> logits). The
+        head reuses the classifier's own layers (shared weights), so fitting it trains them.
+    """
+    names = [layer.name for layer in model.layers]
+    if POOL_LAYER not in names:
+        raise ValueError(f"{model.name} has no '{POOL_LAYER}' layer; it was not built here.")
+    pool = model.get_layer(POOL_LAYER)
+    extractor = keras.Model(model.inputs, pool.output, name="features")
+    features = keras.Input(shape=pool.output.shape[1:], name="features")
+    x = features
+    for layer in model.layers[names.index(POOL_LAYER) + 1 :]:
+        x = layer(x)
+    return extractor, keras.Model(features, x, name="head")
+
+
+def _batches(n: int, batch_size: int):
+    for start in range(0, n, batch_size):
+        yield slice(start, min(n, start + batch_size))
+
+
+@dataclass
+class FeatureStore:
+    """Backbone features of one set of images, in memory or memory-mapped on disk.
+
+    Args:
+        max_memory_bytes: feature arrays above this size go to disk. Defaults to 2 GiB.
+    """
+
+    max_memory_bytes: int = 2 * 1024**3
+    _tmp: Path | None = field(default=None, repr=False)
+
+    def compute(
+        self, extractor: keras.Model, images: np.ndarray, batch_size: int, name: str
+    ) -> np.ndarray:
+        """Features of `images` (uint8 pixels) in order, as float32 (N, features)."""
+        width = int(np.prod(extractor.output.shape[1:]))
+        shape = (len(images), width)
+        nbytes = shape[0] * shape[1] * 4
+        if nbytes > self.max_memory_bytes:
+            if self._tmp is None:
+                self._tmp = Path(tempfile.mkdtemp(prefix="finetune-features-"))
+            out = np.lib.format.open_memmap(
+                self._tmp / f"{name}.npy", mode="w+", dtype=np.float32, shape=shape
+            )
+        else:
+            out = np.empty(shape, np.float32)
+        for rows in _batches(len(images), batch_size):
+            batch = images[rows].astype(np.float32)
+            out[rows] = keras.ops.convert_to_numpy(extractor.predict_on_batch(batch)).reshape(
+                len(batch), width
+            )
+        if isinstance(out, np.memmap):
+            out.flush()
+        return out
+
+    def on_disk(self) -> bool:
+        """Whether any features were written to disk."""
+        return self._tmp is not None
+
+    def close(self) -> None:
+        """Deletes the on-disk features, if any."""
+        if self._tmp is not None:
+            shutil.rmtree(self._tmp, ignore_errors=True)
+            self._tmp = None
+
+
+def feature_dataset(
+    features: np.ndarray,
+    labels: np.ndarray,
+    num_classes: int,
+    *,
+    batch_size: int,
+    training: bool = False,
+    seed: int = 0,
+) -> tf.data.Dataset:
+    """Batches of (features, one-hot labels), ordered exactly as `image_dataset` orders images.
+
+    The shuffle is the same seeded shuffle of the same number of elements as
+    `finetune.data.pipeline.image_dataset`, so epoch k visits the samples in the same order.
+    Memory-mapped features are read batch by batch instead of being copied into the graph.
+    """
+    if isinstance(features, np.memmap):
+        ds = tf.data.Dataset.from_tensor_slices(np.arange(len(labels), dtype=np.int64))
+        if training:
+            ds = ds.shuffle(len(labels), seed=seed, reshuffle_each_iteration=True)
+        ds = ds.batch(batch_size)
+        width = features.shape[1]
+
+        def gather(index):
+            x = tf.numpy_function(lambda i: np.asarray(features[i]), [index], tf.float32)
+            x.set_shape((None, width))
+            y = tf.gather(tf.constant(labels), index)
+            return x, tf.one_hot(y, num_classes)
+
+        ds = ds.map(gather)
+    else:
+        ds = tf.data.Dataset.from_tensor_slices((features, labels))
+        if training:
+            ds = ds.shuffle(len(labels), seed=seed, reshuffle_each_iteration=True)
+        ds = ds.batch(batch_size).map(lambda x, y: (x, tf.one_hot(y, num_classes)))
+    return ds.prefetch(tf.data.AUTOTUNE)

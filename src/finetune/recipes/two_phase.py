@@ -25,8 +25,8 @@ from finetune.backbones.registry import BackboneSpec
 from finetune.config import RecipeConfig
 from finetune.data.pipeline import image_dataset
 from finetune.model import freeze_backbone, unfreeze_top_groups
-from finetune.recipes.feature_cache import FeatureStore, feature_dataset, split_at_pool
 from finetune.recipes.discriminative import group_lr_multipliers
+from finetune.recipes.feature_cache import FeatureStore, feature_dataset, split_at_pool
 from finetune.recipes.optimizers import make_optimizer
 from finetune.recipes.schedules import phase_learning_rate, schedule_callbacks
 
@@ -307,7 +307,8 @@ def fit_phases(
                 recipe, phase.learning_rate, max(steps, 1), phase.epochs
             )
             # Trainability changed: compile again so the train step sees it.
-            _compile(fit_model, recipe, make_optimizer(recipe, learning_rate, lr_multipliers=factors))
+            optimizer = make_optimizer(recipe, learning_rate, lr_multipliers=factors)
+            _compile(fit_model, recipe, optimizer)
             if verbose:
                 how = " (head on cached backbone features)" if cached else ""
                 print(

@@ -93,6 +93,12 @@ class AugmentConfig:
             "nearest". Defaults to "reflect".
         randaugment: add Keras' `RandAugment` (2 random colour/geometry operations per image,
             magnitude 0.5). Defaults to False.
+        mixup: MixUp's alpha (the mixing weight is drawn from Beta(alpha, alpha)); each
+            training image is blended with another of its batch and so are their labels.
+            0 turns it off; 0.2-0.4 is usual. Defaults to 0.
+        cutmix: CutMix's alpha: a box of another image of the batch is pasted in, labels
+            mixed by area. 0 turns it off; 1.0 is usual. With both on, each batch gets one of
+            the two at random. Defaults to 0.
     """
 
     enabled: bool = True
@@ -105,6 +111,8 @@ class AugmentConfig:
     shear: float = 0.0
     fill_mode: str = "reflect"
     randaugment: bool = False
+    mixup: float = 0.0
+    cutmix: float = 0.0
 
 
 AUGMENT_PRESETS: dict[str, AugmentConfig] = {
@@ -263,6 +271,8 @@ class Config:
         if r.plateau_patience < 0:
             raise ConfigError("recipe.plateau_patience must be 0 or more.")
         _range("model.dropout", m.dropout, 0.0, 0.99)
+        _range("augment.mixup", a.mixup, 0.0, 10.0)
+        _range("augment.cutmix", a.cutmix, 0.0, 10.0)
         _range("data.val_fraction", d.val_fraction, 0.0, 0.9)
         _range("data.test_fraction", d.test_fraction, 0.0, 0.9)
         if d.val_fraction + d.test_fraction >= 1.0:

@@ -27,7 +27,7 @@ from finetune.config import (
     load_config,
     with_overrides,
 )
-from finetune.data.augment import build_augmentation
+from finetune.data.augment import build_augmentation, build_mixing
 from finetune.data.pipeline import PreparedData, image_dataset, prepare_image_data
 from finetune.data.split import write_split
 from finetune.errors import FinetuneError
@@ -246,6 +246,7 @@ def training_dataset(data: PreparedData, config: Config):
         batch_size=config.data.batch_size,
         training=True,
         augmentation=build_augmentation(config.augment, seed=config.seed),
+        mixing=build_mixing(config.augment, seed=config.seed),
         seed=config.seed,
     )
 
@@ -260,6 +261,7 @@ def phase_data(data: PreparedData, config: Config) -> PhaseData:
         val_images=data.images["val"],
         val_labels=data.labels["val"],
         augmentation=build_augmentation(config.augment, seed=config.seed),
+        mixing=build_mixing(config.augment, seed=config.seed),
         seed=config.seed,
         feature_cache=config.recipe.feature_cache,
         feature_cache_max_memory_gb=config.data.feature_cache_max_memory_gb,

@@ -18,6 +18,7 @@ import keras
 import numpy as np
 import tensorflow as tf
 
+from finetune.data.augment import Mixing
 from finetune.data.decode import BadFile, decode_images
 from finetune.data.scan import IgnoredFile, Sample, check_classes, scan_image_folder
 from finetune.data.split import complete_splits
@@ -151,6 +152,7 @@ def image_dataset(
     batch_size: int,
     training: bool = False,
     augmentation: keras.Sequential | None = None,
+    mixing: Mixing | None = None,
     seed: int = 0,
 ) -> tf.data.Dataset:
     """Batches of (float32 pixels in [0, 255], one-hot labels).
@@ -162,6 +164,8 @@ def image_dataset(
         batch_size: images per batch.
         training: shuffle every epoch (seeded) and apply `augmentation`. Defaults to False.
         augmentation: layers applied to training batches. Defaults to None.
+        mixing: MixUp/CutMix step applied to training batches after `augmentation` (see
+            `finetune.data.augment.build_mixing`). Defaults to None.
         seed: shuffle seed. Defaults to 0.
 
     Returns:
@@ -180,5 +184,10 @@ def image_dataset(
         ds = ds.map(
             lambda x, y: (augmentation(x, training=True), y),
             num_parallel_calls=tf.data.AUTOTUNE,
+        )
+    if training and mixing is not None:
+        coins = tf.data.Dataset.random(seed=seed + 9, rerandomize_each_iteration=True)
+        ds = tf.data.Dataset.zip(ds, coins).map(
+            lambda batch, coin: mixing(*batch, coin), num_parallel_calls=tf.data.AUTOTUNE
         )
     return ds.prefetch(tf.data.AUTOTUNE)

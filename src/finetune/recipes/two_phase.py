@@ -23,6 +23,7 @@ import tensorflow as tf
 
 from finetune.backbones.registry import BackboneSpec
 from finetune.config import RecipeConfig
+from finetune.data.augment import Mixing
 from finetune.data.pipeline import image_dataset
 from finetune.model import freeze_backbone, unfreeze_top_groups
 from finetune.recipes.discriminative import group_lr_multipliers
@@ -69,6 +70,7 @@ class PhaseData:
         val_labels: validation class indices, or None. Defaults to None.
         augmentation: layers applied to training batches of phases that augment, or None.
             Defaults to None.
+        mixing: MixUp/CutMix step of phases that augment, or None. Defaults to None.
         seed: shuffle seed. Defaults to 0.
         feature_cache: let frozen phases without augmentation train the head on cached
             backbone features. Defaults to True.
@@ -83,6 +85,7 @@ class PhaseData:
     val_images: np.ndarray | None = None
     val_labels: np.ndarray | None = None
     augmentation: keras.Sequential | None = None
+    mixing: Mixing | None = None
     seed: int = 0
     feature_cache: bool = True
     feature_cache_max_memory_gb: float = 2.0
@@ -94,7 +97,7 @@ class PhaseData:
 
     def train_dataset(self, augment: bool = True) -> tf.data.Dataset:
         """Shuffled training batches, augmented if `augment` and there is an augmentation."""
-        augment = augment and self.augmentation is not None
+        augment = augment and (self.augmentation is not None or self.mixing is not None)
         if ("train", augment) not in self._datasets:
             self._datasets[("train", augment)] = image_dataset(
                 self.train_images,
@@ -103,6 +106,7 @@ class PhaseData:
                 batch_size=self.batch_size,
                 training=True,
                 augmentation=self.augmentation if augment else None,
+                mixing=self.mixing if augment else None,
                 seed=self.seed,
             )
         return self._datasets[("train", augment)]
@@ -119,7 +123,7 @@ class PhaseData:
 
     def uses_feature_cache(self, phase: Phase) -> bool:
         """Whether `phase` takes the fast path (frozen backbone, no augmentation)."""
-        augmented = phase.augment and self.augmentation is not None
+        augmented = phase.augment and (self.augmentation is not None or self.mixing is not None)
         return self.feature_cache and phase.unfreeze_groups is None and not augmented
 
 

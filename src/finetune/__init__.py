@@ -38,8 +38,11 @@ from finetune.errors import (  # noqa: E402
 from finetune.evaluate import classification_metrics, evaluate  # noqa: E402
 from finetune.lr_find import lr_find  # noqa: E402
 from finetune.model import (  # noqa: E402
+    BatchNormCheck,
+    BatchNormWarning,
     Normalize,
     build_classifier,
+    check_batchnorm,
     freeze_backbone,
     unfreeze_top_groups,
 )
@@ -50,6 +53,8 @@ from finetune.train import train, train_with_scratch_baseline  # noqa: E402
 __all__ = [
     "AugmentConfig",
     "BackboneSpec",
+    "BatchNormCheck",
+    "BatchNormWarning",
     "Config",
     "ConfigError",
     "DataConfig",
@@ -64,6 +69,7 @@ __all__ = [
     "Run",
     "WeightsError",
     "build_classifier",
+    "check_batchnorm",
     "classification_metrics",
     "evaluate",
     "freeze_backbone",

@@ -167,8 +167,10 @@ class RecipeConfig:
             -1 unfreezes all of them. Defaults to 2.
         unfreeze: "at_once" unfreezes the `unfreeze_groups` top groups together for phase 2;
             "gradual" unfreezes them one more group at a time, from the top, every
-            `gradual_epochs` epochs (ULMFiT's gradual unfreezing), each step a `fit` of its own.
-            Defaults to "at_once".
+            `gradual_epochs` epochs (ULMFiT's gradual unfreezing), each step a `fit` of its own;
+            "plateau" unfreezes the next group when the validation loss (the training loss
+            without a validation split) has not improved for `plateau_patience` epochs, within
+            the `finetune_epochs` budget. Defaults to "at_once".
         gradual_epochs: epochs per step of gradual unfreezing; the last step (all
             `unfreeze_groups` groups) runs the rest of `finetune_epochs`. Defaults to 1.
         optimizer: "sgd" (with momentum), "rmsprop", "adagrad", "adam" or "adamw".
@@ -186,8 +188,8 @@ class RecipeConfig:
             `plateau_patience` epochs). Defaults to "constant".
         warmup_epochs: linear warm-up of the "cosine" schedule, in epochs. Defaults to 0.
         plateau_factor: learning-rate factor of the "plateau" schedule. Defaults to 0.2.
-        plateau_patience: epochs without improvement before "plateau" lowers the rate.
-            Defaults to 1.
+        plateau_patience: epochs without improvement before the "plateau" schedule lowers the
+            rate, and before `unfreeze = "plateau"` unfreezes the next group. Defaults to 1.
         label_smoothing: label smoothing of the cross-entropy loss. Defaults to 0.
         class_weight: "none", or "balanced" to weight each class's loss by
             `n_images / (n_classes * n_images_of_class)` computed on the training split.
@@ -262,7 +264,7 @@ class Config:
         _choice("augment.fill_mode", a.fill_mode, FILL_MODES)
         _choice("recipe.class_weight", r.class_weight, CLASS_WEIGHTS)
         _choice("recipe.schedule", r.schedule, SCHEDULES)
-        _choice("recipe.unfreeze", r.unfreeze, ("at_once", "gradual"))
+        _choice("recipe.unfreeze", r.unfreeze, ("at_once", "gradual", "plateau"))
         if r.gradual_epochs < 1:
             raise ConfigError(f"recipe.gradual_epochs must be 1 or more, got {r.gradual_epochs}.")
         _range("recipe.warmup_epochs", r.warmup_epochs, 0.0, 1e6)

@@ -10,6 +10,8 @@ beside it.
 
 from __future__ import annotations
 
+import warnings
+
 import keras
 from keras import ops
 
@@ -154,3 +156,80 @@ def unfreeze_top_groups(
 def trainable_weight_count(model: keras.Model) -> int:
     """Number of scalar weights the optimizer will update."""
     return int(sum(ops.size(w) for w in model.trainable_weights))
+
+
+class BatchNormWarning(UserWarning):
+    """A BatchNorm layer would update its statistics inside a frozen part of a model."""
+
+
+def _walk(layer: keras.layers.Layer):
+    for sub in getattr(layer, "layers", []):
+        yield sub
+        yield from _walk(sub)
+
+
+def frozen_batchnorm_layers(model: keras.Model) -> list[str]:
+    """Trainable BatchNorm layers fed by a frozen layer, in `model` and the models it nests.
+
+    In Keras 3 a BatchNorm layer with `trainable=False` runs in inference mode, but a trainable
+    one runs in training mode inside `fit`: it replaces its pretrained moving statistics with
+    those of the current batches. When the layer that feeds it is frozen (for example after
+    freezing a backbone layer by layer and skipping the BatchNorm layers, or unfreezing only
+    the BatchNorm layers), that is almost never intended, and on small batches it can ruin the
+    pretrained features.
+
+    Returns:
+        The paths ("backbone/block6a_bn", ...) of such layers; empty when there are none.
+    """
+    found = []
+
+    def visit(container: keras.layers.Layer, prefix: str) -> None:
+        for layer in getattr(container, "layers", []):
+            path = f"{prefix}{layer.name}"
+            if is_batchnorm(layer) and layer.trainable:
+                parents = [
+                    parent.operation
+                    for node in layer._inbound_nodes
+                    for parent in node.parent_nodes
+                ]
+                if any(p.weights and not p.trainable for p in parents):
+                    found.append(path)
+            visit(layer, f"{path}/")
+
+    visit(model, "")
+    return found
+
+
+def check_batchnorm(model: keras.Model) -> list[str]:
+    """Warns (`BatchNormWarning`) about `frozen_batchnorm_layers(model)` and returns them.
+
+    Example:
+        >>> base.trainable = False
+        >>> for layer in base.layers:
+        ...     if isinstance(layer, keras.layers.BatchNormalization):
+        ...         layer.trainable = True        # BatchNorm would now train in a frozen base
+        >>> finetune.check_batchnorm(model)       # warns, naming the layers
+    """
+    found = frozen_batchnorm_layers(model)
+    if found:
+        shown = ", ".join(found[:5]) + (f" and {len(found) - 5} more" if len(found) > 5 else "")
+        warnings.warn(
+            f"{len(found)} BatchNorm layer(s) of {model.name} are trainable while the layers "
+            f"feeding them are frozen: {shown}. In fit() they run in training mode and replace "
+            "their pretrained statistics with those of your batches. Set their trainable = False "
+            "(inference mode) unless you mean to train BatchNorm alone.",
+            BatchNormWarning,
+            stacklevel=2,
+        )
+    return found
+
+
+class BatchNormCheck(keras.callbacks.Callback):
+    """Callback that runs `check_batchnorm` on the model when `fit` starts.
+
+    Example:
+        >>> model.fit(data, callbacks=[finetune.BatchNormCheck()])
+    """
+
+    def on_train_begin(self, logs=None):
+        check_batchnorm(self.model)

@@ -46,6 +46,11 @@ class Phase:
         lowest_group_lr: learning-rate factor of the lowest unfrozen group, rising geometrically
             to 1.0 for the head (see `finetune.recipes.discriminative`); 1.0 means one rate.
         augment: whether the phase sees augmented training images. Defaults to True.
+        until_plateau: if positive, the phase also ends (best weights restored) once the
+            validation loss (the training loss without validation) has not improved by 1e-4
+            for this many epochs; 0 runs all `epochs`. Defaults to 0.
+        budget: phases with the same budget name share one epoch budget: each runs at most
+            what the ones before it left. Defaults to None (the phase has its own `epochs`).
     """
 
     name: str
@@ -55,6 +60,8 @@ class Phase:
     train_batchnorm: bool = False
     lowest_group_lr: float = 1.0
     augment: bool = True
+    until_plateau: int = 0
+    budget: str | None = None
 
 
 @dataclass
@@ -137,7 +144,9 @@ def two_phase_plan(recipe: RecipeConfig, num_groups: int | None = None) -> list[
 
     Returns:
         "head" (frozen backbone), then "finetune" (top groups unfrozen) or, with
-        `unfreeze = "gradual"`, "finetune_1", "finetune_2", ... unfreezing one more group each.
+        `unfreeze = "gradual"`, "finetune_1", "finetune_2", ... unfreezing one more group each
+        every `gradual_epochs`; with `unfreeze = "plateau"`, the same steps each ending when
+        the loss stops improving for `plateau_patience` epochs, all sharing `finetune_epochs`.
     """
     phases = [Phase("head", recipe.head_epochs, recipe.head_lr, augment=recipe.head_augment)]
     finetune = Phase(
@@ -159,6 +168,17 @@ def two_phase_plan(recipe: RecipeConfig, num_groups: int | None = None) -> list[
             phases.append(
                 dataclasses.replace(
                     finetune, name=f"finetune_{count}", epochs=epochs, unfreeze_groups=count
+                )
+            )
+    elif recipe.unfreeze == "plateau" and target > 1:
+        for count in range(1, target + 1):
+            phases.append(
+                dataclasses.replace(
+                    finetune,
+                    name=f"finetune_{count}",
+                    unfreeze_groups=count,
+                    until_plateau=max(1, recipe.plateau_patience) if count < target else 0,
+                    budget="finetune",
                 )
             )
     else:
@@ -202,6 +222,15 @@ def _callbacks(
     classifier: keras.Model,
 ) -> list[keras.callbacks.Callback]:
     callbacks: list[keras.callbacks.Callback] = [PhaseLogger(phase.name, records)]
+    if phase.until_plateau:
+        callbacks.append(
+            keras.callbacks.EarlyStopping(
+                monitor="val_loss" if has_val else "loss",
+                min_delta=1e-4,
+                patience=phase.until_plateau,
+                restore_best_weights=True,
+            )
+        )
     if has_val and recipe.early_stopping_patience:
         callbacks.append(
             keras.callbacks.EarlyStopping(
@@ -289,8 +318,13 @@ def fit_phases(
     records: list[dict[str, Any]] = []
     epoch = 0
     features = _Features(model, data)
+    budgets = {p.budget: p.epochs for p in phases if p.budget is not None}
     try:
         for phase in phases:
+            if phase.budget is not None:
+                phase = dataclasses.replace(phase, epochs=min(phase.epochs, budgets[phase.budget]))
+                if phase.epochs <= 0:
+                    continue
             factors = None
             if phase.unfreeze_groups is None:
                 freeze_backbone(model)
@@ -334,6 +368,8 @@ def fit_phases(
             for record in records[first:]:
                 record["features_cached"] = cached
             epoch += len(history.epoch)
+            if phase.budget is not None:
+                budgets[phase.budget] -= len(history.epoch)
     finally:
         features.store.close()
     return records

@@ -123,7 +123,7 @@ def subset(labels: np.ndarray, per_class: int, seed: int) -> np.ndarray:
     return np.sort(np.concatenate(picks))
 
 
-def recipe_config(name: str, epochs: int, seed: int, image_size: int):
+def recipe_config(name: str, epochs: int, seed: int, image_size: int, labels: np.ndarray):
     """The `finetune` config of one recipe with an epoch budget of `epochs`."""
     from finetune.config import Config, DataConfig, RecipeConfig
     from finetune.train import scratch_config
@@ -156,9 +156,13 @@ def recipe_config(name: str, epochs: int, seed: int, image_size: int):
         "default": lambda: default,
     }  # fmt: skip
     if name == "auto":
-        from finetune.recipes.auto import auto_config
+        from finetune.backbones.registry import get_backbone
+        from finetune.recipes.auto import auto_recipe
 
-        return auto_config(base, num_images=None, epochs=epochs)
+        config, _ = auto_recipe(
+            base, labels, len(CLASS_NAMES), get_backbone(base.model.backbone), epochs=epochs
+        )
+        return config
     recipe = dataclasses.replace(recipes[name](), early_stopping_patience=0)
     model = base.model
     if name == "scratch":
@@ -166,7 +170,8 @@ def recipe_config(name: str, epochs: int, seed: int, image_size: int):
     return dataclasses.replace(base, recipe=recipe, model=model)
 
 
-def run_one(name, size_name, seed, images, labels, test, image_size) -> dict:
+def run_one(name, size_name, seed, images, labels, test, image_size, config=None) -> dict:
+    """Trains one recipe (or the given `config`) and scores it on the test set."""
     from sklearn.metrics import accuracy_score, f1_score
 
     from finetune.data.pipeline import PreparedData
@@ -183,7 +188,8 @@ def run_one(name, size_name, seed, images, labels, test, image_size) -> dict:
         labels={"train": labels, "val": none, "test": none},
         seed=seed,
     )
-    config = recipe_config(name, EPOCHS[size_name], seed, image_size)
+    if config is None:
+        config = recipe_config(name, EPOCHS[size_name], seed, image_size, labels)
     start = time.perf_counter()
     run = fit_run(data, config, None, progress=False)
     train_seconds = time.perf_counter() - start
@@ -250,9 +256,10 @@ def main(argv: list[str] | None = None) -> None:
         done = {(r["recipe"], r["size"], r["seed"]) for r in results}
         for size in args.sizes.split(","):
             for seed in (int(s) for s in args.seeds.split(",")):
-                rows = (
-                    np.arange(len(train[1])) if size == "full" else subset(train[1], int(size), seed)
-                )
+                if size == "full":
+                    rows = np.arange(len(train[1]))
+                else:
+                    rows = subset(train[1], int(size), seed)
                 for name in args.recipes.split(","):
                     if (name, size, seed) in done:
                         continue

@@ -128,6 +128,22 @@ def train(
     no_augment: Annotated[
         bool, typer.Option("--no-augment", help="Same as --augment none.")
     ] = False,
+    mixup: Annotated[float | None, typer.Option(help="MixUp alpha (0: off; 0.2-0.4).")] = None,
+    cutmix: Annotated[float | None, typer.Option(help="CutMix alpha (0: off; 1.0).")] = None,
+    train_batchnorm: Annotated[
+        bool | None,
+        typer.Option(
+            "--train-batchnorm/--frozen-batchnorm",
+            help="Let unfrozen BatchNorm layers train (default: inference mode).",
+        ),
+    ] = None,
+    recipe: Annotated[
+        str,
+        typer.Option(
+            help="default: the config's recipe; auto: chosen from the data and backbone "
+            "(written to recipe_auto.json). Options given here are kept."
+        ),
+    ] = "default",
     lr: Annotated[
         str | None, typer.Option("--lr", help="'auto': pick the learning rates by a range test.")
     ] = None,
@@ -164,6 +180,9 @@ def train(
             val_fraction=val_fraction,
             test_fraction=test_fraction,
             augment="none" if no_augment else augment,
+            mixup=mixup,
+            cutmix=cutmix,
+            train_batchnorm=train_batchnorm,
         ).items()
         if v is not None
     }
@@ -171,11 +190,19 @@ def train(
         if lr is not None:
             raise FinetuneError("--lr auto and --compare-scratch cannot be combined yet.")
         run, scratch = finetune.train_with_scratch_baseline(
-            data_dir, out=out, config=config, overwrite=overwrite, **options
+            data_dir, out=out, config=config, overwrite=overwrite, recipe=recipe, **options
         )
     else:
         run, scratch = (
-            finetune.train(data_dir, out=out, config=config, overwrite=overwrite, lr=lr, **options),
+            finetune.train(
+                data_dir,
+                out=out,
+                config=config,
+                overwrite=overwrite,
+                lr=lr,
+                recipe=recipe,
+                **options,
+            ),
             None,
         )
     if run.metrics:

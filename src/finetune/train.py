@@ -62,6 +62,10 @@ OPTION_NAMES = {
     "label_smoothing": "recipe.label_smoothing",
     "class_weight": "recipe.class_weight",
     "early_stopping_patience": "recipe.early_stopping_patience",
+    "train_batchnorm": "recipe.train_batchnorm",
+    "head_augment": "recipe.head_augment",
+    "mixup": "augment.mixup",
+    "cutmix": "augment.cutmix",
     "seed": "seed",
     "deterministic": "deterministic",
 }
@@ -132,6 +136,7 @@ def train(
     overwrite: bool = False,
     progress: bool = True,
     lr: str | None = None,
+    recipe: str = "default",
     **options: Any,
 ) -> Run:
     """Fine-tunes a pretrained backbone on an image folder.
@@ -145,6 +150,10 @@ def train(
         lr: "auto" runs the learning-rate range test first and uses its suggestion as
             `head_lr` (and a tenth as `finetune_lr`); the curve goes to `lr_find.png`.
             Defaults to None (the config's rates).
+        recipe: "default" uses the config's recipe; "auto" chooses the phases, epochs,
+            learning rates and unfreezing depth from the training split and the backbone
+            (`finetune.recipes.auto`), keeping the options given here, and writes the choices
+            and reasons to `recipe_auto.json`. Defaults to "default".
         **options: single options on top of `config`, e.g. `backbone="resnet50"`,
             `head_epochs=3`, `seed=1` (the names of `OPTION_NAMES`).
 
@@ -159,13 +168,42 @@ def train(
         >>> run.metrics["accuracy"]
     """
     config = resolve_config(config, **options)
+    _check_recipe_mode(recipe)
     run_dir = _prepare_run_dir(out, overwrite)
     data = prepare_data(data_dir, config, progress=progress)
+    if recipe == "auto":
+        config = _auto_recipe(data, config, set(options), run_dir, progress)
     if lr == "auto":
         config = _auto_learning_rate(data, config, run_dir, progress)
     elif lr is not None:
         raise FinetuneError(f"lr={lr!r}: only 'auto' is accepted (or give head_lr/finetune_lr).")
     return fit_run(data, config, run_dir, progress=progress)
+
+
+def _check_recipe_mode(recipe: str) -> None:
+    if recipe not in ("default", "auto"):
+        raise FinetuneError(f"recipe={recipe!r} is not one of: default, auto.")
+
+
+def _auto_recipe(
+    data: PreparedData, config: Config, given: set[str], run_dir: Path | None, progress: bool
+) -> Config:
+    from finetune.recipes.auto import auto_recipe
+
+    config, decisions = auto_recipe(
+        config,
+        data.labels["train"],
+        data.num_classes,
+        get_backbone(config.model.backbone),
+        keep=frozenset(OPTION_NAMES[k] for k in given),
+    )
+    if run_dir is not None:
+        write_json(run_dir / "recipe_auto.json", [dataclasses.asdict(d) for d in decisions])
+    if progress:
+        print("Automatic recipe:", flush=True)
+        for d in decisions:
+            print(f"  {d.option} = {d.value}: {d.reason}", flush=True)
+    return config
 
 
 def _auto_learning_rate(
@@ -350,6 +388,7 @@ def train_with_scratch_baseline(
     config: Config | str | Path | None = None,
     overwrite: bool = False,
     progress: bool = True,
+    recipe: str = "default",
     **options: Any,
 ) -> tuple[Run, Run]:
     """Fine-tunes as `train` does, then trains the same network from scratch on the same split.
@@ -362,9 +401,12 @@ def train_with_scratch_baseline(
         (fine-tuned run, from-scratch run).
     """
     config = resolve_config(config, **options)
+    _check_recipe_mode(recipe)
     run_dir = _prepare_run_dir(out, overwrite)
     scratch_dir = _prepare_run_dir(run_dir / "scratch_baseline", overwrite) if run_dir else None
     data = prepare_data(data_dir, config, progress=progress)
+    if recipe == "auto":
+        config = _auto_recipe(data, config, set(options), run_dir, progress)
     tuned = fit_run(data, config, run_dir, progress=progress)
     if progress:
         print("Training the same network from random weights for comparison...", flush=True)

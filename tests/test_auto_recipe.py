@@ -1,4 +1,4 @@
-"""`--recipe auto` chooses the recipe from the data and the backbone, says why, keeps user options."""
+"""`--recipe auto` picks the recipe from the data and backbone, says why, keeps user options."""
 
 from __future__ import annotations
 

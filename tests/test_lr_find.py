@@ -95,6 +95,7 @@ def test_cli_lr_find_then_train_with_lr_auto(tmp_path):
         image_size=32,
         head_epochs=1,
         finetune_epochs=1,
+        schedule="constant",  # so the recorded rate is the rate used
         lr="auto",
         progress=False,
     )

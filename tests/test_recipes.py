@@ -40,7 +40,9 @@ def test_two_phase_plan_skips_empty_phases():
         ("head", 2, None),
         ("finetune", 3, 4),
     ]
-    assert plan[1].learning_rate <= plan[0].learning_rate / 10
+    # The default phase 2: the top group at finetune_lr, the lowest unfrozen one at a tenth.
+    assert plan[1].learning_rate == RecipeConfig().finetune_lr
+    assert plan[1].lowest_group_lr == 0.1
     assert [p.name for p in two_phase_plan(RecipeConfig(finetune_epochs=0))] == ["head"]
 
 

@@ -44,7 +44,7 @@ def test_cosine_with_warmup():
 
 
 def test_constant_and_plateau():
-    assert phase_learning_rate(RecipeConfig(), 1e-3, 10, 5) == 1e-3
+    assert phase_learning_rate(RecipeConfig(schedule="constant"), 1e-3, 10, 5) == 1e-3
     plateau = RecipeConfig(schedule="plateau", plateau_factor=0.5, plateau_patience=2)
     assert phase_learning_rate(plateau, 1e-3, 10, 5) == 1e-3
     (callback,) = schedule_callbacks(plateau, has_validation=True)

@@ -107,27 +107,27 @@ def auto_recipe(
     )
     choose("finetune_epochs", max(1, total - head_epochs), f"the rest of {budget_reason}")
 
-    # How much of the backbone to adapt: the fewer the images, the fewer the layers.
-    depth = {"few-shot": 1 / 3, "small": 2 / 3, "large": 1.0}[regime]
-    unfreeze = -1 if depth >= 1.0 else max(1, round(groups * depth))
-    choose(
-        "unfreeze_groups",
-        unfreeze,
-        f"{why_size}: unfreeze "
-        + ("all" if unfreeze == -1 else f"the top {unfreeze} of {groups}")
-        + f" layer groups of {spec.name}",
-    )
+    # How much of the backbone to adapt. Measured: all groups beat the top third and the top
+    # two thirds at 10 and at 100 images per class; below 10 per class nothing was measured
+    # and the bottom third stays frozen as a guard against over-fitting.
+    if per_class < 10:
+        unfreeze = max(1, round(groups * 2 / 3))
+        depth_reason = f"{why_size} (under 10): unfreeze the top {unfreeze} of {groups} groups"
+    else:
+        unfreeze = -1
+        depth_reason = f"{why_size}: unfreeze all {groups} layer groups of {spec.name}"
+    choose("unfreeze_groups", unfreeze, depth_reason)
     choose(
         "discriminative_lr",
         0.1,
         "lower groups hold more general features: their learning rate falls geometrically to "
         "0.1x at the lowest unfrozen group",
     )
-    finetune_lr = {"few-shot": 1e-4, "small": 2e-4, "large": 3e-4}[regime]
+    finetune_lr = 2e-3 if regime == "few-shot" else 1e-3
     choose(
         "finetune_lr",
         finetune_lr,
-        f"{why_size}: peak fine-tuning rate {finetune_lr:g}, 10x or more below the head's",
+        f"{why_size}: peak fine-tuning rate {finetune_lr:g} (the top group; 0.1x at the lowest)",
     )
     choose(
         "schedule",

@@ -9,7 +9,7 @@ import pytest
 
 import finetune
 from finetune.backbones.registry import get_backbone
-from finetune.config import Config
+from finetune.config import Config, with_overrides
 from finetune.recipes.auto import auto_recipe
 from tests.helpers import DIGITS, image_subset
 
@@ -51,17 +51,21 @@ def test_the_epoch_budget_follows_the_number_of_steps():
 
 
 def test_imbalance_turns_on_class_weights_and_user_options_are_kept():
+    given = with_overrides(Config(), **{"recipe.finetune_lr": 5e-5, "recipe.head_epochs": 7})
     config, decisions = auto_recipe(
-        Config(),
+        given,
         labels([200, 20, 200]),
         3,
         LITE0,
         keep=frozenset({"recipe.finetune_lr", "recipe.head_epochs"}),
+        epochs=20,
     )
     assert chosen(decisions)["recipe.class_weight"] == "balanced"
-    assert config.recipe.finetune_lr == Config().recipe.finetune_lr
-    assert config.recipe.head_epochs == Config().recipe.head_epochs
+    assert config.recipe.finetune_lr == 5e-5
+    assert config.recipe.head_epochs == 7
+    assert config.recipe.finetune_epochs == 13  # the rest of the budget after the kept 7
     assert "recipe.finetune_lr" not in chosen(decisions)
+    assert "recipe.head_epochs" not in chosen(decisions)
 
 
 @pytest.mark.slow

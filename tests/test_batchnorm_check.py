@@ -60,3 +60,22 @@ def test_the_callback_is_silent_on_a_safe_model(model):
     with warnings.catch_warnings():
         warnings.simplefilter("error", finetune.BatchNormWarning)
         model.fit(x, np.eye(3)[[0, 1, 2, 0]], verbose=0, callbacks=[finetune.BatchNormCheck()])
+
+
+def test_a_new_batchnorm_after_a_frozen_backbone_is_fine_one_inside_is_not():
+    backbone = build_classifier(SPEC, 3, image_size=32, weights=None).get_layer("backbone")
+    backbone.trainable = False
+    inputs = keras.Input((32, 32, 3))
+    x = keras.layers.BatchNormalization(name="new_bn")(backbone(inputs))
+    model = keras.Model(inputs, x)
+    assert finetune.check_batchnorm(model) == []  # new layer: meant to train
+
+    # Frozen layer by layer, BatchNorm skipped, an activation in between: still found.
+    inputs = keras.Input((8, 8, 3))
+    conv = keras.layers.Conv2D(4, 3, name="conv")
+    x = keras.layers.ReLU()(conv(inputs))
+    x = keras.layers.BatchNormalization(name="bn_after_relu")(x)
+    model = keras.Model(inputs, x)
+    conv.trainable = False
+    with pytest.warns(finetune.BatchNormWarning, match="bn_after_relu"):
+        assert finetune.check_batchnorm(model) == ["bn_after_relu"]

@@ -101,7 +101,8 @@ def test_cli_lr_find_then_train_with_lr_auto(tmp_path):
     )
     suggestion = json.loads((tmp_path / "run" / "lr_find.json").read_text())["suggestion"]
     assert run.config.recipe.head_lr == pytest.approx(suggestion)
-    assert run.config.recipe.finetune_lr == pytest.approx(suggestion / 10)
+    # Discriminative rates (the default): the top group trains at the head's rate.
+    assert run.config.recipe.finetune_lr == pytest.approx(suggestion)
     assert finetune.load_config(tmp_path / "run" / "config.toml").recipe.head_lr == pytest.approx(
         suggestion
     )

@@ -41,6 +41,9 @@ def test_cosine_with_warmup():
     assert lr[10] == pytest.approx(1e-3, rel=1e-5) and lr.max() == pytest.approx(1e-3, rel=1e-5)
     assert np.all(np.diff(lr[:11]) > 0) and np.all(np.diff(lr[10:]) <= 0)
     assert lr[50] == pytest.approx(0.0, abs=1e-9)
+    # A 2-epoch phase: the warm-up is capped at 30% of it, so the phase still decays to 0.
+    short = values(phase_learning_rate(recipe, 1e-3, steps_per_epoch=10, epochs=2), range(21))
+    assert short.argmax() == 6 and short[20] == pytest.approx(0.0, abs=1e-9)
 
 
 def test_constant_and_plateau():

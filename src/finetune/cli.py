@@ -100,7 +100,7 @@ def train(
         int | None, typer.Option(help="Layer groups unfrozen in phase 2 (-1: all).")
     ] = None,
     unfreeze: Annotated[
-        str | None, typer.Option(help="at_once|gradual: how phase 2 unfreezes its groups.")
+        str | None, typer.Option(help="at_once|gradual|plateau: how phase 2 unfreezes its groups.")
     ] = None,
     gradual_epochs: Annotated[
         int | None, typer.Option(help="Epochs per group when unfreezing gradually.")

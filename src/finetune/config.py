@@ -188,7 +188,8 @@ class RecipeConfig:
             0 after `warmup_epochs` of linear warm-up), "one_cycle" (fastai's 1cycle) or
             "plateau" (divide by 1 / `plateau_factor` when the validation loss stalls for
             `plateau_patience` epochs). Defaults to "cosine".
-        warmup_epochs: linear warm-up of the "cosine" schedule, in epochs. Defaults to 1.
+        warmup_epochs: linear warm-up of the "cosine" schedule, in epochs, at most 30% of the
+            phase. Defaults to 1.
         plateau_factor: learning-rate factor of the "plateau" schedule. Defaults to 0.2.
         plateau_patience: epochs without improvement before the "plateau" schedule lowers the
             rate, and before `unfreeze = "plateau"` unfreezes the next group. Defaults to 1.
@@ -277,6 +278,11 @@ class Config:
         _range("model.dropout", m.dropout, 0.0, 0.99)
         _range("augment.mixup", a.mixup, 0.0, 10.0)
         _range("augment.cutmix", a.cutmix, 0.0, 10.0)
+        if (a.mixup or a.cutmix) and not a.enabled:
+            raise ConfigError(
+                "augment.mixup / augment.cutmix need augmentation on (augment.enabled = true); "
+                "drop --no-augment / --augment none, or the mixing options."
+            )
         _range("data.val_fraction", d.val_fraction, 0.0, 0.9)
         _range("data.test_fraction", d.test_fraction, 0.0, 0.9)
         if d.val_fraction + d.test_fraction >= 1.0:

@@ -25,12 +25,13 @@ from finetune.recipes.optimizers import make_optimizer
 
 def range_test(data: PreparedData, config: Config, num_steps: int = 100) -> LRFinderResult:
     """Runs the range test for phase 1 of `config` on prepared data."""
-    from finetune.train import build_run_model, seed_everything, training_dataset
+    from finetune.train import build_run_model, phase_data, seed_everything
 
     seed_everything(config.seed, deterministic=config.deterministic)
     model = build_run_model(data, config)
     freeze_backbone(model)
-    train_ds = training_dataset(data, config)
+    # The batches phase 1 trains on: augmented only if `head_augment`.
+    train_ds = phase_data(data, config).train_dataset(augment=config.recipe.head_augment)
     loss = keras.losses.CategoricalCrossentropy(
         from_logits=True, label_smoothing=config.recipe.label_smoothing
     )
@@ -46,8 +47,20 @@ def save_range_test(result: LRFinderResult, folder: Path) -> Path:
     return result.plot(folder / "lr_find.png")
 
 
-def config_with_found_lr(config: Config, result: LRFinderResult) -> Config:
-    """`config` with head_lr = the suggestion and finetune_lr = a tenth of it.
+def config_with_found_lr(
+    config: Config, result: LRFinderResult, keep: frozenset[str] = frozenset()
+) -> Config:
+    """`config` with head_lr = the suggestion and finetune_lr derived from it.
+
+    finetune_lr is the suggestion itself when phase 2 uses discriminative rates
+    (`discriminative_lr` < 1: the top group at the head's rate, lower groups geometrically
+    less, as the default recipe does) and a tenth of it with one rate for every layer.
+
+    Args:
+        config: the config.
+        result: the range test.
+        keep: dotted option names the user gave ("recipe.head_lr", "recipe.finetune_lr"),
+            left as they are. Defaults to none.
 
     Raises:
         FinetuneError: the test found no usable learning rate (the loss was never finite).
@@ -57,9 +70,12 @@ def config_with_found_lr(config: Config, result: LRFinderResult) -> Config:
             "the learning-rate range test found no learning rate where the loss was finite; "
             "check the data, or give --head-lr and --finetune-lr yourself."
         )
-    recipe = dataclasses.replace(
-        config.recipe, head_lr=result.suggestion, finetune_lr=result.suggestion / 10
-    )
+    recipe = config.recipe
+    factor = 1.0 if recipe.discriminative_lr < 1.0 else 0.1
+    if "recipe.head_lr" not in keep:
+        recipe = dataclasses.replace(recipe, head_lr=result.suggestion)
+    if "recipe.finetune_lr" not in keep:
+        recipe = dataclasses.replace(recipe, finetune_lr=result.suggestion * factor)
     return dataclasses.replace(config, recipe=recipe)
 
 

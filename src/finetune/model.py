@@ -162,21 +162,44 @@ class BatchNormWarning(UserWarning):
     """A BatchNorm layer would update its statistics inside a frozen part of a model."""
 
 
-def _walk(layer: keras.layers.Layer):
-    for sub in getattr(layer, "layers", []):
-        yield sub
-        yield from _walk(sub)
+def _is_container(layer: keras.layers.Layer) -> bool:
+    return isinstance(layer, keras.Model) or bool(getattr(layer, "layers", None))
+
+
+def _nearest_weighted_parents(layer: keras.layers.Layer) -> list[keras.layers.Layer]:
+    """The closest layers with weights upstream of `layer`, looking through weightless ones.
+
+    Nested models are boundaries: a layer fed by a whole (frozen) backbone is new, not part of
+    it, so the backbone does not count as its parent.
+    """
+    found, seen = [], set()
+    stack = [p.operation for node in layer._inbound_nodes for p in node.parent_nodes]
+    while stack:
+        op = stack.pop()
+        if id(op) in seen:
+            continue
+        seen.add(id(op))
+        if _is_container(op):
+            continue
+        if op.weights:
+            found.append(op)
+        else:
+            stack.extend(p.operation for node in op._inbound_nodes for p in node.parent_nodes)
+    return found
 
 
 def frozen_batchnorm_layers(model: keras.Model) -> list[str]:
-    """Trainable BatchNorm layers fed by a frozen layer, in `model` and the models it nests.
+    """Trainable BatchNorm layers inside a frozen part of `model` or of the models it nests.
 
     In Keras 3 a BatchNorm layer with `trainable=False` runs in inference mode, but a trainable
     one runs in training mode inside `fit`: it replaces its pretrained moving statistics with
-    those of the current batches. When the layer that feeds it is frozen (for example after
-    freezing a backbone layer by layer and skipping the BatchNorm layers, or unfreezing only
-    the BatchNorm layers), that is almost never intended, and on small batches it can ruin the
-    pretrained features.
+    those of the current batches. Inside a frozen part of a network (for example after freezing
+    a backbone and then unfreezing its BatchNorm layers, or freezing it layer by layer and
+    skipping them) that is almost never intended, and on small batches it can ruin the
+    pretrained features. A BatchNorm layer counts as inside a frozen part when the model
+    holding it is frozen, or when the nearest layers with weights feeding it (looking through
+    activations, additions and padding) are frozen. A new BatchNorm layer placed after a whole
+    frozen backbone is not flagged.
 
     Returns:
         The paths ("backbone/block6a_bn", ...) of such layers; empty when there are none.
@@ -187,14 +210,12 @@ def frozen_batchnorm_layers(model: keras.Model) -> list[str]:
         for layer in getattr(container, "layers", []):
             path = f"{prefix}{layer.name}"
             if is_batchnorm(layer) and layer.trainable:
-                parents = [
-                    parent.operation
-                    for node in layer._inbound_nodes
-                    for parent in node.parent_nodes
-                ]
-                if any(p.weights and not p.trainable for p in parents):
+                parents = _nearest_weighted_parents(layer)
+                frozen_container = container is not model and not container.trainable
+                if frozen_container or any(not p.trainable for p in parents):
                     found.append(path)
-            visit(layer, f"{path}/")
+            if _is_container(layer):
+                visit(layer, f"{path}/")
 
     visit(model, "")
     return found

@@ -28,7 +28,7 @@ from finetune.config import (
     with_overrides,
 )
 from finetune.data.augment import build_augmentation, build_mixing
-from finetune.data.pipeline import PreparedData, image_dataset, prepare_image_data
+from finetune.data.pipeline import PreparedData, prepare_image_data
 from finetune.data.split import write_split
 from finetune.errors import FinetuneError
 from finetune.evaluate import classification_metrics
@@ -148,7 +148,8 @@ def train(
         overwrite: replace a finished run in `out`. Defaults to False.
         progress: show progress bars. Defaults to True.
         lr: "auto" runs the learning-rate range test first and uses its suggestion as
-            `head_lr` (and a tenth as `finetune_lr`); the curve goes to `lr_find.png`.
+            `head_lr` and `finetune_lr` (a tenth of it with `discriminative_lr = 1`), leaving
+            rates given as options; the curve goes to `lr_find.png`.
             Defaults to None (the config's rates).
         recipe: "default" uses the config's recipe; "auto" chooses the phases, epochs,
             learning rates and unfreezing depth from the training split and the backbone
@@ -171,10 +172,11 @@ def train(
     _check_recipe_mode(recipe)
     run_dir = _prepare_run_dir(out, overwrite)
     data = prepare_data(data_dir, config, progress=progress)
+    given = frozenset(OPTION_NAMES[k] for k in options)
     if recipe == "auto":
-        config = _auto_recipe(data, config, set(options), run_dir, progress)
+        config = _auto_recipe(data, config, given, run_dir, progress, lr_auto=lr == "auto")
     if lr == "auto":
-        config = _auto_learning_rate(data, config, run_dir, progress)
+        config = _auto_learning_rate(data, config, run_dir, progress, given)
     elif lr is not None:
         raise FinetuneError(f"lr={lr!r}: only 'auto' is accepted (or give head_lr/finetune_lr).")
     return fit_run(data, config, run_dir, progress=progress)
@@ -186,17 +188,28 @@ def _check_recipe_mode(recipe: str) -> None:
 
 
 def _auto_recipe(
-    data: PreparedData, config: Config, given: set[str], run_dir: Path | None, progress: bool
+    data: PreparedData,
+    config: Config,
+    given: frozenset[str],
+    run_dir: Path | None,
+    progress: bool,
+    lr_auto: bool = False,
 ) -> Config:
-    from finetune.recipes.auto import auto_recipe
+    from finetune.recipes.auto import Decision, auto_recipe
 
+    # With --lr auto the range test sets the learning rates; the automatic recipe leaves them.
+    lr_options = frozenset({"recipe.head_lr", "recipe.finetune_lr"}) if lr_auto else frozenset()
     config, decisions = auto_recipe(
         config,
         data.labels["train"],
         data.num_classes,
         get_backbone(config.model.backbone),
-        keep=frozenset(OPTION_NAMES[k] for k in given),
+        keep=given | lr_options,
     )
+    if lr_auto:
+        decisions.append(
+            Decision("recipe.head_lr", "from --lr auto", "the learning-rate range test (lr_find)")
+        )
     if run_dir is not None:
         write_json(run_dir / "recipe_auto.json", [dataclasses.asdict(d) for d in decisions])
     if progress:
@@ -207,7 +220,11 @@ def _auto_recipe(
 
 
 def _auto_learning_rate(
-    data: PreparedData, config: Config, run_dir: Path | None, progress: bool
+    data: PreparedData,
+    config: Config,
+    run_dir: Path | None,
+    progress: bool,
+    given: frozenset[str] = frozenset(),
 ) -> Config:
     from finetune.lr_find import config_with_found_lr, range_test, save_range_test
 
@@ -216,7 +233,7 @@ def _auto_learning_rate(
     result = range_test(data, config)
     if run_dir is not None:
         save_range_test(result, run_dir)
-    config = config_with_found_lr(config, result)
+    config = config_with_found_lr(config, result, keep=given)
     if progress:
         print(
             f"Learning rates: head {config.recipe.head_lr:.2g}, "
@@ -272,20 +289,6 @@ def build_run_model(data: PreparedData, config: Config) -> keras.Model:
         image_size=data.image_size,
         head=config.model,
         weights=weights,
-    )
-
-
-def training_dataset(data: PreparedData, config: Config):
-    """The shuffled, augmented training batches of `data` as `config` asks for them."""
-    return image_dataset(
-        data.images["train"],
-        data.labels["train"],
-        data.num_classes,
-        batch_size=config.data.batch_size,
-        training=True,
-        augmentation=build_augmentation(config.augment, seed=config.seed),
-        mixing=build_mixing(config.augment, seed=config.seed),
-        seed=config.seed,
     )
 
 

@@ -75,3 +75,18 @@ def test_the_training_dataset_mixes_and_the_evaluation_dataset_does_not():
     _, eval_labels = next(iter(evaluation))
     assert np.asarray(train_labels).max(axis=1).min() < 0.999
     np.testing.assert_array_equal(np.asarray(eval_labels), np.eye(10))
+
+
+def test_the_same_seed_mixes_the_same_way_through_a_parallel_pipeline():
+    images = np.random.default_rng(0).integers(0, 256, (64, 8, 8, 3), dtype=np.uint8)
+    labels = np.arange(64) % 10
+
+    def epoch(seed):
+        mix = build_mixing(AugmentConfig(mixup=0.4, cutmix=1.0), seed=seed)
+        ds = image_dataset(images, labels, 10, batch_size=8, training=True, mixing=mix, seed=seed)
+        return [np.asarray(y) for _, y in ds]
+
+    first, again, other = epoch(1), epoch(1), epoch(2)
+    for a, b in zip(first, again, strict=True):
+        np.testing.assert_array_equal(a, b)
+    assert any(not np.array_equal(a, b) for a, b in zip(first, other, strict=True))

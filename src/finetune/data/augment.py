@@ -7,11 +7,11 @@ degrees), shifts and zoom are fractions of the size, `fill_mode` as in Keras.
 
 MixUp and CutMix mix pairs of images of a batch and their one-hot labels in the same proportion;
 `build_mixing` returns them as one batch-level step that runs after the per-image
-transformations. MixUp is Keras' `MixUp` layer. CutMix is written here: Keras' `CutMix` (3.15)
+transformations. Both are written here with stateless random ops keyed by a seeded stream, so
+they repeat exactly under a seed whatever tf.data's parallelism. Keras' `CutMix` (3.15) also
 weights the labels by the area of a box with fractional corners while the pixels it pastes are
-whole, so at 64 px the label shares are off by up to a few points, and its `factor` is not the
-paper's Beta alpha. Here the box has whole-pixel sides and the label share is the exact share of
-pasted pixels.
+whole, so at small sizes its label shares are off by several points, and its `factor` is not
+the paper's Beta alpha; here the label share is the exact share of pasted pixels.
 """
 
 from __future__ import annotations
@@ -84,11 +84,10 @@ def build_mixing(config: AugmentConfig, seed: int = 0) -> Mixing | None:
     """
     if not config.enabled or not (config.mixup or config.cutmix):
         return None
-    mixup_layer = keras.layers.MixUp(alpha=config.mixup, seed=seed + 7) if config.mixup else None
 
     def mixup(images, labels, coin):
-        out = mixup_layer({"images": images, "labels": labels}, training=True)
-        return out["images"], out["labels"]
+        key = tf.stack([tf.cast(coin, tf.int64), tf.constant(seed + 7, tf.int64)])
+        return mix_up(images, labels, config.mixup, key)
 
     def cutmix(images, labels, coin):
         key = tf.stack([tf.cast(coin, tf.int64), tf.constant(seed + 8, tf.int64)])
@@ -107,6 +106,36 @@ def build_mixing(config: AugmentConfig, seed: int = 0) -> Mixing | None:
         )
 
     return either
+
+
+def _beta(n: tf.Tensor, alpha: float, seeds: tf.Tensor) -> tf.Tensor:
+    a = tf.random.stateless_gamma([n], seeds[0], alpha=alpha)
+    b = tf.random.stateless_gamma([n], seeds[1], alpha=alpha)
+    return a / tf.maximum(a + b, 1e-12)
+
+
+def mix_up(
+    images: tf.Tensor, labels: tf.Tensor, alpha: float, seed: tf.Tensor
+) -> tuple[tf.Tensor, tf.Tensor]:
+    """MixUp (Zhang et al., 2018) on a batch: each image and label blended with a partner's.
+
+    For each image a weight `lam ~ Beta(alpha, alpha)` is drawn and the image and its label
+    become `lam * own + (1 - lam) * partner's`, the partner given by a random permutation.
+
+    Args:
+        images: float (N, H, W, C).
+        labels: one-hot or soft labels (N, classes).
+        alpha: Beta distribution parameter.
+        seed: int64 shape (2,) stateless seed.
+    """
+    n = tf.shape(images)[0]
+    seeds = tf.random.experimental.stateless_split(seed, 3)
+    lam = _beta(n, alpha, seeds)
+    partner = tf.random.experimental.stateless_shuffle(tf.range(n), seeds[2])
+    weight = tf.reshape(tf.cast(lam, images.dtype), [-1, 1, 1, 1])
+    mixed = weight * images + (1.0 - weight) * tf.gather(images, partner)
+    share = tf.cast(lam, labels.dtype)[:, None]
+    return mixed, share * labels + (1.0 - share) * tf.gather(labels, partner)
 
 
 def cut_mix(
@@ -128,9 +157,7 @@ def cut_mix(
     shape = tf.shape(images)
     n, height, width = shape[0], shape[1], shape[2]
     seeds = tf.random.experimental.stateless_split(seed, 5)
-    a = tf.random.stateless_gamma([n], seeds[0], alpha=alpha)
-    b = tf.random.stateless_gamma([n], seeds[1], alpha=alpha)
-    cut = tf.sqrt(1.0 - a / tf.maximum(a + b, 1e-12))
+    cut = tf.sqrt(1.0 - _beta(n, alpha, seeds))
 
     def box(side, key):
         length = tf.cast(tf.round(cut * tf.cast(side, tf.float32)), tf.int32)

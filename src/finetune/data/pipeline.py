@@ -191,3 +191,25 @@ def image_dataset(
             lambda batch, coin: mixing(*batch, coin), num_parallel_calls=tf.data.AUTOTUNE
         )
     return ds.prefetch(tf.data.AUTOTUNE)
+
+
+def with_class_weights(
+    ds: tf.data.Dataset, class_weight: dict[int, float], num_classes: int
+) -> tf.data.Dataset:
+    """Adds a per-sample loss weight `labels @ weights` to batches of (inputs, labels).
+
+    For one-hot labels this is exactly Keras' `fit(class_weight=...)`. For labels mixed by
+    MixUp or CutMix it weights each sample by its classes in the proportion they were mixed,
+    where Keras' `class_weight` would take the class with the largest share only.
+
+    Args:
+        ds: batches of (inputs, one-hot or soft labels).
+        class_weight: weight per class index; classes not named weigh 1.
+        num_classes: width of the labels.
+    """
+    weights = tf.constant([float(class_weight.get(c, 1.0)) for c in range(num_classes)])
+
+    def weigh(x, y):
+        return x, y, tf.linalg.matvec(tf.cast(y, tf.float32), weights)
+
+    return ds.map(weigh)

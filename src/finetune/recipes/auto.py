@@ -5,7 +5,8 @@ config as `Decision`s, and `train` writes them to `recipe_auto.json` in the run 
 were calibrated with `benchmarks/accuracy.py` on Fashion-MNIST at 64 px with EfficientNet-Lite0
 (see benchmarks/RESULTS.md): treat them as a good starting point, not as a law.
 
-Options the user gave explicitly (CLI flags, keyword arguments) are never overridden.
+Options the user gave explicitly (CLI flags, keyword arguments) are never overridden; recipe
+values from a config file are (the automatic recipe replaces the file's recipe).
 """
 
 from __future__ import annotations
@@ -99,13 +100,17 @@ def auto_recipe(
     # Phase 1 runs on cached features, so it is nearly free; its share of the budget grows as
     # the data shrinks, because a well-trained head is what small data can learn safely.
     head_share = {"few-shot": 0.5, "small": 0.4, "large": 0.2}[regime]
-    head_epochs = max(1, round(total * head_share))
     choose(
         "head_epochs",
-        head_epochs,
+        max(1, round(total * head_share)),
         f"{why_size}: {head_share:.0%} of {budget_reason} trains the head on the frozen backbone",
     )
-    choose("finetune_epochs", max(1, total - head_epochs), f"the rest of {budget_reason}")
+    # The rest of the budget, after the head epochs (chosen here or given by the user).
+    choose(
+        "finetune_epochs",
+        max(1, total - recipe.head_epochs),
+        f"the rest of {budget_reason} after {recipe.head_epochs} head epochs",
+    )
 
     # How much of the backbone to adapt. Measured: all groups beat the top third and the top
     # two thirds at 10 and at 100 images per class; below 10 per class nothing was measured

@@ -6,11 +6,15 @@ and training only the head (pooling output -> hidden layers -> dropout -> logits
 the head the same inputs, the same shuffling order, the same dropout masks and therefore the
 same weights as training through the frozen backbone, at the cost of one inference pass instead
 of one forward pass per epoch (tests/test_feature_cache.py checks the equality;
-benchmarks/accuracy.py measures the speed-up).
+benchmarks/feature_cache.py measures the speed-up). One exception: a backbone with dropout
+inside it (Keras' EfficientNetB0 has drop-connect in its blocks) keeps that dropout active in
+`fit` even when frozen, while the cached features are computed without it; the head then
+trains on clean features instead of noisy ones, and is not the same as without the cache.
 
 The head model built here shares its layers with the classifier, so training it trains the
-classifier's head in place. Features larger than a configurable size are written to a
-memory-mapped file in a temporary folder instead of being held in memory.
+classifier's head in place. Once the features held in memory would exceed a configurable size,
+further ones are written to a memory-mapped file in a temporary folder (under `TMPDIR`, or a
+folder given) instead.
 """
 
 from __future__ import annotations
@@ -56,11 +60,16 @@ class FeatureStore:
     """Backbone features of one set of images, in memory or memory-mapped on disk.
 
     Args:
-        max_memory_bytes: feature arrays above this size go to disk. Defaults to 2 GiB.
+        max_memory_bytes: the most all feature arrays of this store may take in memory; one that
+            would go over goes to disk. Defaults to 2 GiB.
+        spill_dir: where the on-disk features go (a temporary folder is made in it). Defaults
+            to None (the system's temporary folder, `TMPDIR`).
     """
 
     max_memory_bytes: int = 2 * 1024**3
+    spill_dir: Path | None = None
     _tmp: Path | None = field(default=None, repr=False)
+    _in_memory: int = field(default=0, repr=False)
 
     def compute(
         self, extractor: keras.Model, images: np.ndarray, batch_size: int, name: str
@@ -69,14 +78,17 @@ class FeatureStore:
         width = int(np.prod(extractor.output.shape[1:]))
         shape = (len(images), width)
         nbytes = shape[0] * shape[1] * 4
-        if nbytes > self.max_memory_bytes:
+        if self._in_memory + nbytes > self.max_memory_bytes:
             if self._tmp is None:
-                self._tmp = Path(tempfile.mkdtemp(prefix="finetune-features-"))
+                if self.spill_dir is not None:
+                    Path(self.spill_dir).mkdir(parents=True, exist_ok=True)
+                self._tmp = Path(tempfile.mkdtemp(prefix="finetune-features-", dir=self.spill_dir))
             out = np.lib.format.open_memmap(
                 self._tmp / f"{name}.npy", mode="w+", dtype=np.float32, shape=shape
             )
         else:
             out = np.empty(shape, np.float32)
+            self._in_memory += nbytes
         for rows in _batches(len(images), batch_size):
             batch = images[rows].astype(np.float32)
             out[rows] = keras.ops.convert_to_numpy(extractor.predict_on_batch(batch)).reshape(
@@ -91,10 +103,11 @@ class FeatureStore:
         return self._tmp is not None
 
     def close(self) -> None:
-        """Deletes the on-disk features, if any."""
+        """Deletes the on-disk features, if any, and forgets the in-memory ones."""
         if self._tmp is not None:
             shutil.rmtree(self._tmp, ignore_errors=True)
             self._tmp = None
+        self._in_memory = 0
 
 
 def feature_dataset(
@@ -119,8 +132,11 @@ def feature_dataset(
         ds = ds.batch(batch_size)
         width = features.shape[1]
 
+        def rows(index):
+            return np.asarray(features[index])
+
         def gather(index):
-            x = tf.numpy_function(lambda i: np.asarray(features[i]), [index], tf.float32)
+            x = tf.numpy_function(rows, [index], tf.float32)
             x.set_shape((None, width))
             y = tf.gather(tf.constant(labels), index)
             return x, tf.one_hot(y, num_classes)
@@ -130,5 +146,9 @@ def feature_dataset(
         ds = tf.data.Dataset.from_tensor_slices((features, labels))
         if training:
             ds = ds.shuffle(len(labels), seed=seed, reshuffle_each_iteration=True)
-        ds = ds.batch(batch_size).map(lambda x, y: (x, tf.one_hot(y, num_classes)))
+
+        def one_hot(x, y):
+            return x, tf.one_hot(y, num_classes)
+
+        ds = ds.batch(batch_size).map(one_hot)
     return ds.prefetch(tf.data.AUTOTUNE)

@@ -74,6 +74,9 @@ class OneCycle(keras.optimizers.schedules.LearningRateSchedule):
         }
 
 
+MAX_WARMUP_SHARE = 0.3
+
+
 def phase_learning_rate(
     recipe: RecipeConfig, learning_rate: float, steps_per_epoch: int, epochs: int
 ) -> float | keras.optimizers.schedules.LearningRateSchedule:
@@ -89,7 +92,8 @@ def phase_learning_rate(
     if recipe.schedule == "one_cycle":
         return OneCycle(learning_rate, total)
     if recipe.schedule == "cosine":
-        warmup = min(total - 1, round(recipe.warmup_epochs * steps_per_epoch))
+        # Warm-up takes at most 30% of the phase, so a short phase still decays.
+        warmup = min(int(MAX_WARMUP_SHARE * total), round(recipe.warmup_epochs * steps_per_epoch))
         if warmup <= 0:
             return keras.optimizers.schedules.CosineDecay(learning_rate, total)
         return keras.optimizers.schedules.CosineDecay(

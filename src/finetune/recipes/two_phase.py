@@ -24,7 +24,7 @@ import tensorflow as tf
 from finetune.backbones.registry import BackboneSpec
 from finetune.config import RecipeConfig
 from finetune.data.augment import Mixing
-from finetune.data.pipeline import image_dataset
+from finetune.data.pipeline import image_dataset, with_class_weights
 from finetune.model import freeze_backbone, unfreeze_top_groups
 from finetune.recipes.discriminative import group_lr_multipliers
 from finetune.recipes.feature_cache import FeatureStore, feature_dataset, split_at_pool
@@ -158,7 +158,7 @@ def two_phase_plan(recipe: RecipeConfig, num_groups: int | None = None) -> list[
         lowest_group_lr=recipe.discriminative_lr,
     )
     target = recipe.unfreeze_groups
-    if target == -1 and num_groups is not None:
+    if num_groups is not None and (target == -1 or target > num_groups):
         target = num_groups
     if recipe.unfreeze == "gradual" and target > 1:
         remaining = recipe.finetune_epochs
@@ -266,10 +266,15 @@ def _compile(model: keras.Model, recipe: RecipeConfig, optimizer) -> None:
 class _Features:
     """Backbone features of the training and validation images, computed on first use."""
 
-    def __init__(self, model: keras.Model, data: PhaseData):
+    def __init__(self, model: keras.Model, data: PhaseData, spill_dir: Path | None):
         self.model, self.data = model, data
-        self.store = FeatureStore(int(data.feature_cache_max_memory_gb * 1024**3))
+        self.store = FeatureStore(int(data.feature_cache_max_memory_gb * 1024**3), spill_dir)
         self.datasets: tuple[tf.data.Dataset, tf.data.Dataset | None] | None = None
+
+    def forget(self) -> None:
+        """Drops the features (the backbone is about to change, or they are no longer needed)."""
+        self.datasets = None
+        self.store.close()
 
     def head_and_datasets(self):
         extractor, head = split_at_pool(self.model)
@@ -308,7 +313,10 @@ def fit_phases(
         phases: what to run (see `two_phase_plan`).
         data: the training and validation images and their batching (see `PhaseData`).
         run_dir: where to checkpoint each phase's best weights. Defaults to None.
-        class_weight: loss weight per class index, or None. Defaults to None.
+        class_weight: loss weight per class index, or None. Defaults to None. Each sample is
+            weighted by `labels @ weights`, which for one-hot labels is Keras' `class_weight`
+            and for MixUp/CutMix labels mixes the two classes' weights in the same proportion
+            (Keras' own `class_weight` would take the dominant class only).
         verbose: Keras' `fit` verbosity. Defaults to "auto".
 
     Returns:
@@ -317,8 +325,11 @@ def fit_phases(
     """
     records: list[dict[str, Any]] = []
     epoch = 0
-    features = _Features(model, data)
-    budgets = {p.budget: p.epochs for p in phases if p.budget is not None}
+    features = _Features(model, data, run_dir)
+    budgets: dict[str, int] = {}
+    for p in phases:
+        if p.budget is not None:
+            budgets[p.budget] = max(budgets.get(p.budget, 0), p.epochs)
     try:
         for phase in phases:
             if phase.budget is not None:
@@ -354,6 +365,8 @@ def fit_phases(
                     f"{phase.learning_rate:g}{how}",
                     flush=True,
                 )
+            if class_weight:
+                train_ds = with_class_weights(train_ds, class_weight, data.num_classes)
             first = len(records)
             history = fit_model.fit(
                 train_ds,
@@ -361,7 +374,6 @@ def fit_phases(
                 initial_epoch=epoch,
                 epochs=epoch + phase.epochs,
                 callbacks=_callbacks(phase, recipe, records, val_ds is not None, run_dir, model),
-                class_weight=class_weight,
                 shuffle=False,  # the dataset shuffles itself, seeded
                 verbose=verbose,
             )
@@ -370,6 +382,9 @@ def fit_phases(
             epoch += len(history.epoch)
             if phase.budget is not None:
                 budgets[phase.budget] -= len(history.epoch)
+            if not cached:
+                # Unfrozen layers have changed: cached features would be stale.
+                features.forget()
     finally:
-        features.store.close()
+        features.forget()
     return records

@@ -67,31 +67,31 @@ RECIPES = (
 EPOCHS = {"10": 40, "100": 12, "full": 2}
 
 
-def find_data() -> Path:
-    """The folder holding Fashion-MNIST's IDX files; installs Debian's package if missing."""
+def _installed() -> Path | None:
     for folder in SEARCH_DIRS:
         if all((folder / f).is_file() for pair in FILES.values() for f in pair):
             return folder
+    return None
+
+
+def find_data() -> Path:
+    """The folder holding Fashion-MNIST's IDX files; installs Debian's package if missing."""
+    folder = _installed()
     apt = shutil.which("apt-get")
-    if apt:
+    if folder is None and apt:
         command = [apt, "install", "-y", "dataset-fashion-mnist"]
         if os.geteuid() != 0 and shutil.which("sudo"):
             command = ["sudo", "-n", *command]
         print("Fashion-MNIST not found; running:", " ".join(command), flush=True)
-        if subprocess.run(command, check=False).returncode == 0:
-            return find_data_installed()
-    sys.exit(
-        "error: Fashion-MNIST IDX files not found in "
-        + ", ".join(map(str, SEARCH_DIRS))
-        + ".\nInstall them with: apt-get install dataset-fashion-mnist"
-    )
-
-
-def find_data_installed() -> Path:
-    for folder in SEARCH_DIRS:
-        if all((folder / f).is_file() for pair in FILES.values() for f in pair):
-            return folder
-    sys.exit("error: dataset-fashion-mnist installed but its files were not found.")
+        subprocess.run(command, check=False)
+        folder = _installed()
+    if folder is None:
+        sys.exit(
+            "error: Fashion-MNIST IDX files not found in "
+            + ", ".join(map(str, SEARCH_DIRS))
+            + ".\nInstall them with: apt-get install dataset-fashion-mnist"
+        )
+    return folder
 
 
 def load_split(folder: Path, split: str, size: int, cache: Path) -> tuple[np.ndarray, np.ndarray]:
@@ -179,8 +179,11 @@ def recipe_config(name: str, epochs: int, seed: int, image_size: int, labels: np
     return dataclasses.replace(base, recipe=recipe, model=model)
 
 
-def run_one(name, size_name, seed, images, labels, test, image_size, config=None) -> dict:
+def run_one(
+    name, size_name, seed, images, labels, test, image_size, config=None, epochs=None
+) -> dict:
     """Trains one recipe (or the given `config`) and scores it on the test set."""
+    epochs = epochs or EPOCHS[size_name]
     from sklearn.metrics import accuracy_score, f1_score
 
     from finetune.data.pipeline import PreparedData
@@ -190,7 +193,7 @@ def run_one(name, size_name, seed, images, labels, test, image_size, config=None
     none = np.zeros((0,), np.int64)
     data = PreparedData(
         root=Path("fashion_mnist"),
-        class_names=list(CLASS_NAMES),
+        class_names=[str(c) for c in range(int(max(labels.max(), test[1].max())) + 1)],
         image_size=image_size,
         splits={"train": [], "val": [], "test": []},
         images={"train": images, "val": empty, "test": empty},
@@ -198,7 +201,7 @@ def run_one(name, size_name, seed, images, labels, test, image_size, config=None
         seed=seed,
     )
     if config is None:
-        config = recipe_config(name, EPOCHS[size_name], seed, image_size, labels)
+        config = recipe_config(name, epochs, seed, image_size, labels)
     start = time.perf_counter()
     run = fit_run(data, config, None, progress=False)
     train_seconds = time.perf_counter() - start
@@ -208,7 +211,7 @@ def run_one(name, size_name, seed, images, labels, test, image_size, config=None
         "size": size_name,
         "seed": seed,
         "train_images": len(labels),
-        "epochs": EPOCHS[size_name],
+        "epochs": epochs,
         "image_size": image_size,
         "accuracy": float(accuracy_score(test[1], predicted)),
         "macro_f1": float(f1_score(test[1], predicted, average="macro")),

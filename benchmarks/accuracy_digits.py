@@ -12,10 +12,8 @@ Usage:
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import os
 import sys
-import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
@@ -30,32 +28,23 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
-    from accuracy import recipe_config
-    from sklearn.metrics import accuracy_score
+    from accuracy import run_one
 
     from finetune.config import Config, DataConfig
-    from finetune.train import fit_run, prepare_data
+    from finetune.train import prepare_data
 
     split = Config(
         data=DataConfig(image_size=64, val_fraction=0.0, test_fraction=0.3), seed=args.seed
     )
     data = prepare_data(REPO / "examples" / "data" / "digits", split, progress=False)
-    test_x, test_y = data.images["test"], data.labels["test"]
-    train_only = dataclasses.replace(
-        data,
-        images={**data.images, "test": test_x[:0]},
-        labels={**data.labels, "test": test_y[:0]},
-    )
-    print(f"{len(data.labels['train'])} training, {len(test_y)} test images", flush=True)
+    test = (data.images["test"], data.labels["test"])
+    print(f"{len(data.labels['train'])} training, {len(test[1])} test images", flush=True)
     for name in args.recipes.split(","):
-        config = recipe_config(name, args.epochs, args.seed, 64, data.labels["train"])
-        start = time.perf_counter()
-        run = fit_run(train_only, config, None, progress=False)
-        seconds = time.perf_counter() - start
-        predicted = run.predict_proba(test_x, progress=False).argmax(axis=1)
-        print(
-            f"{name}: {100 * accuracy_score(test_y, predicted):.1f}% in {seconds:.0f} s", flush=True
-        )
+        result = run_one(
+            name, "digits", args.seed, data.images["train"], data.labels["train"], test, 64,
+            epochs=args.epochs,
+        )  # fmt: skip
+        print(f"{name}: {100 * result['accuracy']:.1f}% in {result['train_seconds']:.0f} s")
 
 
 if __name__ == "__main__":

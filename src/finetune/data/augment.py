@@ -10,8 +10,9 @@ MixUp and CutMix mix pairs of images of a batch and their one-hot labels in the 
 transformations. Both are written here with stateless random ops keyed by a seeded stream, so
 they repeat exactly under a seed whatever tf.data's parallelism. Keras' `CutMix` (3.15) also
 weights the labels by the area of a box with fractional corners while the pixels it pastes are
-whole, so at small sizes its label shares are off by several points, and its `factor` is not
-the paper's Beta alpha; here the label share is the exact share of pasted pixels.
+whole, so its label shares differ from the pixel shares (the label check in
+tests/data/test_mixing.py fails against it on 16-px images), and its `factor` is not the
+paper's Beta alpha; here the label share is the exact share of pasted pixels.
 """
 
 from __future__ import annotations

@@ -98,10 +98,6 @@ class FeatureStore:
             out.flush()
         return out
 
-    def on_disk(self) -> bool:
-        """Whether any features were written to disk."""
-        return self._tmp is not None
-
     def close(self) -> None:
         """Deletes the on-disk features, if any, and forgets the in-memory ones."""
         if self._tmp is not None:

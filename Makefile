@@ -6,9 +6,16 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-stamp
 export TF_CPP_MIN_LOG_LEVEL ?= 2
 
-.PHONY: setup demo test lint bench clean
+.PHONY: setup browser demo test lint bench clean
 
 setup: $(STAMP)
+
+# The report page's test opens it in Debian's headless Chromium, driven through ChromeDriver.
+SUDO := $(shell [ "$$(id -u)" -eq 0 ] || echo sudo)
+browser:
+	@command -v chromium >/dev/null && command -v chromedriver >/dev/null || \
+		{ $(SUDO) apt-get update -q && \
+		  $(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get install -y -q chromium chromium-driver; }
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -23,7 +30,7 @@ demo: setup
 	$(BIN)/finetune train examples/data/fashion_mnist --config examples/demo.toml \
 		--out runs/demo --overwrite --compare-scratch
 
-test: setup
+test: setup browser
 	$(BIN)/python -m pytest
 
 lint: setup

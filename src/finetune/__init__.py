@@ -8,6 +8,7 @@ Everything the `finetune` command does is one call here:
     run.metrics["accuracy"]
     finetune.predict(run, ["some/photo.jpg"])
     finetune.evaluate("runs/photos")
+    finetune.write_report("runs/photos")   # runs/photos/report.html
 """
 
 __version__ = "0.1.0"
@@ -20,6 +21,7 @@ from finetune.backbones.registry import (  # noqa: E402
     load_backbone,
     register_backbone,
 )
+from finetune.calibration import fit_temperature  # noqa: E402
 from finetune.config import (  # noqa: E402
     AugmentConfig,
     Config,
@@ -35,7 +37,14 @@ from finetune.errors import (  # noqa: E402
     ImageDecodeError,
     WeightsError,
 )
-from finetune.evaluate import classification_metrics, evaluate  # noqa: E402
+from finetune.evaluate import (  # noqa: E402
+    Predictions,
+    classification_metrics,
+    evaluate,
+    evaluate_with_predictions,
+    expected_calibration_error,
+)
+from finetune.gradcam import grad_cam  # noqa: E402
 from finetune.lr_find import lr_find  # noqa: E402
 from finetune.model import (  # noqa: E402
     BatchNormCheck,
@@ -47,7 +56,9 @@ from finetune.model import (  # noqa: E402
     unfreeze_top_groups,
 )
 from finetune.predict import Prediction, predict  # noqa: E402
+from finetune.report import write_report  # noqa: E402
 from finetune.run import Run  # noqa: E402
+from finetune.runs import RunSummary, list_runs  # noqa: E402
 from finetune.train import train, train_with_scratch_baseline  # noqa: E402
 
 __all__ = [
@@ -64,17 +75,24 @@ __all__ = [
     "ModelConfig",
     "Normalize",
     "Prediction",
+    "Predictions",
     "Preprocessing",
     "RecipeConfig",
     "Run",
+    "RunSummary",
     "WeightsError",
     "build_classifier",
     "check_batchnorm",
     "classification_metrics",
     "evaluate",
+    "evaluate_with_predictions",
+    "expected_calibration_error",
+    "fit_temperature",
     "freeze_backbone",
     "get_backbone",
+    "grad_cam",
     "list_backbones",
+    "list_runs",
     "load_backbone",
     "load_config",
     "lr_find",
@@ -83,4 +101,5 @@ __all__ = [
     "train",
     "train_with_scratch_baseline",
     "unfreeze_top_groups",
+    "write_report",
 ]

@@ -147,6 +147,16 @@ def train(
     lr: Annotated[
         str | None, typer.Option("--lr", help="'auto': pick the learning rates by a range test.")
     ] = None,
+    calibrate: Annotated[
+        bool | None,
+        typer.Option(
+            "--calibrate/--no-calibrate",
+            help="Fit a temperature on the val split so probabilities are calibrated.",
+        ),
+    ] = None,
+    tensorboard: Annotated[
+        bool, typer.Option(help="Write TensorBoard logs per phase to OUT/tensorboard.")
+    ] = False,
     compare_scratch: Annotated[
         bool, typer.Option(help="Also train the same network from scratch and compare.")
     ] = False,
@@ -183,6 +193,7 @@ def train(
             mixup=mixup,
             cutmix=cutmix,
             train_batchnorm=train_batchnorm,
+            calibrate=calibrate,
         ).items()
         if v is not None
     }
@@ -190,7 +201,13 @@ def train(
         if lr is not None:
             raise FinetuneError("--lr auto and --compare-scratch cannot be combined yet.")
         run, scratch = finetune.train_with_scratch_baseline(
-            data_dir, out=out, config=config, overwrite=overwrite, recipe=recipe, **options
+            data_dir,
+            out=out,
+            config=config,
+            overwrite=overwrite,
+            recipe=recipe,
+            tensorboard=tensorboard,
+            **options,
         )
     else:
         run, scratch = (
@@ -201,6 +218,7 @@ def train(
                 overwrite=overwrite,
                 lr=lr,
                 recipe=recipe,
+                tensorboard=tensorboard,
                 **options,
             ),
             None,
@@ -223,7 +241,10 @@ def train(
             f"{scratch.metrics['macro_f1']:.3f}",
         )
         console.print(table)
-    console.print(f"Run written to [bold]{out}[/] (model.keras, metrics.json, history.json, ...)")
+    console.print(
+        f"Run written to [bold]{out}[/] (model.keras, metrics.json, ...). "
+        f"Open [bold]{out / 'report.html'}[/] to see what the model learned."
+    )
 
 
 @app.command("lr-find")
@@ -262,14 +283,22 @@ def evaluate(
     as_json: Annotated[bool, typer.Option("--json", help="Print the metrics as JSON.")] = False,
     tta: Annotated[int, typer.Option(help="Test-time augmentation copies per image.")] = 1,
 ) -> None:
-    """Evaluate a run's model and write metrics.json in the run directory (own test split)."""
+    """Evaluate a run's model; on its own test split, update metrics.json and report.html."""
     import finetune
     from finetune.atomic import write_json
 
     # Keras' progress bar writes to stdout: keep it out of JSON output.
-    metrics = finetune.evaluate(run_dir, data_dir, progress=not as_json, tta=tta)
+    run = finetune.Run.load(run_dir)
+    metrics, predictions = finetune.evaluate_with_predictions(
+        run, data_dir, progress=not as_json, tta=tta
+    )
     if data_dir is None:
+        if "calibration" in run.metrics:
+            metrics["calibration"] = run.metrics["calibration"]
         write_json(run_dir / "metrics.json", metrics)
+        predictions.write_csv(run_dir / "predictions.csv")
+        run.metrics = metrics
+        finetune.write_report(run)
     if as_json:
         print(json.dumps(metrics, indent=2))
     else:
@@ -312,6 +341,52 @@ def predict(
             for rank, (label, p) in enumerate(r.top, 1):
                 table.add_row(str(r.path) if rank == 1 else "", str(rank), label, f"{p:.3f}")
         console.print(table)
+
+
+@app.command()
+def report(
+    run_dir: Annotated[Path, typer.Argument(help="A run directory.")],
+) -> None:
+    """Build report.html in a run directory again (metrics, curves, errors, Grad-CAM)."""
+    import finetune
+
+    path = finetune.write_report(run_dir)
+    console.print(f"Report written to [bold]{path}[/]")
+
+
+@app.command()
+def runs(
+    folder: Annotated[Path, typer.Argument(help="Folder of run directories.")] = Path("runs"),
+    as_json: Annotated[bool, typer.Option("--json", help="Print the runs as JSON.")] = False,
+) -> None:
+    """List past runs with their backbone, recipe, data fingerprint and key metrics."""
+    import finetune
+
+    found = finetune.list_runs(folder)
+    if as_json:
+        print(json.dumps([r.to_dict() for r in found], indent=2))
+        return
+    if not found:
+        console.print(f"No runs under {folder}.")
+        return
+    table = Table(title=f"Runs under {folder}")
+    for col in ("run", "created", "backbone", "recipe", "phases", "data", "accuracy", "macro F1"):
+        table.add_column(col, justify="right" if col in ("accuracy", "macro F1") else "left")
+    table.add_column("ECE", justify="right")
+    for r in found:
+        name = os.path.relpath(r.path, folder) if r.path != str(folder) else r.path
+        table.add_row(
+            name + ("" if r.finished else " [red](unfinished)[/]"),
+            r.created.replace("T", " ").removesuffix("+00:00"),
+            r.backbone,
+            r.recipe,
+            r.phases,
+            r.data_fingerprint[:8],
+            _percent(r.accuracy),
+            "-" if r.macro_f1 is None else f"{r.macro_f1:.3f}",
+            "-" if r.ece is None else f"{r.ece:.3f}",
+        )
+    console.print(table)
 
 
 def main() -> None:

@@ -207,6 +207,10 @@ class RecipeConfig:
         feature_cache: train frozen-backbone phases without augmentation on cached backbone
             features; the head ends up the same as training through the frozen backbone.
             Defaults to True.
+        calibrate: after training, fit a temperature on the validation split so the
+            probabilities say how sure the model really is (`finetune.calibration`); the run
+            stores it and `predict` / `evaluate` apply it. Needs a validation split.
+            Defaults to False.
     """
 
     head_epochs: int = 5
@@ -231,6 +235,7 @@ class RecipeConfig:
     train_batchnorm: bool = False
     head_augment: bool = False
     feature_cache: bool = True
+    calibrate: bool = False
 
 
 @dataclass

@@ -2,12 +2,17 @@
 
 `classification_metrics` turns true labels and predicted probabilities into the `metrics.json`
 content: accuracy, top-k accuracy, macro and weighted F1, per-class precision / recall / F1 /
-support and the confusion matrix. `evaluate` runs a saved run's model on its own test split or on
-another labelled folder.
+support, the confusion matrix (counts and row-normalised), one-vs-rest ROC-AUC, and calibration:
+the expected calibration error (ECE) and the reliability diagram's bins. `evaluate` runs a
+saved run's model on its own test split or on another labelled folder; `Predictions` holds the
+per-image results behind `predictions.csv`.
 """
 
 from __future__ import annotations
 
+import csv
+import io
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -18,13 +23,92 @@ from sklearn.metrics import (
     f1_score,
     log_loss,
     precision_recall_fscore_support,
+    roc_auc_score,
     top_k_accuracy_score,
 )
 
-from finetune.errors import DataError
+from finetune.atomic import write_text_atomic
+from finetune.errors import DataError, FinetuneError
 
 if TYPE_CHECKING:
     from finetune.run import Run
+
+
+#: Equal-width confidence bins of the expected calibration error and the reliability diagram.
+CALIBRATION_BINS = 15
+
+
+def calibration_bins(
+    y_true: np.ndarray, probabilities: np.ndarray, bins: int = CALIBRATION_BINS
+) -> list[dict[str, float]]:
+    """The reliability diagram's data: accuracy against confidence in equal-width bins.
+
+    An image falls in the bin of its top probability (the confidence); a bin's accuracy is the
+    share of its images whose top class is the true one.
+
+    Args:
+        y_true: int labels (N,).
+        probabilities: predicted probabilities (N, num_classes).
+        bins: number of bins over [0, 1]. Defaults to 15.
+
+    Returns:
+        One dict per non-empty bin: `lower`, `upper`, `confidence` (mean), `accuracy`, `count`.
+    """
+    confidence = probabilities.max(axis=1)
+    correct = probabilities.argmax(axis=1) == np.asarray(y_true)
+    # Bin i holds (i/bins, (i+1)/bins]; a confidence of exactly 0 joins the first bin.
+    index = np.clip(np.ceil(confidence * bins).astype(int) - 1, 0, bins - 1)
+    rows = []
+    for i in range(bins):
+        members = index == i
+        if members.any():
+            rows.append(
+                {
+                    "lower": i / bins,
+                    "upper": (i + 1) / bins,
+                    "confidence": float(confidence[members].mean()),
+                    "accuracy": float(correct[members].mean()),
+                    "count": int(members.sum()),
+                }
+            )
+    return rows
+
+
+def expected_calibration_error(
+    y_true: np.ndarray, probabilities: np.ndarray, bins: int = CALIBRATION_BINS
+) -> float:
+    """ECE: the count-weighted mean gap between accuracy and confidence over the bins.
+
+    0 is perfectly calibrated; a model that is 99% sure and right half the time scores 0.49.
+    (Guo et al. 2017, "On Calibration of Modern Neural Networks", with equal-width bins.)
+    """
+    rows = calibration_bins(y_true, probabilities, bins)
+    total = sum(r["count"] for r in rows)
+    return float(sum(r["count"] * abs(r["accuracy"] - r["confidence"]) for r in rows) / total)
+
+
+def roc_auc_one_vs_rest(
+    y_true: np.ndarray, probabilities: np.ndarray, class_names: list[str]
+) -> tuple[float | None, dict[str, float | None]]:
+    """One-vs-rest ROC-AUC per class and their unweighted mean.
+
+    A class's AUC is defined only when the labels hold both that class and another one; classes
+    absent from `y_true` get None and are left out of the mean (scikit-learn's
+    `roc_auc_score(multi_class="ovr")` would refuse the whole set instead).
+
+    Returns:
+        (macro mean or None when no class has an AUC, {class name: AUC or None}).
+    """
+    y_true = np.asarray(y_true)
+    per_class: dict[str, float | None] = {}
+    for i, name in enumerate(class_names):
+        positives = y_true == i
+        if positives.all() or not positives.any():
+            per_class[name] = None
+        else:
+            per_class[name] = float(roc_auc_score(positives, probabilities[:, i]))
+    defined = [v for v in per_class.values() if v is not None]
+    return (float(np.mean(defined)) if defined else None), per_class
 
 
 def classification_metrics(
@@ -39,8 +123,12 @@ def classification_metrics(
 
     Returns:
         A JSON-ready dict with `accuracy`, `top_k_accuracy`, `macro_f1`, `weighted_f1`,
-        `loss`, `num_images`, `per_class` (precision, recall, f1, support per class name),
-        `confusion_matrix` (rows: true class, columns: predicted class) and `class_names`.
+        `loss`, `num_images`, `per_class` (precision, recall, f1, support and one-vs-rest
+        `roc_auc` per class name), `confusion_matrix` (rows: true class, columns: predicted
+        class), `confusion_matrix_normalized` (each row divided by its count, so the diagonal
+        is the per-class recall; an empty row stays 0), `roc_auc_ovr` (macro mean), `ece` and
+        `reliability` (see `calibration_bins`), `class_names`, and `top_k` /
+        `top_k_accuracy` when there are more than two classes.
 
     Example:
         >>> classification_metrics(np.array([0, 1]), np.array([[0.9, 0.1], [0.2, 0.8]]), ["a", "b"])
@@ -51,6 +139,10 @@ def classification_metrics(
         y_true, y_pred, labels=labels, zero_division=0
     )
     k = min(5, len(class_names) - 1)
+    counts = confusion_matrix(y_true, y_pred, labels=labels)
+    rows = counts.sum(axis=1, keepdims=True)
+    normalized = np.divide(counts, rows, out=np.zeros(counts.shape), where=rows > 0)
+    auc, auc_per_class = roc_auc_one_vs_rest(y_true, probabilities, class_names)
     result: dict[str, Any] = {
         "accuracy": float(accuracy_score(y_true, y_pred)),
         "macro_f1": float(
@@ -67,10 +159,15 @@ def classification_metrics(
                 "recall": float(recall[i]),
                 "f1": float(f1[i]),
                 "support": int(support[i]),
+                "roc_auc": auc_per_class[name],
             }
             for i, name in enumerate(class_names)
         },
-        "confusion_matrix": confusion_matrix(y_true, y_pred, labels=labels).tolist(),
+        "confusion_matrix": counts.tolist(),
+        "confusion_matrix_normalized": normalized.tolist(),
+        "roc_auc_ovr": auc,
+        "ece": expected_calibration_error(y_true, probabilities),
+        "reliability": calibration_bins(y_true, probabilities),
         "class_names": list(class_names),
     }
     if k >= 2:
@@ -79,6 +176,75 @@ def classification_metrics(
             top_k_accuracy_score(y_true, probabilities, k=k, labels=labels)
         )
     return result
+
+
+@dataclass
+class Predictions:
+    """Per-image results of an evaluation: what `predictions.csv` in a run directory holds.
+
+    Args:
+        paths: the image files, in evaluation order.
+        y_true: int true labels (N,).
+        probabilities: predicted probabilities (N, num_classes).
+        class_names: names in label order.
+    """
+
+    paths: list[str]
+    y_true: np.ndarray
+    probabilities: np.ndarray
+    class_names: list[str]
+
+    @property
+    def y_pred(self) -> np.ndarray:
+        return self.probabilities.argmax(axis=1)
+
+    @property
+    def losses(self) -> np.ndarray:
+        """Each image's cross-entropy: high for confident mistakes ("top losses")."""
+        p = self.probabilities[np.arange(len(self.y_true)), self.y_true]
+        return -np.log(np.clip(p, 1e-12, 1.0))
+
+    def write_csv(self, path: str | Path) -> None:
+        """Writes path, true and predicted class, confidence, loss and every probability."""
+        buf = io.StringIO()
+        writer = csv.writer(buf, lineterminator="\n")
+        writer.writerow(
+            ["path", "true", "predicted", "confidence", "loss"]
+            + [f"p:{name}" for name in self.class_names]
+        )
+        for path_, t, pred, probs, loss in zip(
+            self.paths, self.y_true, self.y_pred, self.probabilities, self.losses, strict=True
+        ):
+            writer.writerow(
+                [path_, self.class_names[t], self.class_names[pred], f"{probs.max():.6f}"]
+                + [f"{loss:.6f}"]
+                + [f"{q:.6g}" for q in probs]
+            )
+        write_text_atomic(Path(path), buf.getvalue())
+
+    @classmethod
+    def read_csv(cls, path: str | Path) -> Predictions:
+        """Reads a file written by `write_csv`.
+
+        Raises:
+            FinetuneError: the file is missing columns or names a class it does not list.
+        """
+        path = Path(path)
+        with path.open(newline="", encoding="utf-8") as f:
+            rows = list(csv.reader(f))
+        header = rows[0] if rows else []
+        names = [h[2:] for h in header[5:]]
+        if header[:5] != ["path", "true", "predicted", "confidence", "loss"] or not names:
+            raise FinetuneError(f"{path} is not a predictions file written by finetune.")
+        try:
+            y = np.array([names.index(r[1]) for r in rows[1:]], np.int64)
+            probs = np.array([[float(q) for q in r[5:]] for r in rows[1:]], np.float64)
+        except (ValueError, IndexError) as err:
+            raise FinetuneError(f"{path} is damaged ({err}).") from None
+        probs = probs.reshape(len(y), len(names))
+        # Written with 6 significant digits: make each row sum to 1 again.
+        probs /= np.maximum(probs.sum(axis=1, keepdims=True), 1e-12)
+        return cls([r[0] for r in rows[1:]], y, probs, names)
 
 
 def evaluate(
@@ -103,6 +269,16 @@ def evaluate(
     Raises:
         DataError: the folder has classes the model does not know, or no images.
     """
+    return evaluate_with_predictions(run, data_dir, progress=progress, tta=tta)[0]
+
+
+def evaluate_with_predictions(
+    run: Run | str | Path,
+    data_dir: str | Path | None = None,
+    progress: bool = True,
+    tta: int = 1,
+) -> tuple[dict[str, Any], Predictions]:
+    """`evaluate`, also returning the per-image `Predictions`."""
     from finetune.data.decode import decode_images
     from finetune.data.scan import scan_image_folder
     from finetune.run import Run
@@ -110,7 +286,7 @@ def evaluate(
     run = run if isinstance(run, Run) else Run.load(run)
     if data_dir is None:
         samples = run.split_samples("test") or run.split_samples("val")
-        where = "test split of the run" if run.split_samples("test") else "validation split"
+        where = "test split" if run.split_samples("test") else "val split"
         paths = [p for p, _ in samples]
         y = np.asarray([label for _, label in samples], dtype=np.int64)
     else:
@@ -134,4 +310,5 @@ def evaluate(
     metrics["data"] = where
     metrics["tta"] = tta
     metrics["bad_files"] = [{"path": str(b.path), "reason": b.reason} for b in bad]
-    return metrics
+    kept = [str(paths[i]) for i in ok]
+    return metrics, Predictions(kept, y[ok], probabilities, list(run.class_names))

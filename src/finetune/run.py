@@ -61,6 +61,8 @@ class Run:
         history: one record per epoch (phase, epoch, loss, accuracy, val_loss, ...).
         metrics: test metrics (see `finetune.evaluate.classification_metrics`).
         info: the content of `run.json`.
+        temperature: divides the logits before the softmax (temperature scaling, fitted on the
+            validation split by `--calibrate`; see `finetune.calibration`). Defaults to 1.
     """
 
     model: keras.Model
@@ -71,6 +73,7 @@ class Run:
     history: list[dict[str, Any]] = field(default_factory=list)
     metrics: dict[str, Any] = field(default_factory=dict)
     info: dict[str, Any] = field(default_factory=dict)
+    temperature: float = 1.0
 
     @classmethod
     def load(cls, path: str | Path) -> Run:
@@ -116,12 +119,23 @@ class Run:
             history=read("history.json", []),
             metrics=read("metrics.json", {}),
             info=info,
+            temperature=float(info.get("calibration", {}).get("temperature", 1.0)),
         )
+
+    def predict_logits(
+        self, images: np.ndarray, batch_size: int = 64, progress: bool = False
+    ) -> np.ndarray:
+        """The model's raw outputs (before temperature and softmax) for RGB images in [0, 255]."""
+        x = np.asarray(images, np.float32)
+        return self.model.predict(x, batch_size=batch_size, verbose=keras_verbosity(progress))
 
     def predict_proba(
         self, images: np.ndarray, batch_size: int = 64, progress: bool = False, tta: int = 1
     ) -> np.ndarray:
         """Class probabilities for uint8/float RGB images of the run's input size.
+
+        The probabilities are calibrated when the run was trained with `--calibrate`: the
+        logits are divided by `temperature` before the softmax.
 
         Args:
             images: (N, size, size, 3) RGB pixels in [0, 255].
@@ -142,7 +156,8 @@ class Run:
             raise FinetuneError(f"tta must be 1 or more, got {tta}.")
         x = np.asarray(images, np.float32)
         verbose = keras_verbosity(progress)
-        probabilities = softmax(self.model.predict(x, batch_size=batch_size, verbose=verbose))
+        t = self.temperature
+        probabilities = softmax(self.model.predict(x, batch_size=batch_size, verbose=verbose) / t)
         for copy in range(1, tta):
             augmentation = build_augmentation(self.config.augment, seed=self.config.seed + copy)
             if augmentation is None:
@@ -155,7 +170,7 @@ class Run:
                 .batch(batch_size)
                 .map(lambda b, a=augmentation: a(b, training=True))
             )
-            probabilities += softmax(self.model.predict(batches, verbose=verbose))
+            probabilities += softmax(self.model.predict(batches, verbose=verbose) / t)
         return probabilities / tta
 
     def split_samples(self, split: str) -> list[tuple[Path, int]]:

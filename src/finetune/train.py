@@ -9,6 +9,7 @@ pretrained weights bring.
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -31,10 +32,15 @@ from finetune.data.augment import build_augmentation, build_mixing
 from finetune.data.pipeline import PreparedData, prepare_image_data
 from finetune.data.split import write_split
 from finetune.errors import FinetuneError
-from finetune.evaluate import classification_metrics
+from finetune.evaluate import (
+    Predictions,
+    calibration_bins,
+    classification_metrics,
+    expected_calibration_error,
+)
 from finetune.model import build_classifier
-from finetune.recipes import PhaseData, fit_phases, two_phase_plan
-from finetune.run import MODEL_FILE, Run, keras_verbosity, save_model_atomic
+from finetune.recipes import Phase, PhaseData, fit_phases, two_phase_plan
+from finetune.run import MODEL_FILE, Run, keras_verbosity, save_model_atomic, softmax
 
 # Python keyword -> dotted config name, shared by the API and the CLI.
 OPTION_NAMES = {
@@ -64,6 +70,7 @@ OPTION_NAMES = {
     "early_stopping_patience": "recipe.early_stopping_patience",
     "train_batchnorm": "recipe.train_batchnorm",
     "head_augment": "recipe.head_augment",
+    "calibrate": "recipe.calibrate",
     "mixup": "augment.mixup",
     "cutmix": "augment.cutmix",
     "seed": "seed",
@@ -137,6 +144,7 @@ def train(
     progress: bool = True,
     lr: str | None = None,
     recipe: str = "default",
+    tensorboard: bool = False,
     **options: Any,
 ) -> Run:
     """Fine-tunes a pretrained backbone on an image folder.
@@ -155,8 +163,10 @@ def train(
             learning rates and unfreezing depth from the training split and the backbone
             (`finetune.recipes.auto`), keeping the options given here, and writes the choices
             and reasons to `recipe_auto.json`. Defaults to "default".
+        tensorboard: write TensorBoard logs of every phase to `out/tensorboard/<phase>`.
+            Defaults to False.
         **options: single options on top of `config`, e.g. `backbone="resnet50"`,
-            `head_epochs=3`, `seed=1` (the names of `OPTION_NAMES`).
+            `head_epochs=3`, `seed=1`, `calibrate=True` (the names of `OPTION_NAMES`).
 
     Returns:
         The `Run`, holding the fine-tuned `keras.Model`, its history and test metrics.
@@ -179,7 +189,7 @@ def train(
         config = _auto_learning_rate(data, config, run_dir, progress, given)
     elif lr is not None:
         raise FinetuneError(f"lr={lr!r}: only 'auto' is accepted (or give head_lr/finetune_lr).")
-    return fit_run(data, config, run_dir, progress=progress)
+    return fit_run(data, config, run_dir, progress=progress, tensorboard=tensorboard)
 
 
 def _check_recipe_mode(recipe: str) -> None:
@@ -309,11 +319,34 @@ def phase_data(data: PreparedData, config: Config) -> PhaseData:
     )
 
 
-def fit_run(data: PreparedData, config: Config, run_dir: Path | None, progress: bool = True) -> Run:
-    """Builds the classifier, runs both phases on prepared data and records the run."""
+def fit_run(
+    data: PreparedData,
+    config: Config,
+    run_dir: Path | None,
+    progress: bool = True,
+    tensorboard: bool = False,
+) -> Run:
+    """Builds the classifier, runs the recipe's phases on prepared data and records the run.
+
+    With `config.recipe.calibrate`, fits a temperature on the validation split afterwards; with
+    `tensorboard` (and a run directory), writes TensorBoard logs per phase to
+    `run_dir/tensorboard/<phase>`.
+    """
+    if config.recipe.calibrate and not len(data.labels["val"]):
+        raise FinetuneError(
+            "--calibrate fits a temperature on the validation split, and this run has none: "
+            "set --val-fraction above 0 (or add a val/ folder), or drop --calibrate."
+        )
     seed_everything(config.seed, deterministic=config.deterministic)
     spec = get_backbone(config.model.backbone)
     model = build_run_model(data, config)
+    extra = None
+    if tensorboard and run_dir is not None:
+
+        def extra(phase: Phase) -> list[keras.callbacks.Callback]:
+            log_dir = run_dir / "tensorboard" / phase.name
+            return [keras.callbacks.TensorBoard(log_dir=str(log_dir), write_graph=False)]
+
     records = fit_phases(
         model,
         spec,
@@ -323,6 +356,7 @@ def fit_run(data: PreparedData, config: Config, run_dir: Path | None, progress: 
         run_dir=run_dir,
         class_weight=class_weights(data.labels["train"], config.recipe),
         verbose=keras_verbosity(progress),
+        extra_callbacks=extra,
     )
 
     eval_split = "test" if len(data.labels["test"]) else "val"
@@ -334,18 +368,46 @@ def fit_run(data: PreparedData, config: Config, run_dir: Path | None, progress: 
         path=run_dir,
         history=records,
     )
+    calibration = _calibrate(run, data, progress) if config.recipe.calibrate else None
+    predictions = None
     if len(data.labels[eval_split]):
         if progress:
             print(f"Evaluating on the {eval_split} split...", flush=True)
-        probabilities = run.predict_proba(data.images[eval_split], progress=progress)
-        run.metrics = classification_metrics(
-            data.labels[eval_split], probabilities, data.class_names
-        )
+        y = data.labels[eval_split]
+        logits = run.predict_logits(data.images[eval_split], progress=progress)
+        probabilities = softmax(logits / run.temperature)
+        run.metrics = classification_metrics(y, probabilities, data.class_names)
         run.metrics["data"] = f"{eval_split} split"
+        if calibration is not None:
+            calibration["ece_before"] = expected_calibration_error(y, softmax(logits))
+            calibration["reliability_before"] = calibration_bins(y, softmax(logits))
+            calibration["ece_after"] = run.metrics["ece"]
+            calibration["measured_on"] = f"{eval_split} split"
+            run.metrics["calibration"] = calibration
+        paths = [str(s.path) for s in data.splits[eval_split]]
+        predictions = Predictions(paths, y, probabilities, list(data.class_names))
     run.info = _run_info(data, config)
+    if calibration is not None:
+        run.info["calibration"] = calibration
     if run_dir is not None:
-        _write_run_dir(run, data)
+        _write_run_dir(run, data, predictions)
     return run
+
+
+def _calibrate(run: Run, data: PreparedData, progress: bool) -> dict[str, Any]:
+    """Fits the run's temperature on the validation split; returns what to record."""
+    from finetune.calibration import fit_temperature
+
+    if progress:
+        print("Calibrating the probabilities on the val split (temperature scaling)...")
+    logits = run.predict_logits(data.images["val"], progress=progress)
+    run.temperature = fit_temperature(logits, data.labels["val"])
+    if progress:
+        print(f"Temperature {run.temperature:.3f}", flush=True)
+    return {
+        "temperature": run.temperature,
+        "fitted_on": f"val split ({len(data.labels['val'])} images)",
+    }
 
 
 def _run_info(data: PreparedData, config: Config) -> dict[str, Any]:
@@ -357,14 +419,54 @@ def _run_info(data: PreparedData, config: Config) -> dict[str, Any]:
         "backbone": config.model.backbone,
         "data_dir": str(data.root),
         "counts": data.counts(),
+        "data_fingerprint": data_fingerprint(data),
+        "seed": config.seed,
         "created": datetime.now(UTC).isoformat(timespec="seconds"),
         "finetune_version": finetune.__version__,
         "keras_version": keras.__version__,
         "keras_backend": keras.backend.backend(),
+        "environment": environment(),
     }
 
 
-def _write_run_dir(run: Run, data: PreparedData) -> None:
+def data_fingerprint(data: PreparedData) -> str:
+    """A short hash of the data a run saw: every split's files (relative path, label, content).
+
+    Two runs with the same fingerprint trained and were tested on the same bytes, split the same
+    way; renaming the data folder does not change it.
+    """
+    digest = hashlib.sha256()
+    for split in sorted(data.splits):
+        for sample in sorted(data.splits[split], key=lambda s: str(s.path)):
+            try:
+                rel = sample.path.relative_to(data.root).as_posix()
+            except ValueError:
+                rel = sample.path.as_posix()
+            try:
+                content = hashlib.blake2b(sample.path.read_bytes(), digest_size=16).hexdigest()
+            except OSError:  # gone or unreadable since it was decoded
+                content = "unreadable"
+            digest.update(f"{split}\t{rel}\t{sample.label}\t{content}\n".encode())
+    return digest.hexdigest()[:16]
+
+
+def environment() -> dict[str, str]:
+    """Versions of Python and of the packages that shape a run's numbers."""
+    import platform
+    from importlib.metadata import PackageNotFoundError, version
+
+    env = {"python": platform.python_version(), "platform": platform.platform()}
+    for package in ("keras", "tensorflow-cpu", "tensorflow", "numpy", "scikit-learn", "pillow"):
+        try:
+            env[package] = version(package)
+        except PackageNotFoundError:
+            continue
+    return env
+
+
+def _write_run_dir(run: Run, data: PreparedData, predictions: Predictions | None = None) -> None:
+    from finetune.report import write_report
+
     path = run.path
     assert path is not None
     write_text_atomic(path / "config.toml", dump_config(run.config))
@@ -381,7 +483,10 @@ def _write_run_dir(run: Run, data: PreparedData) -> None:
         },
     )
     write_json(path / "run.json", run.info)
+    if predictions is not None:
+        predictions.write_csv(path / "predictions.csv")
     save_model_atomic(run.model, path / MODEL_FILE)
+    write_report(run)
 
 
 def train_with_scratch_baseline(
@@ -392,6 +497,7 @@ def train_with_scratch_baseline(
     overwrite: bool = False,
     progress: bool = True,
     recipe: str = "default",
+    tensorboard: bool = False,
     **options: Any,
 ) -> tuple[Run, Run]:
     """Fine-tunes as `train` does, then trains the same network from scratch on the same split.
@@ -409,9 +515,12 @@ def train_with_scratch_baseline(
     scratch_dir = _prepare_run_dir(run_dir / "scratch_baseline", overwrite) if run_dir else None
     data = prepare_data(data_dir, config, progress=progress)
     if recipe == "auto":
-        config = _auto_recipe(data, config, set(options), run_dir, progress)
-    tuned = fit_run(data, config, run_dir, progress=progress)
+        given = frozenset(OPTION_NAMES[k] for k in options)
+        config = _auto_recipe(data, config, given, run_dir, progress)
+    tuned = fit_run(data, config, run_dir, progress=progress, tensorboard=tensorboard)
     if progress:
         print("Training the same network from random weights for comparison...", flush=True)
-    scratch = fit_run(data, scratch_config(config), scratch_dir, progress=progress)
+    scratch = fit_run(
+        data, scratch_config(config), scratch_dir, progress=progress, tensorboard=tensorboard
+    )
     return tuned, scratch

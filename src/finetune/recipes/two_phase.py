@@ -13,6 +13,7 @@ A phase that trains the head on a frozen backbone without augmentation takes the
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -303,6 +304,7 @@ def fit_phases(
     run_dir: Path | None = None,
     class_weight: dict[int, float] | None = None,
     verbose: int | str = "auto",
+    extra_callbacks: Callable[[Phase], list[keras.callbacks.Callback]] | None = None,
 ) -> list[dict[str, Any]]:
     """Runs `phases` on `model` in order and returns the per-epoch history records.
 
@@ -318,6 +320,8 @@ def fit_phases(
             and for MixUp/CutMix labels mixes the two classes' weights in the same proportion
             (Keras' own `class_weight` would take the dominant class only).
         verbose: Keras' `fit` verbosity. Defaults to "auto".
+        extra_callbacks: returns more callbacks for a phase's `fit` (e.g. TensorBoard logs per
+            phase). Defaults to None.
 
     Returns:
         One dict per epoch: phase, epoch, loss, accuracy, val_loss, val_accuracy, learning_rate,
@@ -373,7 +377,8 @@ def fit_phases(
                 validation_data=val_ds,
                 initial_epoch=epoch,
                 epochs=epoch + phase.epochs,
-                callbacks=_callbacks(phase, recipe, records, val_ds is not None, run_dir, model),
+                callbacks=_callbacks(phase, recipe, records, val_ds is not None, run_dir, model)
+                + (extra_callbacks(phase) if extra_callbacks else []),
                 shuffle=False,  # the dataset shuffles itself, seeded
                 verbose=verbose,
             )

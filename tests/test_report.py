@@ -1,0 +1,242 @@
+"""A real run's records, report page, TensorBoard logs and run listing.
+
+One small run is trained once for the module (EfficientNet-Lite0 at 32 px on four Fashion-MNIST
+classes, with `calibrate` and `tensorboard`); every test reads what it wrote. The report page is
+opened in Debian's headless Chromium (installed by `make test`): each section must render, every
+image must load and the console must stay free of errors.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from html.parser import HTMLParser
+from pathlib import Path
+
+import numpy as np
+import pytest
+from typer.testing import CliRunner
+
+import finetune
+from finetune.cli import app
+from finetune.evaluate import Predictions, classification_metrics
+from finetune.report import SECTIONS
+from finetune.run import softmax
+from tests.helpers import FASHION, image_subset
+
+SIZE = 32
+CHROMIUM = Path("/usr/bin/chromium")
+CHROMEDRIVER = Path("/usr/bin/chromedriver")
+
+
+@pytest.fixture(scope="module")
+def run_dir(tmp_path_factory):
+    data = image_subset(FASHION, tmp_path_factory.mktemp("data"), classes=4, per_class=40)
+    out = tmp_path_factory.mktemp("runs") / "first"
+    finetune.train(
+        data,
+        out=out,
+        image_size=SIZE,
+        head_epochs=2,
+        finetune_epochs=1,
+        calibrate=True,
+        tensorboard=True,
+        progress=False,
+    )
+    return out
+
+
+class _Page(HTMLParser):
+    def __init__(self):
+        super().__init__()
+        self.ids: list[str] = []
+        self.images: list[str] = []
+        self.external: list[str] = []
+
+    def handle_starttag(self, tag, attrs):
+        a = dict(attrs)
+        if "id" in a:
+            self.ids.append(a["id"])
+        if tag == "img":
+            self.images.append(a.get("src", ""))
+        for key in ("src", "href"):
+            value = a.get(key) or ""
+            if value and not value.startswith(("data:", "#")):
+                self.external.append(value)
+
+
+@pytest.mark.slow
+def test_run_directory_holds_every_record(run_dir):
+    for name in (
+        "model.keras",
+        "metrics.json",
+        "predictions.csv",
+        "history.json",
+        "run.json",
+        "report.html",
+    ):
+        assert (run_dir / name).is_file(), name
+    info = json.loads((run_dir / "run.json").read_text())
+    assert len(info["data_fingerprint"]) == 16
+    assert {"python", "keras", "numpy"} <= set(info["environment"])
+
+
+@pytest.mark.slow
+def test_predictions_file_reproduces_the_metrics(run_dir):
+    predictions = Predictions.read_csv(run_dir / "predictions.csv")
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    assert len(predictions.paths) == metrics["num_images"]
+    again = classification_metrics(
+        predictions.y_true, predictions.probabilities, predictions.class_names
+    )
+    assert again["accuracy"] == pytest.approx(metrics["accuracy"])
+    assert again["confusion_matrix"] == metrics["confusion_matrix"]
+    assert again["ece"] == pytest.approx(metrics["ece"], abs=1e-5)  # 6 significant digits
+
+
+@pytest.mark.slow
+def test_calibration_is_stored_and_applied(run_dir):
+    run = finetune.Run.load(run_dir)
+    info = json.loads((run_dir / "run.json").read_text())
+    assert run.temperature == pytest.approx(info["calibration"]["temperature"])
+    assert run.temperature != 1.0
+    images = np.stack([np.asarray(finetune.data.decode.load_image(p, SIZE)) for p in _paths(run)])
+    logits = run.predict_logits(images)
+    assert np.allclose(run.predict_proba(images), softmax(logits / run.temperature), atol=1e-6)
+    cal = run.metrics["calibration"]
+    assert {"ece_before", "ece_after", "fitted_on", "measured_on"} <= set(cal)
+    assert cal["ece_after"] == pytest.approx(run.metrics["ece"])
+
+
+def _paths(run):
+    return [p for p, _ in run.split_samples("test")][:6]
+
+
+@pytest.mark.slow
+def test_report_has_every_section_and_is_self_contained(run_dir):
+    page = _Page()
+    page.feed((run_dir / "report.html").read_text(encoding="utf-8"))
+    assert [s for s in SECTIONS if s not in page.ids] == []
+    assert page.external == []  # nothing fetched from outside the file
+    assert all(src.startswith("data:image/png;base64,") for src in page.images)
+    # curves, confusion matrix, reliability diagram, plus thumbnails and Grad-CAM pairs
+    assert len(page.images) >= 3 + 2
+
+
+@pytest.mark.slow
+def test_report_command_rebuilds_the_page(run_dir):
+    (run_dir / "report.html").unlink()
+    result = CliRunner().invoke(app, ["report", str(run_dir)])
+    assert result.exit_code == 0, result.output
+    assert (run_dir / "report.html").is_file()
+
+
+@pytest.mark.slow
+def test_evaluate_updates_metrics_predictions_and_report(run_dir):
+    before = (run_dir / "report.html").stat().st_mtime_ns
+    (run_dir / "predictions.csv").unlink()
+    result = CliRunner().invoke(app, ["evaluate", str(run_dir), "--json"])
+    assert result.exit_code == 0, result.output
+    assert (run_dir / "predictions.csv").is_file()
+    assert (run_dir / "report.html").stat().st_mtime_ns > before
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    assert "calibration" in metrics and "roc_auc_ovr" in metrics
+
+
+@pytest.mark.slow
+def test_tensorboard_logs_every_phase(run_dir):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    history = json.loads((run_dir / "history.json").read_text())
+    phases = sorted({r["phase"] for r in history})
+    assert sorted(p.name for p in (run_dir / "tensorboard").iterdir()) == phases
+    for phase in phases:
+        events = EventAccumulator(str(run_dir / "tensorboard" / phase / "train")).Reload()
+        losses = [e.tensor_proto for e in events.Tensors("epoch_loss")]
+        epochs = [r for r in history if r["phase"] == phase]
+        assert len(losses) == len(epochs)
+        recorded = [r["loss"] for r in epochs]
+        assert [float(np.asarray(_tensor(v))) for v in losses] == pytest.approx(recorded, rel=1e-5)
+
+
+def _tensor(proto):
+    import tensorflow as tf
+
+    return tf.make_ndarray(proto)
+
+
+@pytest.mark.slow
+def test_runs_lists_runs_side_by_side(run_dir, tmp_path):
+    root = tmp_path / "runs"
+    shutil.copytree(run_dir, root / "a", ignore=shutil.ignore_patterns("*.keras", "tensorboard"))
+    (root / "b").mkdir()
+    (root / "b" / "run.json").write_text(json.dumps({"backbone": "resnet50", "created": "2020"}))
+    (root / "not_a_run").mkdir()
+    found = finetune.list_runs(root)
+    assert [Path(r.path).name for r in found] == ["a", "b"]
+    a = found[0]
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    assert a.accuracy == metrics["accuracy"] and a.recipe == "default+calibrated"
+    assert not a.finished  # model.keras was not copied
+    assert a.phases.startswith("head 2")
+    result = CliRunner().invoke(app, ["runs", str(root), "--json"])
+    assert result.exit_code == 0, result.output
+    assert [Path(r["path"]).name for r in json.loads(result.output)] == ["a", "b"]
+    result = CliRunner().invoke(app, ["runs", str(tmp_path / "missing")])
+    assert result.exit_code != 0
+
+
+def _chrome():
+    from selenium import webdriver
+    from selenium.webdriver.chrome.service import Service
+
+    missing = [str(p) for p in (CHROMIUM, CHROMEDRIVER) if not p.exists()]
+    assert not missing, (
+        f"{', '.join(missing)} missing: `make test` installs Debian's chromium and "
+        "chromium-driver (apt-get install chromium chromium-driver)."
+    )
+    options = webdriver.ChromeOptions()
+    options.binary_location = str(CHROMIUM)
+    for flag in (
+        "--headless=new",
+        "--no-sandbox",
+        "--disable-gpu",
+        "--disable-dev-shm-usage",
+        "--no-first-run",
+        "--disable-background-networking",
+        "--disable-component-update",
+        "--disable-sync",
+        "--window-size=1280,1000",
+    ):
+        options.add_argument(flag)
+    options.set_capability("goog:loggingPrefs", {"browser": "ALL"})
+    return webdriver.Chrome(service=Service(str(CHROMEDRIVER)), options=options)
+
+
+@pytest.mark.slow
+def test_report_renders_in_a_real_browser(run_dir, tmp_path):
+    driver = _chrome()
+    try:
+        driver.get((run_dir / "report.html").resolve().as_uri())
+        heights = driver.execute_script(
+            "return arguments[0].map(id => {"
+            "  const e = document.getElementById(id);"
+            "  return e ? e.getBoundingClientRect().height : 0; });",
+            list(SECTIONS),
+        )
+        assert all(h > 40 for h in heights), dict(zip(SECTIONS, heights, strict=True))
+        broken = driver.execute_script(
+            "return Array.from(document.images)"
+            "  .filter(i => !(i.complete && i.naturalWidth > 0)).map(i => i.alt);"
+        )
+        assert broken == []
+        assert driver.execute_script("return document.images.length") >= 5
+        errors = [e for e in driver.get_log("browser") if e["level"] in ("SEVERE", "ERROR")]
+        assert errors == []
+        height = driver.execute_script("return document.body.scrollHeight")
+        driver.set_window_size(1280, height)
+        shot = tmp_path / "report.png"
+        assert driver.save_screenshot(str(shot))
+        assert shot.stat().st_size > 50_000  # a page of figures, not a blank one
+    finally:
+        driver.quit()

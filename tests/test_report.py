@@ -74,8 +74,12 @@ def test_run_directory_holds_every_record(run_dir):
         "history.json",
         "run.json",
         "report.html",
+        "inspect.json",
     ):
         assert (run_dir / name).is_file(), name
+    check = json.loads((run_dir / "inspect.json").read_text())
+    assert check["verdict"].startswith("OK")
+    assert "Dataset check" in (run_dir / "report.html").read_text(encoding="utf-8")
     info = json.loads((run_dir / "run.json").read_text())
     assert len(info["data_fingerprint"]) == 16
     assert {"python", "keras", "numpy"} <= set(info["environment"])

@@ -30,6 +30,7 @@ from finetune.config import (  # noqa: E402
     RecipeConfig,
     load_config,
 )
+from finetune.data.inspect import DatasetReport, inspect_folder  # noqa: E402
 from finetune.errors import (  # noqa: E402
     ConfigError,
     DataError,
@@ -70,6 +71,7 @@ __all__ = [
     "ConfigError",
     "DataConfig",
     "DataError",
+    "DatasetReport",
     "FinetuneError",
     "ImageDecodeError",
     "ModelConfig",
@@ -91,6 +93,7 @@ __all__ = [
     "freeze_backbone",
     "get_backbone",
     "grad_cam",
+    "inspect_folder",
     "list_backbones",
     "list_runs",
     "load_backbone",

@@ -63,16 +63,27 @@ def backbones() -> None:
 
 def _print_metrics(title: str, metrics: dict[str, Any]) -> None:
     table = Table(title=title)
-    for col in ("class", "precision", "recall", "f1", "support"):
+    for col in ("class", "precision", "recall", "f1", "support", "ROC-AUC"):
         table.add_column(col, justify="right" if col != "class" else "left")
     for name, m in metrics["per_class"].items():
+        auc = m.get("roc_auc")
         table.add_row(
-            name, f"{m['precision']:.3f}", f"{m['recall']:.3f}", f"{m['f1']:.3f}", str(m["support"])
+            name,
+            f"{m['precision']:.3f}",
+            f"{m['recall']:.3f}",
+            f"{m['f1']:.3f}",
+            str(m["support"]),
+            "-" if auc is None else f"{auc:.3f}",
         )
     console.print(table)
+    extra = ""
+    if "top_k_accuracy" in metrics:
+        extra += f"  top-{metrics['top_k']} {_percent(metrics['top_k_accuracy'])}"
+    if "ece" in metrics:
+        extra += f"  calibration error (ECE) {metrics['ece']:.3f}"
     console.print(
         f"accuracy [bold]{_percent(metrics['accuracy'])}[/]  macro F1 {metrics['macro_f1']:.3f}"
-        f"  on {metrics['num_images']} images ({metrics.get('data', '')})"
+        f"{extra}  on {metrics['num_images']} images ({metrics.get('data', '')})"
     )
 
 
@@ -157,6 +168,13 @@ def train(
     tensorboard: Annotated[
         bool, typer.Option(help="Write TensorBoard logs per phase to OUT/tensorboard.")
     ] = False,
+    check_data: Annotated[
+        bool | None,
+        typer.Option(
+            "--check-data/--no-check-data",
+            help="Run the dataset check (finetune inspect) first; on by default.",
+        ),
+    ] = None,
     compare_scratch: Annotated[
         bool, typer.Option(help="Also train the same network from scratch and compare.")
     ] = False,
@@ -194,6 +212,7 @@ def train(
             cutmix=cutmix,
             train_batchnorm=train_batchnorm,
             calibrate=calibrate,
+            check_data=check_data,
         ).items()
         if v is not None
     }
@@ -341,6 +360,28 @@ def predict(
             for rank, (label, p) in enumerate(r.top, 1):
                 table.add_row(str(r.path) if rank == 1 else "", str(rank), label, f"{p:.3f}")
         console.print(table)
+
+
+@app.command()
+def inspect(
+    data_dir: Annotated[Path, typer.Argument(help="Class folders, or train/ (+ val/, test/).")],
+    as_json: Annotated[bool, typer.Option("--json", help="Print the findings as JSON.")] = False,
+    near_distance: Annotated[
+        int | None,
+        typer.Option(help="Largest perceptual-hash distance (bits of 256) of near duplicates."),
+    ] = None,
+) -> None:
+    """Check a data folder: counts, sizes, broken files, duplicates, leakage. Exit 1 on problems."""
+    from finetune.data.inspect import inspect_folder
+
+    options = {} if near_distance is None else {"near_duplicate_distance": near_distance}
+    report = inspect_folder(data_dir, progress=not as_json, **options)
+    if as_json:
+        print(json.dumps(report.to_dict(), indent=2))
+    else:
+        console.print(report.format_text(), markup=False, highlight=False, soft_wrap=True)
+    if not report.ok:
+        raise typer.Exit(1)
 
 
 @app.command()

@@ -66,6 +66,9 @@ class DataConfig:
             kept in memory); a larger folder is refused before decoding. Defaults to 8.
         feature_cache_max_memory_gb: cached backbone features (see `recipe.feature_cache`)
             larger than this are written to a temporary file instead of memory. Defaults to 2.
+        check: run the dataset check (`finetune inspect`: broken files, duplicates across
+            classes, leakage across splits, imbalance) before training and write its findings
+            to `inspect.json`; problems are reported, training goes on. Defaults to True.
     """
 
     image_size: int = 0
@@ -74,6 +77,7 @@ class DataConfig:
     batch_size: int = 32
     max_memory_gb: float = 8.0
     feature_cache_max_memory_gb: float = 2.0
+    check: bool = True
 
 
 @dataclass

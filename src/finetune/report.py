@@ -166,6 +166,20 @@ def _data(run: Run, path: Path) -> str:
         problems = check.get("problems") or []
         if problems:
             parts.append("<ul>" + "".join(f"<li>{_esc(p)}</li>" for p in problems) + "</ul>")
+        groups = (check.get("exact_duplicates") or []) + (check.get("near_duplicates") or [])
+        order = {"across_classes": 0, "across_splits": 1, "within_class": 2}
+        groups.sort(key=lambda g: order.get(g.get("kind"), 3))
+        if groups:
+            rows = [
+                [
+                    g["kind"].replace("_", " "),
+                    g["match"],
+                    "; ".join(f"{f['path']} ({f['split']}, {f['class']})" for f in g["files"]),
+                ]
+                for g in groups[:50]
+            ]
+            parts.append(f"<h4>Duplicate groups ({len(groups)})</h4>")
+            parts.append(_table(["where", "match", "files (split, class)"], rows))
     left_out = _read_json(path / "bad_files.json", {})
     rows = [(f["path"], f["reason"]) for f in left_out.get("bad_files", [])]
     rows += [(f["path"], f["reason"]) for f in left_out.get("ignored", [])]
@@ -349,10 +363,12 @@ def _gradcam(run: Run, predictions) -> str:
             + _img(plots.image_png(overlay(img, heat), THUMBNAIL_SIZE), "Grad-CAM", "thumb")
             + f"<figcaption>{caption}</figcaption></figure>"
         )
+    grid = "x".join(str(d) for d in run.model.get_layer("pool").input.shape[1:3])
     note = (
         '<p class="note">Left: the image; right: the regions that raised the score of the '
         "predicted class most (red), from the last feature map of the fine-tuned model. The most "
-        "confident right and wrong predictions are shown.</p>"
+        f"confident right and wrong predictions are shown. At {run.image_size} px that map is "
+        f"{grid} cells, so the heat map cannot be finer than that.</p>"
     )
     return _section("gradcam", title, note + f'<div class="grid">{"".join(items)}</div>')
 

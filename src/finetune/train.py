@@ -12,7 +12,7 @@ import dataclasses
 import hashlib
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import keras
 import numpy as np
@@ -42,6 +42,9 @@ from finetune.model import build_classifier
 from finetune.recipes import Phase, PhaseData, fit_phases, two_phase_plan
 from finetune.run import MODEL_FILE, Run, keras_verbosity, save_model_atomic, softmax
 
+if TYPE_CHECKING:
+    from finetune.data.inspect import DatasetReport
+
 # Python keyword -> dotted config name, shared by the API and the CLI.
 OPTION_NAMES = {
     "backbone": "model.backbone",
@@ -52,6 +55,7 @@ OPTION_NAMES = {
     "image_size": "data.image_size",
     "batch_size": "data.batch_size",
     "val_fraction": "data.val_fraction",
+    "check_data": "data.check",
     "test_fraction": "data.test_fraction",
     "augment": "augment.enabled",
     "head_epochs": "recipe.head_epochs",
@@ -182,6 +186,7 @@ def train(
     _check_recipe_mode(recipe)
     run_dir = _prepare_run_dir(out, overwrite)
     data = prepare_data(data_dir, config, progress=progress)
+    check_data(data, config, run_dir, progress)
     given = frozenset(OPTION_NAMES[k] for k in options)
     if recipe == "auto":
         config = _auto_recipe(data, config, given, run_dir, progress, lr_auto=lr == "auto")
@@ -266,6 +271,28 @@ def prepare_data(data_dir: str | Path, config: Config, progress: bool = True) ->
         progress=progress,
         max_memory_gb=config.data.max_memory_gb,
     )
+
+
+def check_data(
+    data: PreparedData, config: Config, run_dir: Path | None, progress: bool = True
+) -> DatasetReport | None:
+    """Runs the dataset check on the split training will use (`config.data.check`).
+
+    The findings go to `run_dir/inspect.json` and the verdict is printed; problems (duplicates
+    across classes, leakage across splits) are reported, not fatal.
+    """
+    from finetune.data.inspect import inspect_folder
+
+    if not config.data.check:
+        return None
+    report = inspect_folder(data.root, data.splits, progress=progress)
+    if run_dir is not None:
+        write_json(run_dir / "inspect.json", report.to_dict())
+    if progress:
+        print(f"Dataset check: {report.verdict}", flush=True)
+        for line in report.problems:
+            print(f"  problem: {line}", flush=True)
+    return report
 
 
 def seed_everything(seed: int, deterministic: bool = True) -> None:
@@ -514,6 +541,7 @@ def train_with_scratch_baseline(
     run_dir = _prepare_run_dir(out, overwrite)
     scratch_dir = _prepare_run_dir(run_dir / "scratch_baseline", overwrite) if run_dir else None
     data = prepare_data(data_dir, config, progress=progress)
+    check_data(data, config, run_dir, progress)
     if recipe == "auto":
         given = frozenset(OPTION_NAMES[k] for k in options)
         config = _auto_recipe(data, config, given, run_dir, progress)

@@ -133,7 +133,7 @@ def calibrate(folder: Path) -> None:
     import sklearn.datasets
     from PIL import Image
 
-    from finetune.data import inspect as inspection
+    from finetune.data import duplicates
 
     places = {
         "sklearn": Path(sklearn.datasets.__file__).parent / "images",
@@ -143,14 +143,14 @@ def calibrate(folder: Path) -> None:
 
     def examine(img: Image.Image, name: str, **options):
         img.save(scratch / name, **options)
-        return inspection._examine(scratch / name)
+        return duplicates._examine(scratch / name)
 
     def apart(a, b) -> tuple[int, float]:
         bits = int(np.bitwise_count(a.phash ^ b.phash).sum())
         return bits, float(np.abs(a.colour.astype(np.int16) - b.colour).mean())
 
     def closest(images) -> int:
-        _, _, d = inspection._near_pairs(np.stack([x.phash for x in images]), 255)
+        _, _, d = duplicates._near_pairs(np.stack([x.phash for x in images]), 255)
         return int(d.min())
 
     rows, originals = [], []
@@ -180,11 +180,11 @@ def calibrate(folder: Path) -> None:
     paths = sorted(
         p for p in folder.glob("*/*") if p.suffix in (".png", ".jpg") and p.stem[0].isdigit()
     )
-    found = inspection._examine_all(paths, 2, False)
+    found = duplicates._examine_all(paths, 2, False)
     hashes = np.stack([x.phash for x in found])
     colours = np.stack([x.colour for x in found]).astype(np.int16)
-    i, j, d = inspection._near_pairs(hashes, 40)
-    same_colour = np.abs(colours[i] - colours[j]).mean(axis=1) <= inspection.COLOUR_TOLERANCE
+    i, j, d = duplicates._near_pairs(hashes, 40)
+    same_colour = np.abs(colours[i] - colours[j]).mean(axis=1) <= duplicates.COLOUR_TOLERANCE
     counts = ", ".join(
         f"{t}: {int((d <= t).sum())} ({int(((d <= t) & same_colour).sum())})"
         for t in (8, 16, 20, 24, 28, 32, 40)
@@ -220,6 +220,7 @@ def main(argv: list[str] | None = None) -> None:
         return
     import numpy as np
 
+    from finetune.data import duplicates
     from finetune.data import inspect as inspection
     from finetune.data.scan import scan_image_folder
 
@@ -235,7 +236,7 @@ def main(argv: list[str] | None = None) -> None:
         scans.append(time.perf_counter() - start)
         hashes = np.random.default_rng(repeat).integers(0, 2**63, (report.images, 4), np.uint64)
         start = time.perf_counter()
-        inspection._near_pairs(hashes, report.near_duplicate_distance)
+        duplicates._near_pairs(hashes, report.near_duplicate_distance)
         pair_searches.append(time.perf_counter() - start)
         print(f"  run {repeat + 1}: {seconds[-1]:.2f} s", flush=True)
     assert report is not None

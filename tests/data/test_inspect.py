@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 from PIL import Image, ImageDraw
 
-from finetune.data import inspect as inspection
+from finetune.data import duplicates
 from finetune.data.inspect import (
     DEFAULT_NEAR_DUPLICATE_DISTANCE,
     IMBALANCE_WARNING,
@@ -321,7 +321,7 @@ def test_the_same_shape_in_other_colours_is_not_a_near_duplicate(tmp_path):
         ImageDraw.Draw(img).ellipse([12, 12, 52, 52], fill=colour)
         save(img, root / cls / "sign.png")
     # The perceptual hash ignores colour: the two signs hash alike...
-    red, blue = (inspection._examine(root / c / "sign.png") for c in ("stop", "go"))
+    red, blue = (duplicates._examine(root / c / "sign.png") for c in ("stop", "go"))
     hash_distance = int(np.bitwise_count(red.phash ^ blue.phash).sum())
     assert hash_distance <= DEFAULT_NEAR_DUPLICATE_DISTANCE
     # ...so only the colour comparison keeps them apart.
@@ -485,9 +485,9 @@ def test_the_blockwise_pair_search_finds_exactly_the_close_pairs(monkeypatch):
         bits[b] = changed
     bits[200] = 1 - bits[201]  # all 256 bits differ: must not wrap around to distance 0
     hashes = np.packbits(bits, axis=1).view(np.uint64)
-    monkeypatch.setattr(inspection, "_PAIR_BLOCK", 1000)  # 3 rows per block: many blocks
+    monkeypatch.setattr(duplicates, "_PAIR_BLOCK", 1000)  # 3 rows per block: many blocks
 
-    i, j, d = inspection._near_pairs(hashes, 24)
+    i, j, d = duplicates._near_pairs(hashes, 24)
 
     expected = {
         (a, b, int((bits[a] != bits[b]).sum()))
@@ -502,7 +502,7 @@ def test_the_blockwise_pair_search_finds_exactly_the_close_pairs(monkeypatch):
 
 def test_the_popcount_table_agrees_with_numpy():
     x = np.random.default_rng(1).integers(0, 2**63, (7, 9), dtype=np.uint64) * 2 + 1
-    np.testing.assert_array_equal(inspection._popcount_table(x), np.bitwise_count(x))
+    np.testing.assert_array_equal(duplicates._popcount_table(x), np.bitwise_count(x))
 
 
 def test_a_copy_in_another_class_and_split_counts_as_both_problems(tmp_path):

@@ -33,6 +33,7 @@ __all__ = [
     "MAX_IMAGE_PIXELS",
     "BadFile",
     "decode_images",
+    "default_workers",
     "is_image_file",
     "load_image",
 ]
@@ -264,7 +265,7 @@ def load_image(
     return np.ascontiguousarray(array)
 
 
-def _default_workers() -> int:
+def default_workers() -> int:
     """Number of CPUs this process may use (respecting affinity), at most 16."""
     try:
         available = len(os.sched_getaffinity(0))
@@ -306,7 +307,7 @@ def decode_images(
     size = int(size)
     _resampling(interpolation)
     if workers is None:
-        workers = _default_workers()
+        workers = default_workers()
     if isinstance(workers, bool) or not isinstance(workers, int) or workers < 1:
         raise ConfigError(f"workers must be a positive integer, got {workers!r}")
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from finetune.calibration import fit_temperature, negative_log_likelihood
+from finetune.calibration import choose_temperature, fit_temperature, negative_log_likelihood
 from finetune.errors import FinetuneError
 from finetune.evaluate import expected_calibration_error
 from finetune.run import softmax
@@ -71,3 +71,15 @@ def test_calibrate_without_a_validation_split_is_refused_before_training(tmp_pat
             progress=False,
         )
     assert not (tmp_path / "run" / "model.keras").exists()
+
+
+def test_a_val_split_without_mistakes_leaves_the_temperature_at_1():
+    # All right: the likelihood would push T to its lower bound, sharpening an already
+    # over-confident model. choose_temperature refuses and says why.
+    logits = np.array([[3.0, 0.0], [0.0, 2.0], [4.0, 1.0]])
+    labels = np.array([0, 1, 0])
+    assert fit_temperature(logits, labels) < 0.1  # what a blind fit would do
+    t, note = choose_temperature(logits, labels)
+    assert t == 1.0 and "every val image is classified right" in note
+    t, note = choose_temperature(logits, np.array([0, 1, 1]))
+    assert note is None and t != 1.0

@@ -10,6 +10,7 @@ from typer.testing import CliRunner
 
 import finetune
 from finetune.cli import app
+from finetune.errors import DataError
 from tests.helpers import FASHION, image_subset
 
 
@@ -43,7 +44,8 @@ def test_clean_folder_exits_0_and_leakage_exits_1_with_the_files_named(tmp_path,
 
 def test_bad_folder_is_a_clear_error(tmp_path):
     result = CliRunner().invoke(app, ["inspect", str(tmp_path / "missing")])
-    assert result.exit_code != 0
+    assert isinstance(result.exception, DataError)
+    assert "missing" in str(result.exception)
 
 
 @pytest.mark.slow

@@ -42,6 +42,10 @@ def test_hand_worked_example():
     f1 = [2 / 3, 1 / 2, 0.8]
     assert [m["per_class"][n]["f1"] for n in NAMES] == pytest.approx(f1)
     assert m["macro_f1"] == pytest.approx(sum(f1) / 3)
+    assert m["macro_precision"] == pytest.approx((1 + 1 / 2 + 2 / 3) / 3)
+    assert m["macro_recall"] == pytest.approx(2 / 3)
+    assert m["weighted_precision"] == pytest.approx(m["macro_precision"])  # equal supports
+    assert m["weighted_recall"] == pytest.approx(m["accuracy"])
     assert m["weighted_f1"] == pytest.approx(sum(f1) / 3)  # equal supports
     assert [m["per_class"][n]["support"] for n in NAMES] == [2, 2, 2]
     assert m["top_k"] == 2 and m["top_k_accuracy"] == pytest.approx(1.0)
@@ -102,3 +106,25 @@ def test_ece_is_small_for_calibrated_probabilities():
     assert expected_calibration_error(y, p) < 0.02
     over = p**3 / (p**3).sum(axis=1, keepdims=True)  # sharpened: over-confident
     assert expected_calibration_error(y, over) > 0.1
+
+
+def test_two_classes():
+    y = np.array([0, 0, 1, 1, 1])
+    p = np.array([[0.9, 0.1], [0.4, 0.6], [0.3, 0.7], [0.2, 0.8], [0.6, 0.4]])
+    m = classification_metrics(y, p, ["no", "yes"])
+    assert "top_k_accuracy" not in m
+    assert m["accuracy"] == pytest.approx(3 / 5)
+    # One-vs-rest with two classes is one ROC curve seen from both sides.
+    assert m["per_class"]["no"]["roc_auc"] == pytest.approx(m["per_class"]["yes"]["roc_auc"])
+    assert m["roc_auc_ovr"] == pytest.approx(roc_auc_score(y, p[:, 1]))
+    assert m["weighted_recall"] == pytest.approx(3 / 5)
+
+
+def test_a_confidence_on_a_bin_edge_falls_in_the_bin_it_closes():
+    # Bins (0, 0.2], (0.2, 0.4], ...: a confidence of exactly 0.2 or 0.4 closes its bin.
+    p = np.array([[0.2] * 5, [0.4, 0.15, 0.15, 0.15, 0.15]])
+    rows = calibration_bins(np.array([0, 0]), p, bins=5)
+    assert [(r["lower"], r["upper"], r["count"]) for r in rows] == [
+        (0.0, pytest.approx(0.2), 1),
+        (pytest.approx(0.2), pytest.approx(0.4), 1),
+    ]

@@ -8,6 +8,7 @@ image must load and the console must stay free of errors.
 
 from __future__ import annotations
 
+import html
 import json
 import shutil
 from html.parser import HTMLParser
@@ -19,6 +20,7 @@ from typer.testing import CliRunner
 
 import finetune
 from finetune.cli import app
+from finetune.errors import DataError, FinetuneError
 from finetune.evaluate import Predictions, classification_metrics
 from finetune.report import SECTIONS
 from finetune.run import softmax
@@ -29,9 +31,14 @@ CHROMIUM = Path("/usr/bin/chromium")
 CHROMEDRIVER = Path("/usr/bin/chromedriver")
 
 
+# A class name that HTML and matplotlib would both misread if it were not escaped.
+ODD_CLASS = "b<q>g & $x$"
+
+
 @pytest.fixture(scope="module")
 def run_dir(tmp_path_factory):
     data = image_subset(FASHION, tmp_path_factory.mktemp("data"), classes=4, per_class=40)
+    (data / "bag").rename(data / ODD_CLASS)
     out = tmp_path_factory.mktemp("runs") / "first"
     finetune.train(
         data,
@@ -50,11 +57,13 @@ class _Page(HTMLParser):
     def __init__(self):
         super().__init__()
         self.ids: list[str] = []
+        self.tags: set[str] = set()
         self.images: list[str] = []
         self.external: list[str] = []
 
     def handle_starttag(self, tag, attrs):
         a = dict(attrs)
+        self.tags.add(tag)
         if "id" in a:
             self.ids.append(a["id"])
         if tag == "img":
@@ -123,6 +132,8 @@ def test_report_has_every_section_and_is_self_contained(run_dir):
     assert [s for s in SECTIONS if s not in page.ids] == []
     assert page.external == []  # nothing fetched from outside the file
     assert all(src.startswith("data:image/png;base64,") for src in page.images)
+    assert "q" not in page.tags  # the class name's "<q>" stayed text
+    assert html.escape(ODD_CLASS) in (run_dir / "report.html").read_text(encoding="utf-8")
     # curves, confusion matrix, reliability diagram, plus thumbnails and Grad-CAM pairs
     assert len(page.images) >= 3 + 2
 
@@ -138,13 +149,60 @@ def test_report_command_rebuilds_the_page(run_dir):
 @pytest.mark.slow
 def test_evaluate_updates_metrics_predictions_and_report(run_dir):
     before = (run_dir / "report.html").stat().st_mtime_ns
+    trained = json.loads((run_dir / "metrics.json").read_text())
     (run_dir / "predictions.csv").unlink()
     result = CliRunner().invoke(app, ["evaluate", str(run_dir), "--json"])
     assert result.exit_code == 0, result.output
     assert (run_dir / "predictions.csv").is_file()
     assert (run_dir / "report.html").stat().st_mtime_ns > before
     metrics = json.loads((run_dir / "metrics.json").read_text())
-    assert "calibration" in metrics and "roc_auc_ovr" in metrics
+    assert metrics["accuracy"] == pytest.approx(trained["accuracy"])
+    assert metrics["roc_auc_ovr"] == pytest.approx(trained["roc_auc_ovr"], abs=1e-6)
+    # The calibration figures are measured again, on the same images as the new metrics.
+    cal = metrics["calibration"]
+    assert cal["ece_after"] == pytest.approx(metrics["ece"])
+    assert cal["ece_before"] == pytest.approx(trained["calibration"]["ece_before"], abs=1e-6)
+
+
+@pytest.mark.slow
+def test_predict_returns_the_calibrated_probabilities(run_dir):
+    rows = Predictions.read_csv(run_dir / "predictions.csv")
+    (result,) = finetune.predict(run_dir, [rows.paths[0]], top_k=1)
+    assert result.top[0][1] == pytest.approx(rows.probabilities[0].max(), abs=1e-5)
+    run = finetune.Run.load(run_dir)
+    image = finetune.data.decode.load_image(rows.paths[0], SIZE)[None]
+    raw = run.predict_proba(image, temperature=1.0)[0].max()
+    assert raw != pytest.approx(result.top[0][1], abs=1e-4)  # the temperature did something
+
+
+@pytest.mark.slow
+def test_evaluate_refuses_the_training_folder_and_unreadable_data(run_dir, tmp_path):
+    info = json.loads((run_dir / "run.json").read_text())
+    result = CliRunner().invoke(app, ["evaluate", str(run_dir), info["data_dir"]])
+    assert isinstance(result.exception, DataError)
+    assert "trained on" in str(result.exception)
+
+    moved = tmp_path / "moved"
+    shutil.copytree(run_dir, moved, ignore=shutil.ignore_patterns("tensorboard", "checkpoints"))
+    split = json.loads((moved / "split.json").read_text())
+    split["root"] = str(tmp_path / "gone")
+    (moved / "split.json").write_text(json.dumps(split))
+    with pytest.raises(DataError, match="none of the .* images"):
+        finetune.evaluate(moved, progress=False)
+
+
+@pytest.mark.slow
+def test_overwrite_removes_the_old_runs_records_and_nothing_else(run_dir, tmp_path):
+    from finetune.train import _prepare_run_dir
+
+    old = tmp_path / "old"
+    shutil.copytree(run_dir, old)
+    (old / "recipe_auto.json").write_text("[]")
+    (old / "my_notes.txt").write_text("mine")
+    with pytest.raises(FinetuneError, match="--overwrite"):
+        _prepare_run_dir(old, overwrite=False)
+    _prepare_run_dir(old, overwrite=True)
+    assert sorted(p.name for p in old.iterdir()) == ["my_notes.txt"]
 
 
 @pytest.mark.slow
@@ -187,7 +245,7 @@ def test_runs_lists_runs_side_by_side(run_dir, tmp_path):
     assert result.exit_code == 0, result.output
     assert [Path(r["path"]).name for r in json.loads(result.output)] == ["a", "b"]
     result = CliRunner().invoke(app, ["runs", str(tmp_path / "missing")])
-    assert result.exit_code != 0
+    assert isinstance(result.exception, FinetuneError)
 
 
 def _chrome():

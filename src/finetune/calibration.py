@@ -55,3 +55,21 @@ def fit_temperature(logits: np.ndarray, labels: np.ndarray) -> float:
         options={"xatol": 1e-4},
     )
     return float(np.exp(result.x))
+
+
+def choose_temperature(logits: np.ndarray, labels: np.ndarray) -> tuple[float, str | None]:
+    """`fit_temperature`, unless the held-out images cannot support a fit.
+
+    When every image is classified right, the likelihood keeps rising as T falls towards 0, so
+    a fit would make the model more over-confident, not less: T stays 1.
+
+    Returns:
+        (temperature, None) or (1.0, the reason the temperature was not fitted).
+    """
+    logits = np.asarray(logits)
+    if len(labels) and (logits.argmax(axis=1) == np.asarray(labels)).all():
+        return 1.0, (
+            "temperature not fitted: every val image is classified right, so the val split "
+            "cannot show how over-confident the model is; probabilities left as they are"
+        )
+    return fit_temperature(logits, labels), None

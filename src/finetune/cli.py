@@ -75,8 +75,22 @@ def _print_metrics(title: str, metrics: dict[str, Any]) -> None:
             str(m["support"]),
             "-" if auc is None else f"{auc:.3f}",
         )
+    for average in ("macro", "weighted"):
+        if f"{average}_precision" in metrics:
+            table.add_row(
+                f"[italic]{average} average[/]",
+                f"{metrics[f'{average}_precision']:.3f}",
+                f"{metrics[f'{average}_recall']:.3f}",
+                f"{metrics[f'{average}_f1']:.3f}",
+                str(metrics["num_images"]),
+                f"{metrics['roc_auc_ovr']:.3f}"
+                if average == "macro" and metrics.get("roc_auc_ovr") is not None
+                else "",
+            )
     console.print(table)
     extra = ""
+    if metrics.get("tta", 1) > 1:
+        extra += f"  ({metrics['tta']} test-time augmentation views)"
     if "top_k_accuracy" in metrics:
         extra += f"  top-{metrics['top_k']} {_percent(metrics['top_k_accuracy'])}"
     if "ece" in metrics:
@@ -85,6 +99,18 @@ def _print_metrics(title: str, metrics: dict[str, Any]) -> None:
         f"accuracy [bold]{_percent(metrics['accuracy'])}[/]  macro F1 {metrics['macro_f1']:.3f}"
         f"{extra}  on {metrics['num_images']} images ({metrics.get('data', '')})"
     )
+    cal = metrics.get("calibration")
+    if cal:
+        console.print(
+            f"calibrated with temperature {cal['temperature']:.3f} (fitted on the "
+            f"{cal['fitted_on']}): ECE {cal['ece_before']:.3f} before, "
+            f"{cal['ece_after']:.3f} after, on the {cal['measured_on']}"
+        )
+    if metrics.get("bad_files"):
+        console.print(
+            f"[yellow]{len(metrics['bad_files'])} image(s) could not be read and are not "
+            "counted[/] (bad_files in the metrics)."
+        )
 
 
 @app.command()
@@ -312,8 +338,6 @@ def evaluate(
         run, data_dir, progress=not as_json, tta=tta
     )
     if data_dir is None:
-        if "calibration" in run.metrics:
-            metrics["calibration"] = run.metrics["calibration"]
         write_json(run_dir / "metrics.json", metrics)
         predictions.write_csv(run_dir / "predictions.csv")
         run.metrics = metrics
@@ -414,6 +438,7 @@ def runs(
     for col in ("run", "created", "backbone", "recipe", "phases", "data", "accuracy", "macro F1"):
         table.add_column(col, justify="right" if col in ("accuracy", "macro F1") else "left")
     table.add_column("ECE", justify="right")
+    table.add_column("TTA", justify="right")
     for r in found:
         name = os.path.relpath(r.path, folder) if r.path != str(folder) else r.path
         table.add_row(
@@ -426,6 +451,7 @@ def runs(
             _percent(r.accuracy),
             "-" if r.macro_f1 is None else f"{r.macro_f1:.3f}",
             "-" if r.ece is None else f"{r.ece:.3f}",
+            str(r.tta),
         )
     console.print(table)
 

@@ -56,16 +56,17 @@ def calibration_bins(
     """
     confidence = probabilities.max(axis=1)
     correct = probabilities.argmax(axis=1) == np.asarray(y_true)
-    # Bin i holds (i/bins, (i+1)/bins]; a confidence of exactly 0 joins the first bin.
-    index = np.clip(np.ceil(confidence * bins).astype(int) - 1, 0, bins - 1)
+    # Bin i holds (edge i, edge i+1]; a confidence of exactly 0 joins the first bin.
+    edges = np.linspace(0.0, 1.0, bins + 1)
+    index = np.clip(np.searchsorted(edges, confidence, side="left") - 1, 0, bins - 1)
     rows = []
     for i in range(bins):
         members = index == i
         if members.any():
             rows.append(
                 {
-                    "lower": i / bins,
-                    "upper": (i + 1) / bins,
+                    "lower": float(edges[i]),
+                    "upper": float(edges[i + 1]),
                     "confidence": float(confidence[members].mean()),
                     "accuracy": float(correct[members].mean()),
                     "count": int(members.sum()),
@@ -122,7 +123,8 @@ def classification_metrics(
         class_names: names in label order.
 
     Returns:
-        A JSON-ready dict with `accuracy`, `top_k_accuracy`, `macro_f1`, `weighted_f1`,
+        A JSON-ready dict with `accuracy`, `macro_f1`, `weighted_f1`, `macro_precision`,
+        `macro_recall`, `weighted_precision`, `weighted_recall`,
         `loss`, `num_images`, `per_class` (precision, recall, f1, support and one-vs-rest
         `roc_auc` per class name), `confusion_matrix` (rows: true class, columns: predicted
         class), `confusion_matrix_normalized` (each row divided by its count, so the diagonal
@@ -151,6 +153,17 @@ def classification_metrics(
         "weighted_f1": float(
             f1_score(y_true, y_pred, labels=labels, average="weighted", zero_division=0)
         ),
+        **{
+            f"{average}_{name}": float(value)
+            for average in ("macro", "weighted")
+            for name, value in zip(
+                ("precision", "recall"),
+                precision_recall_fscore_support(
+                    y_true, y_pred, labels=labels, average=average, zero_division=0
+                )[:2],
+                strict=True,
+            )
+        },
         "loss": float(log_loss(y_true, probabilities, labels=labels)),
         "num_images": int(len(y_true)),
         "per_class": {
@@ -281,7 +294,7 @@ def evaluate_with_predictions(
     """`evaluate`, also returning the per-image `Predictions`."""
     from finetune.data.decode import decode_images
     from finetune.data.scan import scan_image_folder
-    from finetune.run import Run
+    from finetune.run import Run, probabilities_from_views
 
     run = run if isinstance(run, Run) else Run.load(run)
     if data_dir is None:
@@ -290,8 +303,16 @@ def evaluate_with_predictions(
         paths = [p for p, _ in samples]
         y = np.asarray([label for _, label in samples], dtype=np.int64)
     else:
+        trained_on = run.info.get("data_dir")
+        if trained_on and Path(data_dir).resolve() == Path(trained_on).resolve():
+            raise DataError(
+                f"{data_dir} is the folder this run was trained on: evaluating all of it would "
+                "score the training images too. Run `finetune evaluate RUN_DIR` without a "
+                "folder to use the run's own test split."
+            )
         folder = scan_image_folder(data_dir)
-        split = "test" if "test" in folder.samples else next(iter(folder.samples))
+        # The held-out split of a pre-split folder; never its train/ when val/ exists.
+        split = next(s for s in ("test", "val", "all", "train") if s in folder.samples)
         unknown = sorted(set(folder.class_names) - set(run.class_names))
         if unknown:
             raise DataError(
@@ -305,10 +326,42 @@ def evaluate_with_predictions(
     if not paths:
         raise DataError(f"nothing to evaluate: {where} holds no images.")
     images, ok, bad = decode_images(paths, run.image_size, progress=progress)
-    probabilities = run.predict_proba(images, progress=progress, tta=tta)
-    metrics = classification_metrics(y[ok], probabilities, run.class_names)
+    if not ok:
+        raise DataError(
+            f"none of the {len(paths)} images of the {where} can be read (the first: "
+            f"{bad[0].path}: {bad[0].reason}). If the data folder moved, evaluate the new "
+            "location with `finetune evaluate RUN_DIR DATA_DIR`."
+        )
+    views = run.predict_view_logits(images, progress=progress, tta=tta)
+    probabilities = probabilities_from_views(views, run.temperature)
+    y = y[ok]
+    metrics = classification_metrics(y, probabilities, run.class_names)
     metrics["data"] = where
     metrics["tta"] = tta
     metrics["bad_files"] = [{"path": str(b.path), "reason": b.reason} for b in bad]
-    kept = [str(paths[i]) for i in ok]
-    return metrics, Predictions(kept, y[ok], probabilities, list(run.class_names))
+    if run.temperature != 1.0:
+        fitted_on = run.info.get("calibration", {}).get("fitted_on", "val split")
+        metrics["calibration"] = calibration_record(
+            y, probabilities_from_views(views), probabilities, run.temperature, fitted_on, where
+        )
+    kept = [str(Path(paths[i]).resolve()) for i in ok]
+    return metrics, Predictions(kept, y, probabilities, list(run.class_names))
+
+
+def calibration_record(
+    y_true: np.ndarray,
+    uncalibrated: np.ndarray,
+    calibrated: np.ndarray,
+    temperature: float,
+    fitted_on: str,
+    measured_on: str,
+) -> dict[str, Any]:
+    """What `metrics.json` says about a calibrated run: the ECE before and after, and where."""
+    return {
+        "temperature": temperature,
+        "fitted_on": fitted_on,
+        "measured_on": measured_on,
+        "ece_before": expected_calibration_error(y_true, uncalibrated),
+        "ece_after": expected_calibration_error(y_true, calibrated),
+        "reliability_before": calibration_bins(y_true, uncalibrated),
+    }

@@ -24,6 +24,11 @@ VAL_COLOR = "#D55E00"
 PHASE_COLOR = "#999999"
 
 
+def _plain(text: object) -> str:
+    """Text shown as typed: matplotlib would read `$...$` in a class name as math."""
+    return str(text).replace("$", r"\$")
+
+
 def _png(fig: plt.Figure) -> bytes:
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=110, bbox_inches="tight")
@@ -62,7 +67,7 @@ def training_curves(history: Sequence[dict[str, Any]]) -> bytes:
                 ax.text(
                     (start + i + 1) / 2,
                     1.01,
-                    str(history[start].get("phase", "")),
+                    _plain(history[start].get("phase", "")),
                     transform=ax.get_xaxis_transform(),
                     ha="center",
                     va="bottom",
@@ -89,8 +94,9 @@ def confusion_matrix_figure(matrix: Sequence[Sequence[float]], class_names: list
     side = min(12.0, 2.5 + 0.55 * n)
     fig, ax = plt.subplots(figsize=(side, side * 0.85))
     ax.imshow(share, cmap="Blues", vmin=0, vmax=1)
-    ax.set_xticks(range(n), class_names, rotation=45, ha="right", fontsize=8)
-    ax.set_yticks(range(n), class_names, fontsize=8)
+    names = [_plain(c) for c in class_names]
+    ax.set_xticks(range(n), names, rotation=45, ha="right", fontsize=8)
+    ax.set_yticks(range(n), names, fontsize=8)
     ax.set_xlabel("predicted")
     ax.set_ylabel("true")
     if n <= 20:

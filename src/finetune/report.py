@@ -32,6 +32,11 @@ TOP_LOSSES = 12
 GRADCAM_EXAMPLES = 4
 THUMBNAIL_SIZE = 128
 
+NO_PREDICTIONS = (
+    '<p class="note">This run has no predictions.csv (no test or val split, or a run made '
+    "before it was written): run <code>finetune evaluate RUN_DIR</code> to add it.</p>"
+)
+
 #: Section ids, in page order (the browser test checks each one rendered).
 SECTIONS = (
     "summary",
@@ -295,7 +300,7 @@ def _load_thumbs(paths: Sequence[str], size: int) -> list[np.ndarray | None]:
 def _top_losses(predictions) -> str:
     title = "Most confidently wrong images"
     if predictions is None:
-        return _section("top-losses", title, '<p class="note">No predictions.csv.</p>')
+        return _section("top-losses", title, NO_PREDICTIONS)
     wrong = np.flatnonzero(predictions.y_pred != predictions.y_true)
     if not len(wrong):
         return _section("top-losses", title, "<p>Every evaluated image was classified right.</p>")
@@ -329,7 +334,7 @@ def _gradcam(run: Run, predictions) -> str:
 
     title = "Where the model looks (Grad-CAM)"
     if predictions is None or not len(predictions.y_true):
-        return _section("gradcam", title, '<p class="note">No predictions.csv.</p>')
+        return _section("gradcam", title, NO_PREDICTIONS)
     right = np.flatnonzero(predictions.y_pred == predictions.y_true)
     wrong = np.flatnonzero(predictions.y_pred != predictions.y_true)
     confidence = predictions.probabilities.max(axis=1)
@@ -377,7 +382,13 @@ def _calibration(run: Run) -> str:
     m = run.metrics
     title = "Calibration"
     if "reliability" not in m:
-        return _section("calibration", title, '<p class="note">No metrics.</p>')
+        return _section(
+            "calibration",
+            title,
+            '<p class="note">metrics.json has no calibration figures (no test or val split, '
+            "or a run made before they were computed): run <code>finetune evaluate RUN_DIR</code> "
+            "to add them.</p>",
+        )
     cal = m.get("calibration")
     before = cal.get("reliability_before") if cal else None
     png = plots.reliability_diagram(m["reliability"], m["ece"], before)
@@ -387,6 +398,8 @@ def _calibration(run: Run) -> str:
             f"expected calibration error on the {_esc(cal['measured_on'])}: "
             f"{cal['ece_before']:.3f} before, <b>{cal['ece_after']:.3f}</b> after.</p>"
         )
+        if cal.get("note"):
+            text += f'<p class="note">{_esc(cal["note"])}.</p>'
     else:
         text = (
             f"<p>Expected calibration error {m['ece']:.3f}: when the model says p, it is right "

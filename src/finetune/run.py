@@ -48,6 +48,11 @@ def softmax(logits: np.ndarray) -> np.ndarray:
     return z / z.sum(axis=-1, keepdims=True)
 
 
+def probabilities_from_views(view_logits: np.ndarray, temperature: float = 1.0) -> np.ndarray:
+    """The mean over views of `softmax(logits / temperature)`; (views, N, C) -> (N, C)."""
+    return np.mean([softmax(v / temperature) for v in view_logits], axis=0)
+
+
 @dataclass
 class Run:
     """A fine-tuned classifier and its record.
@@ -130,7 +135,12 @@ class Run:
         return self.model.predict(x, batch_size=batch_size, verbose=keras_verbosity(progress))
 
     def predict_proba(
-        self, images: np.ndarray, batch_size: int = 64, progress: bool = False, tta: int = 1
+        self,
+        images: np.ndarray,
+        batch_size: int = 64,
+        progress: bool = False,
+        tta: int = 1,
+        temperature: float | None = None,
     ) -> np.ndarray:
         """Class probabilities for uint8/float RGB images of the run's input size.
 
@@ -144,9 +154,24 @@ class Run:
             tta: test-time augmentation: average the probabilities of the images and of
                 `tta - 1` copies transformed by the run's own training augmentation (seeded,
                 so repeatable). Defaults to 1 (no augmentation).
+            temperature: divide the logits by this instead of the run's `temperature` (1.0
+                gives the uncalibrated probabilities). Defaults to None (the run's).
 
         Raises:
             FinetuneError: `tta` below 1, or above 1 for a run trained without augmentation.
+        """
+        views = self.predict_view_logits(images, batch_size, progress, tta)
+        return probabilities_from_views(
+            views, self.temperature if temperature is None else temperature
+        )
+
+    def predict_view_logits(
+        self, images: np.ndarray, batch_size: int = 64, progress: bool = False, tta: int = 1
+    ) -> np.ndarray:
+        """The logits of each test-time augmentation view: (tta, N, num_classes).
+
+        View 0 is the images as given; views 1.. are transformed by the run's training
+        augmentation seeded with `seed + view`. See `predict_proba` for the arguments.
         """
         import tensorflow as tf
 
@@ -156,8 +181,7 @@ class Run:
             raise FinetuneError(f"tta must be 1 or more, got {tta}.")
         x = np.asarray(images, np.float32)
         verbose = keras_verbosity(progress)
-        t = self.temperature
-        probabilities = softmax(self.model.predict(x, batch_size=batch_size, verbose=verbose) / t)
+        views = [self.model.predict(x, batch_size=batch_size, verbose=verbose)]
         for copy in range(1, tta):
             augmentation = build_augmentation(self.config.augment, seed=self.config.seed + copy)
             if augmentation is None:
@@ -170,8 +194,8 @@ class Run:
                 .batch(batch_size)
                 .map(lambda b, a=augmentation: a(b, training=True))
             )
-            probabilities += softmax(self.model.predict(batches, verbose=verbose) / t)
-        return probabilities / tta
+            views.append(self.model.predict(batches, verbose=verbose))
+        return np.stack(views)
 
     def split_samples(self, split: str) -> list[tuple[Path, int]]:
         """The (path, label) pairs of one split of the run's data, from `split.json`."""

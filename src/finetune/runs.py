@@ -23,8 +23,8 @@ class RunSummary:
         path: the run directory.
         created: when training finished (ISO 8601, UTC), or "".
         backbone: the backbone name.
-        recipe: "auto" when the recipe was chosen by `--recipe auto`, else "default";
-            plus "+calibrated" when a temperature was fitted.
+        recipe: how the recipe was chosen: "default", "auto" (`--recipe auto`) or "scratch"
+            (a `--compare-scratch` baseline); plus "+calibrated" when a temperature was fitted.
         phases: the phases that ran, with their epochs, e.g. "head 3, finetune 3".
         data_fingerprint: hash of the data seen (see `finetune.train.data_fingerprint`).
         seed: the run's seed.
@@ -32,7 +32,10 @@ class RunSummary:
         macro_f1: macro F1, or None.
         ece: expected calibration error, or None.
         num_images: images the metrics were measured on.
-        finished: whether the model file is there (False for a run killed before the end).
+        tta: test-time augmentation views behind the metrics (1: none).
+        finished: whether the model file is there (a folder copied without its model, or whose
+            model was deleted, lists as unfinished; a run killed during training has no
+            `run.json` yet and is not listed).
     """
 
     path: str
@@ -46,6 +49,7 @@ class RunSummary:
     macro_f1: float | None
     ece: float | None
     num_images: int | None
+    tta: int
     finished: bool
 
     def to_dict(self) -> dict:
@@ -73,7 +77,9 @@ def _summary(folder: Path) -> RunSummary | None:
             phases[-1][1] += 1
         else:
             phases.append([name, 1])
-    recipe = "auto" if (folder / "recipe_auto.json").is_file() else "default"
+    recipe = str(
+        info.get("recipe", "auto" if (folder / "recipe_auto.json").is_file() else "default")
+    )
     if "calibration" in info:
         recipe += "+calibrated"
     return RunSummary(
@@ -88,6 +94,7 @@ def _summary(folder: Path) -> RunSummary | None:
         macro_f1=metrics.get("macro_f1"),
         ece=metrics.get("ece"),
         num_images=metrics.get("num_images"),
+        tta=int(metrics.get("tta", 1)),
         finished=(folder / "model.keras").is_file(),
     )
 

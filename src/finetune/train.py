@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import sys
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -32,12 +33,7 @@ from finetune.data.augment import build_augmentation, build_mixing
 from finetune.data.pipeline import PreparedData, prepare_image_data
 from finetune.data.split import write_split
 from finetune.errors import FinetuneError
-from finetune.evaluate import (
-    Predictions,
-    calibration_bins,
-    classification_metrics,
-    expected_calibration_error,
-)
+from finetune.evaluate import Predictions, calibration_record, classification_metrics
 from finetune.model import build_classifier
 from finetune.recipes import Phase, PhaseData, fit_phases, two_phase_plan
 from finetune.run import MODEL_FILE, Run, keras_verbosity, save_model_atomic, softmax
@@ -135,8 +131,41 @@ def _prepare_run_dir(out: str | Path | None, overwrite: bool) -> Path | None:
             f"{out} already holds a finished run ({MODEL_FILE}); choose another --out "
             "or pass --overwrite to replace it."
         )
+    if overwrite:
+        _remove_run_records(out)
     out.mkdir(parents=True, exist_ok=True)
     return out
+
+
+# What a run writes; --overwrite removes these (and nothing else) before the new run starts,
+# so no record of the old run can be mistaken for one of the new. The model goes first: a kill
+# during the clean-up leaves a folder that is no longer taken for a finished run.
+RUN_FILES = (
+    MODEL_FILE,
+    "run.json",
+    "metrics.json",
+    "predictions.csv",
+    "history.json",
+    "split.json",
+    "bad_files.json",
+    "config.toml",
+    "inspect.json",
+    "recipe_auto.json",
+    "report.html",
+    "lr_find.png",
+    "lr_find.json",
+)
+RUN_FOLDERS = ("checkpoints", "tensorboard", "scratch_baseline")
+
+
+def _remove_run_records(out: Path) -> None:
+    import shutil
+
+    for name in RUN_FILES:
+        (out / name).unlink(missing_ok=True)
+    for name in RUN_FOLDERS:
+        if (out / name).is_dir():
+            shutil.rmtree(out / name)
 
 
 def train(
@@ -194,7 +223,7 @@ def train(
         config = _auto_learning_rate(data, config, run_dir, progress, given)
     elif lr is not None:
         raise FinetuneError(f"lr={lr!r}: only 'auto' is accepted (or give head_lr/finetune_lr).")
-    return fit_run(data, config, run_dir, progress=progress, tensorboard=tensorboard)
+    return fit_run(data, config, run_dir, progress=progress, tensorboard=tensorboard, recipe=recipe)
 
 
 def _check_recipe_mode(recipe: str) -> None:
@@ -352,8 +381,12 @@ def fit_run(
     run_dir: Path | None,
     progress: bool = True,
     tensorboard: bool = False,
+    recipe: str = "default",
 ) -> Run:
     """Builds the classifier, runs the recipe's phases on prepared data and records the run.
+
+    `recipe` names how `config`'s recipe was chosen ("default", "auto", "scratch"), for
+    `run.json` and `finetune runs`.
 
     With `config.recipe.calibrate`, fits a temperature on the validation split afterwards; with
     `tensorboard` (and a run directory), writes TensorBoard logs per phase to
@@ -406,14 +439,28 @@ def fit_run(
         run.metrics = classification_metrics(y, probabilities, data.class_names)
         run.metrics["data"] = f"{eval_split} split"
         if calibration is not None:
-            calibration["ece_before"] = expected_calibration_error(y, softmax(logits))
-            calibration["reliability_before"] = calibration_bins(y, softmax(logits))
-            calibration["ece_after"] = run.metrics["ece"]
-            calibration["measured_on"] = f"{eval_split} split"
+            measured_on = f"{eval_split} split"
+            if eval_split == "val":
+                measured_on += " (the images the temperature was fitted on: no test split)"
+            calibration = calibration_record(
+                y,
+                softmax(logits),
+                probabilities,
+                run.temperature,
+                calibration["fitted_on"],
+                measured_on,
+            ) | {k: v for k, v in calibration.items() if k == "note"}
             run.metrics["calibration"] = calibration
-        paths = [str(s.path) for s in data.splits[eval_split]]
+            if progress and calibration["ece_after"] > calibration["ece_before"]:
+                print(
+                    f"Warning: calibration raised the {measured_on}'s ECE from "
+                    f"{calibration['ece_before']:.3f} to {calibration['ece_after']:.3f}; the "
+                    "val split may be too small to fit a temperature.",
+                    flush=True,
+                )
+        paths = [str(s.path.resolve()) for s in data.splits[eval_split]]
         predictions = Predictions(paths, y, probabilities, list(data.class_names))
-    run.info = _run_info(data, config)
+    run.info = _run_info(data, config, recipe)
     if calibration is not None:
         run.info["calibration"] = calibration
     if run_dir is not None:
@@ -423,27 +470,29 @@ def fit_run(
 
 def _calibrate(run: Run, data: PreparedData, progress: bool) -> dict[str, Any]:
     """Fits the run's temperature on the validation split; returns what to record."""
-    from finetune.calibration import fit_temperature
+    from finetune.calibration import choose_temperature
 
     if progress:
         print("Calibrating the probabilities on the val split (temperature scaling)...")
     logits = run.predict_logits(data.images["val"], progress=progress)
-    run.temperature = fit_temperature(logits, data.labels["val"])
+    labels = data.labels["val"]
+    record: dict[str, Any] = {"fitted_on": f"val split ({len(labels)} images)"}
+    run.temperature, note = choose_temperature(logits, labels)
+    if note:
+        record["note"] = note
     if progress:
-        print(f"Temperature {run.temperature:.3f}", flush=True)
-    return {
-        "temperature": run.temperature,
-        "fitted_on": f"val split ({len(data.labels['val'])} images)",
-    }
+        print(note or f"Temperature {run.temperature:.3f}", flush=True)
+    return record | {"temperature": run.temperature}
 
 
-def _run_info(data: PreparedData, config: Config) -> dict[str, Any]:
+def _run_info(data: PreparedData, config: Config, recipe: str = "default") -> dict[str, Any]:
     import finetune
 
     return {
         "class_names": data.class_names,
         "image_size": data.image_size,
         "backbone": config.model.backbone,
+        "recipe": recipe,
         "data_dir": str(data.root),
         "counts": data.counts(),
         "data_fingerprint": data_fingerprint(data),
@@ -513,7 +562,15 @@ def _write_run_dir(run: Run, data: PreparedData, predictions: Predictions | None
     if predictions is not None:
         predictions.write_csv(path / "predictions.csv")
     save_model_atomic(run.model, path / MODEL_FILE)
-    write_report(run)
+    try:
+        write_report(run)
+    except Exception as err:  # noqa: BLE001  (the run is complete; the page can be rebuilt)
+        print(
+            f"warning: {path / 'report.html'} could not be built ({type(err).__name__}: {err}); "
+            f"the run itself is complete. Try again with `finetune report {path}`.",
+            file=sys.stderr,
+            flush=True,
+        )
 
 
 def train_with_scratch_baseline(
@@ -545,10 +602,17 @@ def train_with_scratch_baseline(
     if recipe == "auto":
         given = frozenset(OPTION_NAMES[k] for k in options)
         config = _auto_recipe(data, config, given, run_dir, progress)
-    tuned = fit_run(data, config, run_dir, progress=progress, tensorboard=tensorboard)
+    tuned = fit_run(
+        data, config, run_dir, progress=progress, tensorboard=tensorboard, recipe=recipe
+    )
     if progress:
         print("Training the same network from random weights for comparison...", flush=True)
     scratch = fit_run(
-        data, scratch_config(config), scratch_dir, progress=progress, tensorboard=tensorboard
+        data,
+        scratch_config(config),
+        scratch_dir,
+        progress=progress,
+        tensorboard=tensorboard,
+        recipe="scratch",
     )
     return tuned, scratch

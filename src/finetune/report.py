@@ -370,8 +370,9 @@ def _gradcam(run: Run, predictions) -> str:
         )
     grid = "x".join(str(d) for d in run.model.get_layer("pool").input.shape[1:3])
     note = (
-        '<p class="note">Left: the image; right: the regions that raised the score of the '
-        "predicted class most (red), from the last feature map of the fine-tuned model. The most "
+        '<p class="note">Left: the image; right: how much each region raised the score of the '
+        "predicted class (colour scale of 'jet': dark blue none, green half, dark red most), "
+        "from the last feature map of the fine-tuned model. The most "
         f"confident right and wrong predictions are shown. At {run.image_size} px that map is "
         f"{grid} cells, so the heat map cannot be finer than that.</p>"
     )

@@ -9,6 +9,7 @@ Everything the `finetune` command does is one call here:
     finetune.predict(run, ["some/photo.jpg"])
     finetune.evaluate("runs/photos")
     finetune.write_report("runs/photos")   # runs/photos/report.html
+    finetune.export_run("runs/photos", "litert", quantize="int8")   # + parity check
 """
 
 __version__ = "0.1.0"
@@ -45,6 +46,13 @@ from finetune.evaluate import (  # noqa: E402
     evaluate_with_predictions,
     expected_calibration_error,
 )
+from finetune.export import (  # noqa: E402
+    ExportedModel,
+    ExportReport,
+    ParityReport,
+    export_run,
+    load_exported,
+)
 from finetune.gradcam import grad_cam  # noqa: E402
 from finetune.lr_find import lr_find  # noqa: E402
 from finetune.model import (  # noqa: E402
@@ -72,10 +80,13 @@ __all__ = [
     "DataConfig",
     "DataError",
     "DatasetReport",
+    "ExportReport",
+    "ExportedModel",
     "FinetuneError",
     "ImageDecodeError",
     "ModelConfig",
     "Normalize",
+    "ParityReport",
     "Prediction",
     "Predictions",
     "Preprocessing",
@@ -89,6 +100,7 @@ __all__ = [
     "evaluate",
     "evaluate_with_predictions",
     "expected_calibration_error",
+    "export_run",
     "fit_temperature",
     "freeze_backbone",
     "get_backbone",
@@ -98,6 +110,7 @@ __all__ = [
     "list_runs",
     "load_backbone",
     "load_config",
+    "load_exported",
     "lr_find",
     "predict",
     "register_backbone",

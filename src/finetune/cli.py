@@ -350,13 +350,19 @@ def evaluate(
 
 @app.command()
 def predict(
-    model: Annotated[str, typer.Argument(help="A run directory, or a backbone name (ImageNet).")],
+    model: Annotated[
+        str,
+        typer.Argument(
+            help="A run directory, an exported model (.tflite, .onnx, .keras, SavedModel "
+            "folder), or a backbone name (ImageNet)."
+        ),
+    ],
     inputs: Annotated[list[Path], typer.Argument(help="Image files and/or folders.")],
     top_k: Annotated[int, typer.Option(help="Classes per image.")] = 5,
     fmt: Annotated[str, typer.Option("--format", help="table|json|csv")] = "table",
     tta: Annotated[int, typer.Option(help="Test-time augmentation copies (runs only).")] = 1,
 ) -> None:
-    """Predict the top-k classes of images with a run's model or a backbone's ImageNet head."""
+    """Predict the top-k classes of images with a run's model, an export, or an ImageNet head."""
     import finetune
 
     if fmt not in ("table", "json", "csv"):
@@ -384,6 +390,81 @@ def predict(
             for rank, (label, p) in enumerate(r.top, 1):
                 table.add_row(str(r.path) if rank == 1 else "", str(rank), label, f"{p:.3f}")
         console.print(table)
+
+
+def _megabytes(n: int) -> str:
+    return f"{n / 1e6:.1f} MB"
+
+
+@app.command()
+def export(
+    run_dir: Annotated[Path, typer.Argument(help="A run directory.")],
+    fmt: Annotated[str, typer.Option("--format", help="keras|saved_model|litert|onnx")],
+    quantize: Annotated[
+        str,
+        typer.Option(help="none|float16|dynamic|int8 (all but none: --format litert only)."),
+    ] = "none",
+    out: Annotated[
+        Path | None,
+        typer.Option(help="Artifact path; default RUN_DIR/export/model[_QUANTIZE].EXT."),
+    ] = None,
+    calibration_images: Annotated[
+        int | None,
+        typer.Option(help="Training images that calibrate int8 (default 200)."),
+    ] = None,
+    int8_io: Annotated[
+        bool, typer.Option("--int8-io", help="int8 input and output tensors (with int8).")
+    ] = False,
+    overwrite: Annotated[bool, typer.Option(help="Replace an existing artifact.")] = False,
+    latency_runs: Annotated[
+        int, typer.Option(help="Timed single-image calls per model in the parity check.")
+    ] = 50,
+) -> None:
+    """Export a run's model and check it against the Keras model on the run's test split."""
+    import finetune
+
+    result = finetune.export_run(
+        run_dir,
+        fmt,
+        quantize=quantize,
+        out=out,
+        calibration_images=calibration_images,
+        int8_io=int8_io,
+        overwrite=overwrite,
+        latency_runs=latency_runs,
+    )
+    p = result.parity
+    name = fmt + ("" if quantize == "none" else f" {quantize}") + (" int8 I/O" if int8_io else "")
+    table = Table(title=f"Parity of {result.path} on the {p.data} ({p.num_images} images)")
+    table.add_column("")
+    table.add_column("Keras (model.keras)", justify="right")
+    table.add_column(f"{name} ({p.runtime})", justify="right")
+    table.add_row("top-1 accuracy", _percent(p.keras_accuracy), _percent(p.export_accuracy))
+    table.add_row(
+        "file size",
+        f"{_megabytes(p.keras_size_bytes)} (weights {_megabytes(p.keras_weights_bytes)})",
+        _megabytes(p.export_size_bytes),
+    )
+    table.add_row(
+        f"latency, 1 image (median of {p.latency_runs})",
+        f"{p.keras_latency_ms:.2f} ms",
+        f"{p.export_latency_ms:.2f} ms",
+    )
+    console.print(table)
+    bound = (
+        f" (at least {_percent(p.min_agreement)} required: passed)"
+        if p.min_agreement is not None
+        else ""
+    )
+    console.print(
+        f"top-1 agreement with Keras [bold]{_percent(p.agreement)}[/]{bound}; accuracy change "
+        f"{100 * p.accuracy_change:+.1f} points; largest logit difference "
+        f"{p.max_abs_logit_diff:.3g}"
+    )
+    console.print(
+        f"Written: [bold]{result.path}[/] with its labels in {result.labels_path}; "
+        f"figures in {run_dir / 'export.json'}."
+    )
 
 
 @app.command()

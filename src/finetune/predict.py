@@ -1,9 +1,11 @@
-"""Top-k predictions for image files and folders, from a run or a backbone's ImageNet head.
+"""Top-k predictions for image files and folders, from a run, an export or an ImageNet head.
 
-`predict` takes a `Run`, a run directory, or a registered backbone name (whose ImageNet head then
-names one of the 1,000 ImageNet classes). Inputs may be files or folders (every image below a
-folder, in sorted order). A file that cannot be decoded gets a prediction with its `error` set, and
-the others go on.
+`predict` takes a `Run`, a run directory, a model written by `finetune export` (a `.tflite`,
+`.onnx` or `.keras` file or a SavedModel folder, run by its own runtime, with the class names and
+temperature of the labels file that travels with it), or a registered backbone name (whose
+ImageNet head then names one of the 1,000 ImageNet classes). Inputs may be files or folders
+(every image below a folder, in sorted order). A file that cannot be decoded gets a prediction
+with its `error` set, and the others go on.
 """
 
 from __future__ import annotations
@@ -88,18 +90,23 @@ class _ImageNetClassifier:
 
 
 def load_predictor(model):
-    """A `Run`, a run directory or a backbone name -> something with `predict_proba`."""
+    """A `Run`, a run directory, an exported model or a backbone name -> something with
+    `predict_proba`, `class_names` and `image_size`."""
     from finetune.backbones.registry import has_backbone
+    from finetune.export.runtime import ExportedModel, is_exported_model, load_exported
 
-    if isinstance(model, Run):
+    if isinstance(model, Run | ExportedModel):
         return model
+    if is_exported_model(model):
+        return load_exported(model)
     if Path(model).is_dir():
         return Run.load(model)
     if has_backbone(str(model)):
         return _ImageNetClassifier(str(model))
     raise FinetuneError(
-        f"{model!r} is neither a run directory nor a backbone name. Give the --out folder of "
-        "`finetune train`, or a name from `finetune backbones`."
+        f"{model!r} is neither a run directory, an exported model nor a backbone name. Give the "
+        "--out folder of `finetune train`, a file written by `finetune export` (.tflite, .onnx, "
+        ".keras, or a SavedModel folder), or a name from `finetune backbones`."
     )
 
 
@@ -107,7 +114,9 @@ def predict(model, inputs: Sequence[str | Path], top_k: int = 5, tta: int = 1) -
     """Predicts the top-k classes of image files and folders.
 
     Args:
-        model: a `Run`, a run directory, or a backbone name (its ImageNet head).
+        model: a `Run`, a run directory, an exported model (a `.tflite`, `.onnx` or `.keras`
+            file or a SavedModel folder, with its labels file), or a backbone name (its
+            ImageNet head).
         inputs: image files and/or folders.
         top_k: how many classes per image. Defaults to 5.
         tta: test-time augmentation copies per image, for a run (see `Run.predict_proba`).
@@ -137,7 +146,9 @@ def predict(model, inputs: Sequence[str | Path], top_k: int = 5, tta: int = 1) -
         elif isinstance(predictor, Run):
             probabilities = predictor.predict_proba(images, tta=tta)
         else:
-            raise FinetuneError("--tta applies to a fine-tuned run, not to an ImageNet head.")
+            raise FinetuneError(
+                "--tta applies to a run directory, not to an ImageNet head or an exported model."
+            )
         k = min(top_k, probabilities.shape[1])
         for row, i in enumerate(ok):
             order = np.argsort(-probabilities[row])[:k]

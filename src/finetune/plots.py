@@ -18,6 +18,8 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 from PIL import Image  # noqa: E402
 
+from finetune.run import phase_spans  # noqa: E402
+
 # One palette for every figure; colour-blind safe (Okabe-Ito).
 TRAIN_COLOR = "#0072B2"
 VAL_COLOR = "#D55E00"
@@ -58,23 +60,20 @@ def training_curves(history: Sequence[dict[str, Any]]) -> bytes:
             if any(v is not None for v in values):
                 y = [np.nan if v is None else v for v in values]
                 ax.plot(epochs, y, "o-", color=color, label=label, markersize=4)
-        start = 0
-        for i in range(1, len(history) + 1):
-            if i == len(history) or history[i].get("phase") != history[start].get("phase"):
-                ax.axvspan(start + 0.5, i + 0.5, color=PHASE_COLOR, alpha=0.08 * (1 + start % 2))
-                if i < len(history):
-                    ax.axvline(i + 0.5, color=PHASE_COLOR, linestyle="--", linewidth=1)
-                ax.text(
-                    (start + i + 1) / 2,
-                    1.01,
-                    _plain(history[start].get("phase", "")),
-                    transform=ax.get_xaxis_transform(),
-                    ha="center",
-                    va="bottom",
-                    fontsize=8,
-                    color="#555555",
-                )
-                start = i
+        for name, start, end in phase_spans(list(history)):
+            ax.axvspan(start + 0.5, end + 0.5, color=PHASE_COLOR, alpha=0.08 * (1 + start % 2))
+            if end < len(history):
+                ax.axvline(end + 0.5, color=PHASE_COLOR, linestyle="--", linewidth=1)
+            ax.text(
+                (start + end + 1) / 2,
+                1.01,
+                _plain(name or ""),
+                transform=ax.get_xaxis_transform(),
+                ha="center",
+                va="bottom",
+                fontsize=8,
+                color="#555555",
+            )
         ax.set_xlabel("epoch")
         ax.set_title(title, pad=16)
         ax.grid(alpha=0.3)

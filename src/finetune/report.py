@@ -23,7 +23,7 @@ import numpy as np
 from finetune import plots
 from finetune.atomic import write_text_atomic
 from finetune.errors import FinetuneError
-from finetune.run import Run
+from finetune.run import Run, phase_spans
 
 REPORT_FILE = "report.html"
 #: Thumbnails of the most confidently wrong test images.
@@ -202,18 +202,18 @@ def _config(run: Run, path: Path) -> str:
     from finetune.config import dump_config
 
     parts = []
-    phases: list[list[Any]] = []
-    for r in run.history:
-        if phases and phases[-1][0] == r.get("phase"):
-            phases[-1][1] += 1
-            phases[-1][3] = r.get("learning_rate")
-        else:
-            cached = "yes" if r.get("features_cached") else "no"
-            phases.append(
-                [r.get("phase"), 1, r.get("learning_rate"), r.get("learning_rate"), cached]
-            )
-    if phases:
-        rows = [[p[0], p[1], _lr(p[2]), _lr(p[3]), p[4]] for p in phases]
+    h = run.history
+    rows = [
+        [
+            name,
+            end - start,
+            _lr(h[start].get("learning_rate")),
+            _lr(h[end - 1].get("learning_rate")),
+            "yes" if h[start].get("features_cached") else "no",
+        ]
+        for name, start, end in phase_spans(h)
+    ]
+    if rows:
         parts.append("<h3>Phases as run</h3>")
         parts.append(
             _table(

@@ -48,6 +48,18 @@ def softmax(logits: np.ndarray) -> np.ndarray:
     return z / z.sum(axis=-1, keepdims=True)
 
 
+def phase_spans(history: list[dict[str, Any]]) -> list[tuple[Any, int, int]]:
+    """The history's consecutive runs of one phase: (phase name, first index, end index)."""
+    spans: list[tuple[Any, int, int]] = []
+    for i, record in enumerate(history):
+        name = record.get("phase") if isinstance(record, dict) else None
+        if spans and spans[-1][0] == name:
+            spans[-1] = (name, spans[-1][1], i + 1)
+        else:
+            spans.append((name, i, i + 1))
+    return spans
+
+
 def probabilities_from_views(view_logits: np.ndarray, temperature: float = 1.0) -> np.ndarray:
     """The mean over views of `softmax(logits / temperature)`; (views, N, C) -> (N, C)."""
     return np.mean([softmax(v / temperature) for v in view_logits], axis=0)
@@ -131,8 +143,7 @@ class Run:
         self, images: np.ndarray, batch_size: int = 64, progress: bool = False
     ) -> np.ndarray:
         """The model's raw outputs (before temperature and softmax) for RGB images in [0, 255]."""
-        x = np.asarray(images, np.float32)
-        return self.model.predict(x, batch_size=batch_size, verbose=keras_verbosity(progress))
+        return self.predict_view_logits(images, batch_size, progress)[0]
 
     def predict_proba(
         self,

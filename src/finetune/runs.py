@@ -13,6 +13,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from finetune.errors import FinetuneError
+from finetune.run import phase_spans
 
 
 @dataclass(frozen=True)
@@ -70,13 +71,7 @@ def _summary(folder: Path) -> RunSummary | None:
     metrics = _read(folder / "metrics.json")
     metrics = metrics if isinstance(metrics, dict) else {}
     history = _read(folder / "history.json")
-    phases: list[list] = []
-    for record in history if isinstance(history, list) else []:
-        name = record.get("phase") if isinstance(record, dict) else None
-        if phases and phases[-1][0] == name:
-            phases[-1][1] += 1
-        else:
-            phases.append([name, 1])
+    phases = phase_spans(history if isinstance(history, list) else [])
     recipe = str(
         info.get("recipe", "auto" if (folder / "recipe_auto.json").is_file() else "default")
     )
@@ -87,7 +82,7 @@ def _summary(folder: Path) -> RunSummary | None:
         created=str(info.get("created", "")),
         backbone=str(info.get("backbone", "")),
         recipe=recipe,
-        phases=", ".join(f"{n} {e}" for n, e in phases),
+        phases=", ".join(f"{name} {end - start}" for name, start, end in phases),
         data_fingerprint=str(info.get("data_fingerprint", "")),
         seed=info.get("seed"),
         accuracy=metrics.get("accuracy"),

@@ -17,7 +17,7 @@ import re
 import stat
 import threading
 import warnings
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor, as_completed
 from dataclasses import dataclass
 from pathlib import Path
@@ -34,6 +34,7 @@ __all__ = [
     "BadFile",
     "decode_images",
     "default_workers",
+    "for_each_in_threads",
     "is_image_file",
     "load_image",
 ]
@@ -274,6 +275,62 @@ def default_workers() -> int:
     return max(1, min(16, available))
 
 
+def for_each_in_threads(
+    work: Callable[[int], None], n: int, workers: int, description: str, progress: bool
+) -> None:
+    """Calls `work(i)` for i in range(n) in a thread pool, with an optional progress bar.
+
+    Pillow releases the GIL while it decodes, so threads use every core. `work` stores its own
+    results; an exception it raises (a bug, not a bad file) is re-raised here, and Ctrl-C or
+    such an error cancels the queued calls instead of waiting for them.
+
+    Args:
+        work: called once per index.
+        n: number of calls.
+        workers: threads, at most `n`.
+        description: the progress bar's label.
+        progress: show a progress bar on stderr.
+    """
+    bar = None
+    if progress and n:
+        from rich.console import Console
+        from rich.progress import (
+            BarColumn,
+            MofNCompleteColumn,
+            Progress,
+            TextColumn,
+            TimeElapsedColumn,
+            TimeRemainingColumn,
+        )
+
+        bar = Progress(
+            TextColumn("{task.description}"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TimeElapsedColumn(),
+            TimeRemainingColumn(),
+            console=Console(stderr=True),
+            transient=False,
+        )
+    executor = ThreadPoolExecutor(max_workers=max(1, min(workers, n)), thread_name_prefix="io")
+    try:
+        if bar is not None:
+            bar.start()
+            task = bar.add_task(description, total=n)
+        futures: list[Future[None]] = [executor.submit(work, i) for i in range(n)]
+        for future in as_completed(futures):
+            future.result()
+            if bar is not None:
+                bar.advance(task)
+    except BaseException:
+        executor.shutdown(wait=False, cancel_futures=True)
+        raise
+    finally:
+        if bar is not None:
+            bar.stop()
+    executor.shutdown(wait=True)
+
+
 def decode_images(
     paths: Sequence[str | os.PathLike[str]],
     size: int,
@@ -324,46 +381,7 @@ def decode_images(
         except ImageDecodeError as exc:
             reasons[index] = exc.reason
 
-    bar = None
-    if progress and n:
-        from rich.console import Console
-        from rich.progress import (
-            BarColumn,
-            MofNCompleteColumn,
-            Progress,
-            TextColumn,
-            TimeElapsedColumn,
-            TimeRemainingColumn,
-        )
-
-        bar = Progress(
-            TextColumn("{task.description}"),
-            BarColumn(),
-            MofNCompleteColumn(),
-            TimeElapsedColumn(),
-            TimeRemainingColumn(),
-            console=Console(stderr=True),
-            transient=False,
-        )
-
-    executor = ThreadPoolExecutor(max_workers=min(workers, max(n, 1)), thread_name_prefix="decode")
-    try:
-        if bar is not None:
-            bar.start()
-            task = bar.add_task("Decoding images", total=n)
-        futures: list[Future[None]] = [executor.submit(work, i) for i in range(n)]
-        for future in as_completed(futures):
-            future.result()  # re-raises anything unexpected (a bug, not a bad file)
-            if bar is not None:
-                bar.advance(task)
-    except BaseException:
-        # Ctrl-C or a bug: do not wait for thousands of queued decodes before giving up.
-        executor.shutdown(wait=False, cancel_futures=True)
-        raise
-    finally:
-        if bar is not None:
-            bar.stop()
-    executor.shutdown(wait=True)
+    for_each_in_threads(work, n, workers, "Decoding images", progress)
 
     ok_indices = [int(i) for i in np.flatnonzero(ok)]
     if len(ok_indices) < n:

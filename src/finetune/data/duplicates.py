@@ -23,7 +23,6 @@ import contextlib
 import hashlib
 import os
 from collections import defaultdict
-from concurrent.futures import ThreadPoolExecutor, as_completed
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -31,7 +30,7 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-from finetune.data.decode import BadFile, load_image
+from finetune.data.decode import BadFile, for_each_in_threads, load_image
 from finetune.data.scan import SPLIT_NAMES
 from finetune.errors import ImageDecodeError
 
@@ -181,35 +180,11 @@ def _examine(path: Path) -> _Image | BadFile:
 def _examine_all(paths: list[Path], workers: int, progress: bool) -> list[_Image | BadFile]:
     """Runs `_examine` over paths in a thread pool; results in input order."""
     results: list[_Image | BadFile | None] = [None] * len(paths)
-    bar = None
-    if progress and paths:
-        from rich.console import Console
-        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TimeElapsedColumn
 
-        bar = Progress(
-            "{task.description}",
-            BarColumn(),
-            MofNCompleteColumn(),
-            TimeElapsedColumn(),
-            console=Console(stderr=True),
-        )
-    executor = ThreadPoolExecutor(max_workers=max(1, min(workers, len(paths))))
-    try:
-        if bar is not None:
-            bar.start()
-            task = bar.add_task("Inspecting images", total=len(paths))
-        futures = {executor.submit(_examine, p): i for i, p in enumerate(paths)}
-        for future in as_completed(futures):
-            results[futures[future]] = future.result()
-            if bar is not None:
-                bar.advance(task)
-    except BaseException:
-        executor.shutdown(wait=False, cancel_futures=True)
-        raise
-    finally:
-        if bar is not None:
-            bar.stop()
-    executor.shutdown(wait=True)
+    def work(i: int) -> None:
+        results[i] = _examine(paths[i])
+
+    for_each_in_threads(work, len(paths), workers, "Inspecting images", progress)
     return results  # type: ignore[return-value]
 
 

@@ -28,6 +28,7 @@ from finetune.config import (  # noqa: E402
     Config,
     DataConfig,
     ModelConfig,
+    PruneConfig,
     RecipeConfig,
     load_config,
 )
@@ -68,7 +69,7 @@ from finetune.predict import Prediction, predict  # noqa: E402
 from finetune.report import write_report  # noqa: E402
 from finetune.run import Run  # noqa: E402
 from finetune.runs import RunSummary, list_runs  # noqa: E402
-from finetune.train import train, train_with_scratch_baseline  # noqa: E402
+from finetune.train import prune, train, train_with_scratch_baseline  # noqa: E402
 
 __all__ = [
     "AugmentConfig",
@@ -90,6 +91,7 @@ __all__ = [
     "Prediction",
     "Predictions",
     "Preprocessing",
+    "PruneConfig",
     "RecipeConfig",
     "Run",
     "RunSummary",
@@ -113,6 +115,7 @@ __all__ = [
     "load_exported",
     "lr_find",
     "predict",
+    "prune",
     "register_backbone",
     "train",
     "train_with_scratch_baseline",

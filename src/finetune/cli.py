@@ -468,6 +468,69 @@ def export(
 
 
 @app.command()
+def prune(
+    run_dir: Annotated[Path, typer.Argument(help="A finished run (left unchanged).")],
+    out: Annotated[Path, typer.Option(help="The pruned run's directory.")],
+    sparsity: Annotated[float, typer.Option(help="Share of zeros in each pruned layer.")] = 0.5,
+    epochs: Annotated[int | None, typer.Option(help="Epochs of the pruning phase (2).")] = None,
+    lr: Annotated[float | None, typer.Option(help="Its peak learning rate (1e-4).")] = None,
+    exclude: Annotated[
+        list[str] | None,
+        typer.Option(help="Layer name or pattern to leave dense (repeat the option)."),
+    ] = None,
+    min_weights: Annotated[
+        int | None, typer.Option(help="Leave layers with fewer weights dense (1024).")
+    ] = None,
+    overwrite: Annotated[bool, typer.Option(help="Replace a finished run in --out.")] = False,
+    quiet: Annotated[bool, typer.Option(help="No progress output.")] = False,
+) -> None:
+    """Prune a run: zero the smallest weights while fine-tuning briefly; write a new run."""
+    import finetune
+
+    options = {
+        "epochs": epochs,
+        "learning_rate": lr,
+        "exclude": exclude,
+        "min_weights": min_weights,
+    }
+    run = finetune.prune(
+        run_dir,
+        out=out,
+        sparsity=sparsity,
+        overwrite=overwrite,
+        progress=not quiet,
+        **{k: v for k, v in options.items() if v is not None},
+    )
+    record = run.info["pruning"]
+    table = Table(title=f"Pruning of {run_dir} to {sparsity:.0%} zeros per layer")
+    table.add_column("")
+    table.add_column("before", justify="right")
+    table.add_column("after", justify="right")
+    table.add_row(
+        f"accuracy ({run.metrics.get('data', 'test split')})",
+        _percent(record.get("accuracy_before")),
+        _percent(run.metrics.get("accuracy")),
+    )
+    table.add_row(
+        "weights, gzip",
+        _megabytes(record["gzip_bytes_before"]),
+        _megabytes(record["gzip_bytes_after"]),
+    )
+    table.add_row(
+        f"zeros in the {len(record['layers'])} pruned layers",
+        "-",
+        _percent(record["overall_sparsity_of_pruned_layers"]),
+    )
+    console.print(table)
+    if record["skipped"]:
+        console.print(f"Left dense: {', '.join(sorted(record['skipped']))}", soft_wrap=True)
+    console.print(
+        f"Written: [bold]{out}[/] (per-layer sparsity in {out / 'run.json'}); "
+        f"`finetune export {out} --format litert --quantize int8` ships it."
+    )
+
+
+@app.command()
 def inspect(
     data_dir: Annotated[Path, typer.Argument(help="Class folders, or train/ (+ val/, test/).")],
     as_json: Annotated[bool, typer.Option("--json", help="Print the findings as JSON.")] = False,

@@ -243,6 +243,44 @@ class RecipeConfig:
 
 
 @dataclass
+class PruneConfig:
+    """Magnitude pruning in a short fine-tuning phase at the end of training (`[prune]`).
+
+    The smallest-magnitude weights of each pruned layer are set to zero and kept there, the
+    share rising from 0 to `sparsity` on a polynomial schedule (Zhu & Gupta, 2017) over the
+    first `ramp_fraction` of the phase's steps; the rest of the phase fine-tunes at the target.
+    The saved model is a plain Keras model whose pruned weights are zeros (see
+    `finetune.compress.prune`). `finetune prune RUN_DIR` runs the same phase on a finished run.
+
+    Args:
+        sparsity: share of the weights set to zero in each pruned layer; 0 turns pruning off.
+            Defaults to 0.
+        epochs: epochs of the pruning phase. Defaults to 2.
+        learning_rate: peak learning rate of the phase (the whole network trains, BatchNorm
+            as `recipe.train_batchnorm` says, on the recipe's optimizer and schedule).
+            Defaults to 1e-4.
+        ramp_fraction: share of the phase's steps over which sparsity rises to the target.
+            Defaults to 0.5.
+        frequency: steps between two mask updates during the ramp; 0 picks ten updates.
+            Defaults to 0.
+        power: exponent of the schedule, 3 rises fast and then slowly. Defaults to 3.
+        min_weights: layers with fewer weights are left dense (the stem and the small
+            depthwise kernels: little to gain, and the most sensitive). Defaults to 1024.
+        exclude: names (or shell patterns, e.g. "block1*") of layers to leave dense.
+            Defaults to none.
+    """
+
+    sparsity: float = 0.0
+    epochs: int = 2
+    learning_rate: float = 1e-4
+    ramp_fraction: float = 0.5
+    frequency: int = 0
+    power: float = 3.0
+    min_weights: int = 1024
+    exclude: list[str] = field(default_factory=list)
+
+
+@dataclass
 class Config:
     """Everything that defines a run.
 
@@ -251,6 +289,7 @@ class Config:
         data: splits, image size and batching. Defaults to `DataConfig()`.
         augment: training augmentation. Defaults to `AugmentConfig()`.
         recipe: the training phases. Defaults to `RecipeConfig()`.
+        prune: magnitude pruning after the recipe. Defaults to `PruneConfig()` (off).
         seed: seed of the split, the shuffling, augmentation and initialisation. Defaults to 0.
         deterministic: make TensorFlow's kernels deterministic, so the same seed gives the same
             weights bit for bit (measured at no cost on this CPU: benchmarks/RESULTS.md).
@@ -261,6 +300,7 @@ class Config:
     data: DataConfig = field(default_factory=DataConfig)
     augment: AugmentConfig = field(default_factory=AugmentConfig)
     recipe: RecipeConfig = field(default_factory=RecipeConfig)
+    prune: PruneConfig = field(default_factory=PruneConfig)
     seed: int = 0
     deterministic: bool = True
 
@@ -318,6 +358,18 @@ class Config:
                 f"recipe.discriminative_lr = {r.discriminative_lr} must be in (0, 1]; "
                 "e.g. 0.01 trains the lowest unfrozen group 100x slower than the head."
             )
+        p = self.prune
+        if not 0.0 <= p.sparsity < 1.0:
+            raise ConfigError(f"prune.sparsity = {p.sparsity} must be in [0, 1), e.g. 0.5.")
+        if p.epochs < 1:
+            raise ConfigError(f"prune.epochs must be 1 or more, got {p.epochs}.")
+        if not p.learning_rate > 0:
+            raise ConfigError(f"prune.learning_rate must be positive, got {p.learning_rate}.")
+        if not 0.0 < p.ramp_fraction <= 1.0:
+            raise ConfigError(f"prune.ramp_fraction = {p.ramp_fraction} must be in (0, 1].")
+        if p.frequency < 0 or p.min_weights < 0:
+            raise ConfigError("prune.frequency and prune.min_weights must be 0 or more.")
+        _range("prune.power", p.power, 1.0, 10.0)
         if any(u < 1 for u in m.hidden_units):
             raise ConfigError(f"model.hidden_units must be positive sizes, got {m.hidden_units}.")
         return self
@@ -342,6 +394,7 @@ _SECTION_CLASSES = {
     "data": DataConfig,
     "augment": AugmentConfig,
     "recipe": RecipeConfig,
+    "prune": PruneConfig,
 }
 
 
@@ -419,9 +472,14 @@ def load_config(path: str | Path, base: Config | None = None) -> Config:
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"config file {path} does not exist.")
+    from finetune.untrusted import read_text
+
+    # UTF-8 only, as TOML requires (a byte order mark is dropped); other encodings are refused
+    # naming the line.
+    text = read_text(path, "TOML", ConfigError)
     try:
-        data = tomllib.loads(path.read_text(encoding="utf-8"))
-    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as err:
+        data = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as err:
         raise ConfigError(f"config file {path} is not valid TOML: {err}") from None
     return config_from_dict(data, base, source=str(path))
 

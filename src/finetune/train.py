@@ -32,7 +32,7 @@ from finetune.config import (
 from finetune.data.augment import build_augmentation, build_mixing
 from finetune.data.pipeline import PreparedData, prepare_image_data
 from finetune.data.split import write_split
-from finetune.errors import FinetuneError
+from finetune.errors import ConfigError, DataError, FinetuneError
 from finetune.evaluate import Predictions, calibration_record, classification_metrics
 from finetune.model import build_classifier
 from finetune.recipes import Phase, PhaseData, fit_phases, two_phase_plan
@@ -224,6 +224,78 @@ def train(
     elif lr is not None:
         raise FinetuneError(f"lr={lr!r}: only 'auto' is accepted (or give head_lr/finetune_lr).")
     return fit_run(data, config, run_dir, progress=progress, tensorboard=tensorboard, recipe=recipe)
+
+
+def prune(
+    run_dir: str | Path,
+    *,
+    out: str | Path,
+    sparsity: float = 0.5,
+    overwrite: bool = False,
+    progress: bool = True,
+    **options: Any,
+) -> Run:
+    """Prunes a finished run: magnitude pruning during a short fine-tuning phase.
+
+    The run's data folder is read again and must be the one it was trained on (same files,
+    same split: checked with the run's data fingerprint). The pruned model is evaluated on the
+    same test split and written as a run directory of its own, so `evaluate`, `report`,
+    `export` and `predict` work on it; `run.json` gets a "pruning" record: per-layer sparsity,
+    the layers left dense, accuracy and gzip size of the weights before and after.
+
+    Args:
+        run_dir: the run to prune (left unchanged).
+        out: the new run directory.
+        sparsity: share of zeros in each pruned layer. Defaults to 0.5.
+        overwrite: replace a finished run in `out`. Defaults to False.
+        progress: show progress. Defaults to True.
+        **options: other `[prune]` settings (`epochs`, `learning_rate`, `exclude`,
+            `min_weights`, `ramp_fraction`, `frequency`, `power`), e.g. `epochs=3`.
+
+    Raises:
+        FinetuneError: not a run directory, its data changed, bad options, or `out` is the
+            source run or holds another finished run.
+
+    Example:
+        >>> finetune.prune("runs/photos", out="runs/photos_pruned", sparsity=0.5)
+    """
+    source = Run.load(run_dir)
+    if Path(out).resolve() == Path(run_dir).resolve():
+        raise FinetuneError(
+            f"--out {out} is the run being pruned; give a new folder (the run stays unchanged)."
+        )
+    overrides = {f"prune.{k}": v for k, v in options.items()}
+    config = with_overrides(
+        source.config,
+        **overrides,
+        **{"prune.sparsity": sparsity, "data.image_size": source.image_size},
+    )
+    if not config.prune.sparsity > 0:
+        raise ConfigError(f"sparsity = {sparsity}: give a share of zeros above 0, e.g. 0.5.")
+    out_dir = _prepare_run_dir(out, overwrite)
+    data = prepare_data(source.info["data_dir"], config, progress=progress)
+    recorded = source.info.get("data_fingerprint")
+    if recorded is not None and data_fingerprint(data) != recorded:
+        raise DataError(
+            f"{source.info['data_dir']} is not what {run_dir} was trained on (its files or split "
+            "changed since): pruning fine-tunes on the run's training split and scores on its "
+            "test split. Restore the data, or train a new run with [prune] in its config."
+        )
+    seed_everything(config.seed, deterministic=config.deterministic)
+    records, record = _prune(source.model, data, config, progress, len(source.history))
+    record["source_run"] = str(Path(run_dir).resolve())
+    record["accuracy_before"] = source.metrics.get("accuracy")
+    run = Run(
+        model=source.model,
+        config=config,
+        class_names=source.class_names,
+        image_size=source.image_size,
+        path=out_dir,
+        history=source.history + records,
+    )
+    return finish_run(
+        run, data, source.info.get("recipe", "default"), progress, {"pruning": record}
+    )
 
 
 def _check_recipe_mode(recipe: str) -> None:
@@ -419,7 +491,10 @@ def fit_run(
         extra_callbacks=extra,
     )
 
-    eval_split = "test" if len(data.labels["test"]) else "val"
+    run_info: dict[str, Any] = {}
+    if config.prune.sparsity > 0:
+        prune_records, run_info["pruning"] = _prune(model, data, config, progress, len(records))
+        records += prune_records
     run = Run(
         model=model,
         config=config,
@@ -428,7 +503,46 @@ def fit_run(
         path=run_dir,
         history=records,
     )
+    return finish_run(run, data, recipe, progress, run_info)
+
+
+def _prune(
+    model: keras.Model, data: PreparedData, config: Config, progress: bool, first_epoch: int
+) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+    """The `[prune]` phase on `model`, with the gzip size of its weights before and after."""
+    from finetune.compress.prune import gzipped_weights_size, prune_phase
+
+    before = gzipped_weights_size(model)
+    records, record = prune_phase(
+        model,
+        get_backbone(config.model.backbone),
+        config.recipe,
+        config.prune,
+        phase_data(data, config),
+        first_epoch=first_epoch,
+        class_weight=class_weights(data.labels["train"], config.recipe),
+        verbose=keras_verbosity(progress),
+    )
+    record["gzip_bytes_before"] = before
+    record["gzip_bytes_after"] = gzipped_weights_size(model)
+    return records, record
+
+
+def finish_run(
+    run: Run,
+    data: PreparedData,
+    recipe: str = "default",
+    progress: bool = True,
+    extra_info: dict[str, Any] | None = None,
+) -> Run:
+    """Calibrates (if the config asks), evaluates and records a trained run; writes its folder.
+
+    Test metrics come from the test split (else the val split) of `data`; `extra_info` is
+    added to `run.json`.
+    """
+    config = run.config
     calibration = _calibrate(run, data, progress) if config.recipe.calibrate else None
+    eval_split = "test" if len(data.labels["test"]) else "val"
     predictions = None
     if len(data.labels[eval_split]):
         if progress:
@@ -460,10 +574,10 @@ def fit_run(
                 )
         paths = [str(s.path.resolve()) for s in data.splits[eval_split]]
         predictions = Predictions(paths, y, probabilities, list(data.class_names))
-    run.info = _run_info(data, config, recipe)
+    run.info = _run_info(data, config, recipe) | (extra_info or {})
     if calibration is not None:
         run.info["calibration"] = calibration
-    if run_dir is not None:
+    if run.path is not None:
         _write_run_dir(run, data, predictions)
     return run
 

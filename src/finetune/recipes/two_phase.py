@@ -254,7 +254,8 @@ def _callbacks(
     return callbacks + schedule_callbacks(recipe, has_val)
 
 
-def _compile(model: keras.Model, recipe: RecipeConfig, optimizer) -> None:
+def compile_phase(model: keras.Model, recipe: RecipeConfig, optimizer) -> None:
+    """Compiles for a phase: cross-entropy on logits with the recipe's label smoothing."""
     model.compile(
         optimizer=optimizer,
         loss=keras.losses.CategoricalCrossentropy(
@@ -361,7 +362,7 @@ def fit_phases(
             )
             # Trainability changed: compile again so the train step sees it.
             optimizer = make_optimizer(recipe, learning_rate, lr_multipliers=factors)
-            _compile(fit_model, recipe, optimizer)
+            compile_phase(fit_model, recipe, optimizer)
             if verbose:
                 how = " (head on cached backbone features)" if cached else ""
                 print(

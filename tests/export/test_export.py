@@ -104,6 +104,25 @@ def test_float_export_agrees_with_keras(run_dir, run, test_images, fmt, quantize
     assert p.max_abs_logit_diff == pytest.approx(np.abs(logits - reference).max(), abs=1e-6)
 
 
+def test_keras_int8_quantizes_the_dense_head_and_nothing_else(run_dir, run, test_images):
+    report = exported(run_dir, "keras", "int8")
+    model = load_exported(report.path)  # Keras safe mode
+    quantized = [layer for layer in model.model.layers if getattr(layer, "quantization_mode", None)]
+    assert [layer.name for layer in quantized] == ["logits"]
+    assert {w.dtype for w in quantized[0].weights} == {"int8", "float32"}  # kernel, scale, bias
+    assert any(w.dtype == "int8" and len(w.shape) == 2 for w in quantized[0].weights)
+    convolutions = [w for w in model.model.weights if len(w.shape) == 4]
+    assert convolutions and all(w.dtype == "float32" for w in convolutions)
+    images, _ = test_images
+    logits, reference = model.predict_logits(images), run.predict_logits(images)
+    p = report.parity
+    assert p.min_agreement is None  # quantized: reported, not bounded
+    assert p.agreement == pytest.approx(np.mean(logits.argmax(1) == reference.argmax(1)))
+    assert p.max_abs_logit_diff == pytest.approx(np.abs(logits - reference).max(), abs=1e-6)
+    assert p.max_abs_logit_diff < 0.1  # int8 weights of one layer: a small error
+    assert json.loads(report.labels_path.read_text())["quantize"] == "int8"
+
+
 def test_labels_and_temperature_travel_with_every_export(run_dir, run):
     test_files = [p for p, _ in run.split_samples("test")]
     on_run = finetune.predict(run_dir, test_files, top_k=3)

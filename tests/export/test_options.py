@@ -18,7 +18,12 @@ from finetune.export import is_exported_model, load_exported
         ({"format": "keras", "quantize": "float16"}, "not available for --format keras"),
         ({"format": "saved_model", "quantize": "dynamic"}, "allows: none"),
         ({"format": "litert", "int8_io": True}, "--int8-io needs --format litert --quantize"),
-        ({"format": "litert", "calibration_images": 10}, "applies to --quantize int8 only"),
+        ({"format": "litert", "calibration_images": 10}, "applies to --format litert --quant"),
+        ({"format": "keras", "quantize": "int8", "int8_io": True}, "--int8-io needs --format lit"),
+        (
+            {"format": "keras", "quantize": "int8", "calibration_images": 10},
+            "applies to --format litert --quantize int8 only",
+        ),
         (
             {"format": "litert", "quantize": "int8", "calibration_images": 0},
             "must be 1 or more",

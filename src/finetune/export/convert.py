@@ -34,7 +34,7 @@ from finetune.errors import ConfigError, FinetuneError
 
 # format -> (file extension, "" for a folder; quantizations it supports)
 FORMATS: dict[str, tuple[str, tuple[str, ...]]] = {
-    "keras": (".keras", ("none",)),
+    "keras": (".keras", ("none", "int8")),
     "saved_model": ("", ("none",)),
     "litert": (".tflite", ("none", "float16", "dynamic", "int8")),
     "onnx": (".onnx", ("none",)),
@@ -61,13 +61,16 @@ def check_options(fmt: str, quantize: str, int8_io: bool, calibration_images: in
     if quantize not in allowed:
         raise ConfigError(
             f"--quantize {quantize} is not available for --format {fmt} (it allows: "
-            f"{', '.join(allowed)}); quantized models are exported with --format litert."
+            f"{', '.join(allowed)}); convolutions are quantized with --format litert."
         )
-    if int8_io and quantize != "int8":
+    litert_int8 = fmt == "litert" and quantize == "int8"
+    if int8_io and not litert_int8:
         raise ConfigError("--int8-io needs --format litert --quantize int8.")
     if calibration_images is not None:
-        if quantize != "int8":
-            raise ConfigError("--calibration-images applies to --quantize int8 only.")
+        if not litert_int8:
+            raise ConfigError(
+                "--calibration-images applies to --format litert --quantize int8 only."
+            )
         if isinstance(calibration_images, bool) or int(calibration_images) < 1:
             raise ConfigError(
                 f"--calibration-images must be 1 or more, got {calibration_images!r}."
@@ -169,6 +172,22 @@ def _write_saved_model(model: keras.Model, path: Path) -> None:
     )
 
 
+def _write_keras(model: keras.Model, path: Path, quantize: str) -> None:
+    """`model.save`; with "int8", Keras' own `quantize("int8")` first.
+
+    Keras quantizes Dense (and EinsumDense, Embedding) layers only: int8 weights with a scale
+    per output unit, activations quantized on the fly. In a classifier that is the head; the
+    convolutions stay float32 (LiteRT's int8 export quantizes those). The model is changed in
+    place, so it must be a copy loaded for the export.
+    """
+    if quantize == "int8":
+        with warnings.catch_warnings():
+            # One warning per layer Keras cannot quantize: every convolution, pooling, ...
+            warnings.filterwarnings("ignore", message=".*does not have a `quantize` method")
+            model.quantize("int8")
+    model.save(str(path))
+
+
 def _write_onnx(model: keras.Model, path: Path, labels: dict[str, Any]) -> None:
     try:
         import onnx
@@ -216,7 +235,7 @@ def write_artifact(
         FinetuneError: the converter failed (its message is kept).
     """
     writers: dict[str, Callable[[], None]] = {
-        "keras": lambda: model.save(str(path)),
+        "keras": lambda: _write_keras(model, path, quantize),
         "saved_model": lambda: _write_saved_model(model, path),
         "litert": lambda: model.export(
             str(path),

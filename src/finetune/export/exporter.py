@@ -138,7 +138,8 @@ def export_run(
         run: a saved `Run` or a run directory.
         format: "keras", "saved_model", "litert" or "onnx".
         quantize: "none", or for LiteRT "float16", "dynamic" (int8 weights, float activations)
-            or "int8" (full-integer, calibrated on the training split). Defaults to "none".
+            or "int8" (full-integer, calibrated on the training split); for Keras "int8"
+            (Keras' `model.quantize("int8")`: the Dense head only). Defaults to "none".
         out: the artifact path. Defaults to `RUN_DIR/export/model[_<quantize>].<ext>`
             (`RUN_DIR/export/saved_model` for a SavedModel).
         calibration_images: training images to calibrate int8 on. Defaults to 200.
@@ -167,7 +168,7 @@ def export_run(
     _check_destination(out, run_dir, format, overwrite)
 
     representative, n_calibration = None, 0
-    if quantize == "int8":
+    if format == "litert" and quantize == "int8":
         representative = calibration_sample(run, calibration_images or DEFAULT_CALIBRATION_IMAGES)
         n_calibration = len(representative)
     labels = labels_record(

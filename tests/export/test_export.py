@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 import time
 
 import numpy as np
@@ -148,7 +149,7 @@ def test_labels_and_temperature_travel_with_every_export(run_dir, run):
     assert np.abs(uncalibrated - calibrated).max() > 0.02
 
 
-def test_saved_model_keeps_its_labels_inside_and_onnx_in_its_metadata(run_dir, run):
+def test_labels_inside_saved_model_onnx_and_litert_files(run_dir, run, tmp_path):
     saved = exported(run_dir, "saved_model")
     assert saved.labels_path == saved.path / "assets.extra" / "labels.json"
     onnx_export = exported(run_dir, "onnx")
@@ -157,13 +158,26 @@ def test_saved_model_keeps_its_labels_inside_and_onnx_in_its_metadata(run_dir, r
         assert load_exported(onnx_export.path).class_names == run.class_names
     finally:
         onnx_export.labels_path.with_suffix(".moved").rename(onnx_export.labels_path)
-    litert = exported(run_dir, "litert")
-    litert.labels_path.rename(litert.labels_path.with_suffix(".moved"))
-    try:
-        with pytest.raises(FinetuneError, match="has no labels"):
-            load_exported(litert.path)
-    finally:
-        litert.labels_path.with_suffix(".moved").rename(litert.labels_path)
+    # A .tflite copied alone keeps its classes and temperature (LiteRT metadata) ...
+    for quantize in ("none", "int8"):
+        litert = exported(run_dir, "litert", quantize)
+        alone = tmp_path / quantize / "model.tflite"
+        alone.parent.mkdir()
+        shutil.copy(litert.path, alone)
+        model = load_exported(alone)
+        assert model.class_names == run.class_names and model.temperature == TEMPERATURE
+        images, _, _ = evaluation_images(run)
+        np.testing.assert_array_equal(
+            model.predict_logits(images), load_exported(litert.path).predict_logits(images)
+        )
+    # ... and one without that metadata (nor a labels file) is refused with a clear message.
+    from tensorflow.lite.tools import flatbuffer_utils
+
+    bare = flatbuffer_utils.read_model(str(litert.path))
+    bare.metadata = [m for m in bare.metadata if m.name != b"finetune.labels"]
+    flatbuffer_utils.write_model(bare, str(tmp_path / "bare.tflite"))
+    with pytest.raises(FinetuneError, match="bare.tflite has no labels"):
+        load_exported(tmp_path / "bare.tflite")
 
 
 def test_int8_model_is_integer_inside_and_reports_its_accuracy_change(run_dir, run):

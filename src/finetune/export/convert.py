@@ -12,8 +12,9 @@ The exported model keeps the Keras model's contract: RGB pixels in [0, 255] as f
 (N, size, size, 3) in, logits out. Class names, the input size and the run's temperature are not
 part of any of these formats' signatures, so they are written to a JSON labels file: beside a file
 artifact as `<file name>.labels.json`, inside a SavedModel folder as `assets.extra/labels.json`
-(TensorFlow Serving's place for files the graph does not use), and, for ONNX, also in the model's
-own metadata (`metadata_props`, key `finetune.labels`).
+(TensorFlow Serving's place for files the graph does not use), and, for ONNX and LiteRT, also in
+the model's own metadata (ONNX `metadata_props` and a LiteRT metadata buffer, both named
+`finetune.labels`), so the model file alone still knows its classes.
 """
 
 from __future__ import annotations
@@ -42,6 +43,7 @@ FORMATS: dict[str, tuple[str, tuple[str, ...]]] = {
 QUANTIZATIONS = ("none", "float16", "dynamic", "int8")
 LABELS_FORMAT = "finetune-export-labels"
 ONNX_METADATA_KEY = "finetune.labels"
+TFLITE_METADATA_NAME = "finetune.labels"
 DEFAULT_CALIBRATION_IMAGES = 200
 
 
@@ -172,6 +174,67 @@ def _write_saved_model(model: keras.Model, path: Path) -> None:
     )
 
 
+def _write_litert(
+    model: keras.Model,
+    path: Path,
+    labels: dict[str, Any],
+    quantize: str,
+    int8_io: bool,
+    representative: np.ndarray | None,
+) -> None:
+    """Keras' LiteRT exporter, then the labels record into the file's own metadata."""
+    model.export(
+        str(path),
+        format="litert",
+        verbose=False,
+        **_litert_options(quantize, int8_io, representative),
+    )
+    embed_tflite_labels(path, labels)
+
+
+def embed_tflite_labels(path: Path, labels: dict[str, Any]) -> None:
+    """Adds the labels record to a `.tflite` file as metadata `TFLITE_METADATA_NAME`.
+
+    LiteRT models carry named metadata buffers (the converter's own `min_runtime_version` and
+    `CONVERSION_METADATA` are two); the interpreter ignores names it does not know, so the file
+    runs as before and a copied `.tflite` alone still knows its classes. The model is read and
+    written with TensorFlow's flatbuffer tools, in place.
+    """
+    from tensorflow.lite.python import schema_py_generated as schema
+    from tensorflow.lite.tools import flatbuffer_utils
+
+    model = flatbuffer_utils.read_model(str(path))
+    model.metadata = [m for m in (model.metadata or []) if _name(m.name) != TFLITE_METADATA_NAME]
+    buffer = schema.BufferT()
+    buffer.data = np.frombuffer(json.dumps(labels).encode("utf-8"), np.uint8)
+    model.buffers.append(buffer)
+    entry = schema.MetadataT()
+    entry.name = TFLITE_METADATA_NAME
+    entry.buffer = len(model.buffers) - 1
+    model.metadata.append(entry)
+    flatbuffer_utils.write_model(model, str(path))
+
+
+def _name(name: str | bytes | None) -> str:
+    return name.decode("utf-8", "replace") if isinstance(name, bytes) else str(name)
+
+
+def read_tflite_labels(path: Path) -> str | None:
+    """The labels JSON text embedded by `embed_tflite_labels`, or None if the file has none."""
+    from tensorflow.lite.python import schema_py_generated as schema
+
+    data = Path(path).read_bytes()
+    try:
+        model = schema.Model.GetRootAs(data, 0)
+        for i in range(model.MetadataLength()):
+            entry = model.Metadata(i)
+            if _name(entry.Name()) == TFLITE_METADATA_NAME:
+                return model.Buffers(entry.Buffer()).DataAsNumpy().tobytes().decode("utf-8")
+    except Exception:  # noqa: BLE001  (not a flatbuffer, or a damaged one: no embedded labels)
+        return None
+    return None
+
+
 def _write_keras(model: keras.Model, path: Path, quantize: str) -> None:
     """`model.save`; with "int8", Keras' own `quantize("int8")` first.
 
@@ -237,12 +300,7 @@ def write_artifact(
     writers: dict[str, Callable[[], None]] = {
         "keras": lambda: _write_keras(model, path, quantize),
         "saved_model": lambda: _write_saved_model(model, path),
-        "litert": lambda: model.export(
-            str(path),
-            format="litert",
-            verbose=False,
-            **_litert_options(quantize, int8_io, representative),
-        ),
+        "litert": lambda: _write_litert(model, path, labels, quantize, int8_io, representative),
         "onnx": lambda: _write_onnx(model, path, labels),
     }
     try:

@@ -20,7 +20,12 @@ from typing import Any
 import numpy as np
 
 from finetune.errors import FinetuneError
-from finetune.export.convert import LABELS_FORMAT, ONNX_METADATA_KEY, labels_path
+from finetune.export.convert import (
+    LABELS_FORMAT,
+    ONNX_METADATA_KEY,
+    labels_path,
+    read_tflite_labels,
+)
 from finetune.run import softmax
 
 EXPORT_SUFFIXES = (".tflite", ".onnx", ".keras")
@@ -41,8 +46,20 @@ def is_exported_model(path: str | Path) -> bool:
     return path.is_file() and path.suffix.lower() in EXPORT_SUFFIXES
 
 
+def _embedded_labels(artifact: Path) -> str | None:
+    """The labels JSON an ONNX or LiteRT file holds in its own metadata, if any."""
+    if artifact.suffix.lower() == ".tflite":
+        return read_tflite_labels(artifact)
+    import onnx
+
+    props = {
+        p.key: p.value for p in onnx.load(str(artifact), load_external_data=False).metadata_props
+    }
+    return props.get(ONNX_METADATA_KEY)
+
+
 def read_labels(artifact: Path) -> dict[str, Any]:
-    """The labels record of an artifact: its labels file, or an ONNX model's own metadata.
+    """The labels record of an artifact: its labels file, or the model's own metadata.
 
     Raises:
         FinetuneError: no labels file (and no embedded labels), or a damaged one.
@@ -53,19 +70,17 @@ def read_labels(artifact: Path) -> dict[str, Any]:
             record = json.loads(path.read_text(encoding="utf-8"))
         except (UnicodeDecodeError, json.JSONDecodeError) as err:
             raise FinetuneError(f"{path} is damaged ({err}).") from None
-    elif artifact.suffix.lower() == ".onnx":
-        import onnx
-
-        props = {
-            p.key: p.value
-            for p in onnx.load(str(artifact), load_external_data=False).metadata_props
-        }
-        if ONNX_METADATA_KEY not in props:
+    elif artifact.suffix.lower() in (".onnx", ".tflite"):
+        embedded = _embedded_labels(artifact)
+        if embedded is None:
             raise FinetuneError(
                 f"{artifact} has no labels: {path} is missing and the model holds none. "
                 "Export it with `finetune export`, which writes them."
             )
-        record = json.loads(props[ONNX_METADATA_KEY])
+        try:
+            record = json.loads(embedded)
+        except json.JSONDecodeError as err:
+            raise FinetuneError(f"{artifact}: its embedded labels are damaged ({err}).") from None
     else:
         hint = (
             " (A run's own model.keras: give the run directory instead.)"

@@ -8,7 +8,6 @@ with Keras' safe mode).
 
 from __future__ import annotations
 
-import json
 import os
 import sys
 from dataclasses import dataclass, field
@@ -99,7 +98,7 @@ class Run:
         Raises:
             FinetuneError: the folder is not a complete run directory.
         """
-        import finetune.model  # noqa: F401  (registers the custom layers for loading)
+        from finetune.untrusted import load_keras_model, read_json
 
         path = Path(path)
         model_file = path / MODEL_FILE
@@ -117,16 +116,11 @@ class Run:
                         f"{path} is not a complete run directory: {name} is missing."
                     )
                 return default
-            try:
-                return json.loads(f.read_text(encoding="utf-8"))
-            except (UnicodeDecodeError, json.JSONDecodeError) as err:
-                raise FinetuneError(f"{f} is damaged ({err}).") from None
+            return read_json(f)
 
         info = read("run.json")
-        try:
-            model = keras.saving.load_model(model_file, safe_mode=True)
-        except Exception as err:  # Keras raises many types for a damaged or unsafe file
-            raise FinetuneError(f"cannot load {model_file}: {err}") from None
+        # Checked before Keras sees it (no Lambda, no code, no outside references), then safe mode.
+        model = load_keras_model(model_file)
         return cls(
             model=model,
             config=load_config(path / "config.toml"),

@@ -5,6 +5,7 @@ Their ImageNet weights are the files Keras itself downloads into its cache
 names, so weights a user already has are found; only when the file is absent do we ask Keras to
 download it (`keras.utils.get_file`), unless `FINETUNE_OFFLINE=1` forbids the network. A user can
 also give a local weights file. A missing file gives an error naming the file and where to put it.
+Every file is checked with `finetune.untrusted.check_h5_file` before Keras opens it.
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ from finetune.backbones.registry import (
     register_backbone,
 )
 from finetune.errors import WeightsError
+from finetune.untrusted import check_h5_file
 
 _GCS = "https://storage.googleapis.com/"
 
@@ -97,6 +99,8 @@ class KerasApplicationWeights:
             raise WeightsError(
                 f"weights file {path} is not a Keras HDF5 weights file (.h5 or .weights.h5)."
             )
+        # Before Keras opens it: no links or datasets in other files, no whole (legacy) model.
+        check_h5_file(path, f"weights file {path}")
         try:
             model.load_weights(path)
         except Exception as err:  # h5py and Keras raise many types for a bad file

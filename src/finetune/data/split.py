@@ -26,6 +26,7 @@ import numpy as np
 from finetune.atomic import write_text_atomic
 from finetune.data.scan import SPLIT_NAMES, ImageFolder, Sample
 from finetune.errors import ConfigError, DataError
+from finetune.untrusted import read_json
 
 __all__ = [
     "DEFAULT_FRACTIONS",
@@ -323,12 +324,9 @@ def read_split(
             absolute path or '..' in a path...).
     """
     path = Path(path)
-    try:
-        document = json.loads(path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise DataError(f"split file {path} does not exist") from None
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise DataError(f"cannot read split file {path}: {exc}") from None
+    if not path.exists():
+        raise DataError(f"split file {path} does not exist")
+    document = read_json(path, DataError)  # UTF-8 (BOM accepted); errors name file and line
 
     def bad(what: str) -> DataError:
         return DataError(f"{path} is not a valid split file: {what}")

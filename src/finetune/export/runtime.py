@@ -27,6 +27,7 @@ from finetune.export.convert import (
     read_tflite_labels,
 )
 from finetune.run import softmax
+from finetune.untrusted import load_keras_model, read_json
 
 EXPORT_SUFFIXES = (".tflite", ".onnx", ".keras")
 
@@ -66,10 +67,7 @@ def read_labels(artifact: Path) -> dict[str, Any]:
     """
     path = labels_path(artifact)
     if path.is_file():
-        try:
-            record = json.loads(path.read_text(encoding="utf-8"))
-        except (UnicodeDecodeError, json.JSONDecodeError) as err:
-            raise FinetuneError(f"{path} is damaged ({err}).") from None
+        record = read_json(path)
     elif artifact.suffix.lower() in (".onnx", ".tflite"):
         embedded = _embedded_labels(artifact)
         if embedded is None:
@@ -91,8 +89,21 @@ def read_labels(artifact: Path) -> dict[str, Any]:
             f"{artifact} has no labels: {path} is missing. Keep the labels file that "
             f"`finetune export` wrote beside the model.{hint}"
         )
-    if record.get("format") != LABELS_FORMAT or not record.get("class_names"):
+    if not isinstance(record, dict) or record.get("format") != LABELS_FORMAT:
         raise FinetuneError(f"{path} is not a labels file written by `finetune export`.")
+    names, size, temperature = (record.get(k) for k in ("class_names", "image_size", "temperature"))
+    if not (isinstance(names, list) and names and all(isinstance(n, str) for n in names)):
+        raise FinetuneError(f"{path}: 'class_names' must be a non-empty list of names.")
+    if isinstance(size, bool) or not isinstance(size, int) or size < 1:
+        raise FinetuneError(f"{path}: 'image_size' must be a positive whole number, got {size!r}.")
+    if temperature is not None and (
+        isinstance(temperature, bool)
+        or not isinstance(temperature, int | float)
+        or not temperature > 0
+    ):
+        raise FinetuneError(
+            f"{path}: 'temperature' must be a positive number, got {temperature!r}."
+        )
     return record
 
 
@@ -241,13 +252,9 @@ class KerasFile(ExportedModel):
         super().__init__(path, labels)
         import keras
 
-        import finetune.model  # noqa: F401  (registers the custom layers for loading)
-
         self.runtime = f"Keras {keras.__version__}"
-        try:
-            self.model = keras.saving.load_model(self.path, safe_mode=True)
-        except Exception as err:  # Keras raises many types for a damaged or unsafe file
-            raise FinetuneError(f"cannot load {self.path}: {err}") from None
+        # Checked before Keras sees it (no Lambda, no code, no outside references), then safe mode.
+        self.model = load_keras_model(self.path)
         self._call = graph_call(self.model, self.image_size)
 
     def _run(self, batch: np.ndarray) -> np.ndarray:

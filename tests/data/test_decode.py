@@ -2,8 +2,14 @@
 
 from __future__ import annotations
 
+import io
+import json
+import os
+import resource
 import struct
+import tempfile
 import time
+import tracemalloc
 import warnings
 import zlib
 from pathlib import Path
@@ -403,3 +409,216 @@ def test_decode_images_rejects_bad_options(tmp_path):
         decode_images([], 8, interpolation="nope", progress=False)
     with pytest.raises(ConfigError):
         decode_images([], 8, workers=0, progress=False)
+
+
+# --- hostile and unusual files (issue 5: every file is decoded right or reported by name) -------
+
+
+def raw_png(path: Path, pixels: np.ndarray, colour_type: int) -> Path:
+    """Writes a 16-bit PNG by hand (Pillow cannot write 16-bit colour): 0 grey, 2 RGB, 6 RGBA."""
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return (
+            struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+        )
+
+    height, width = pixels.shape[:2]
+    rows = b"".join(b"\x00" + pixels[y].astype(">u2").tobytes() for y in range(height))
+    header = struct.pack(">IIBBBBB", width, height, 16, colour_type, 0, 0, 0)
+    path.write_bytes(
+        b"\x89PNG\r\n\x1a\n"
+        + chunk(b"IHDR", header)
+        + chunk(b"IDAT", zlib.compress(rows))
+        + chunk(b"IEND", b"")
+    )
+    return path
+
+
+def test_16bit_rgb_png_is_scaled_not_clipped(tmp_path):
+    values = np.array([[[0, 257, 65535], [32768, 1000, 65280], [12850, 25700, 51400]]], np.uint16)
+    path = raw_png(tmp_path / "rgb16.png", values, colour_type=2)
+    arr = load_image(path).astype(int)
+    expected = np.rint(values / 257).astype(int)
+    # Pillow keeps the high byte (v >> 8): within 1 of exact rounding, and never clipped to 255.
+    assert np.abs(arr - expected).max() <= 1
+    assert arr[0, 0].tolist() == [0, 1, 255] and arr[0, 1, 0] == 128
+
+
+def test_16bit_rgba_png_is_composited_on_white(tmp_path):
+    values = np.array([[[65535, 0, 0, 65535], [0, 65535, 0, 0], [0, 0, 0, 32768]]], np.uint16)
+    arr = load_image(raw_png(tmp_path / "rgba16.png", values, colour_type=6)).astype(int)
+    assert arr[0, 0].tolist() == [255, 0, 0]
+    assert arr[0, 1].tolist() == [255, 255, 255]
+    assert (np.abs(arr[0, 2] - 127) <= 1).all()
+
+
+def test_palette_png_with_partial_transparency(tmp_path):
+    img = Image.new("P", (3, 1))
+    img.putpalette([255, 0, 0, 0, 0, 0, 0, 0, 255] + [0, 0, 0] * 253)
+    img.putdata([0, 1, 2])
+    img.save(tmp_path / "p.png", transparency=bytes([0, 128, 255]))
+    arr = load_image(tmp_path / "p.png").astype(int)
+    assert arr[0, 0].tolist() == [255, 255, 255]  # fully transparent red: white
+    assert (np.abs(arr[0, 1] - 127) <= 1).all()  # half-transparent black over white: grey
+    assert arr[0, 2].tolist() == [0, 0, 255]
+
+
+def test_cmyk_jpeg_colours_are_roughly_right(tmp_path):
+    inks = {
+        (255, 0, 0, 0): (0, 255, 255),  # cyan
+        (0, 255, 0, 0): (255, 0, 255),  # magenta
+        (0, 0, 255, 0): (255, 255, 0),  # yellow
+        (0, 0, 0, 255): (0, 0, 0),  # black
+        (0, 0, 0, 0): (255, 255, 255),  # paper
+    }
+    img = Image.new("CMYK", (32 * len(inks), 32))
+    for i, ink in enumerate(inks):
+        img.paste(ink, (32 * i, 0, 32 * (i + 1), 32))
+    img.save(tmp_path / "cmyk.jpg", quality=95)
+    arr = load_image(tmp_path / "cmyk.jpg").astype(int)
+    for i, rgb in enumerate(inks.values()):
+        patch = arr[8:24, 32 * i + 8 : 32 * i + 24].reshape(-1, 3).mean(axis=0)
+        assert np.abs(patch - rgb).max() < 30, (rgb, patch)
+
+
+# The transform that stores an upright image so that EXIF orientation N displays it upright:
+# the inverse of the display transform.
+STORE_TRANSPOSE = {
+    1: None,
+    2: Image.Transpose.FLIP_LEFT_RIGHT,
+    3: Image.Transpose.ROTATE_180,
+    4: Image.Transpose.FLIP_TOP_BOTTOM,
+    5: Image.Transpose.TRANSPOSE,
+    6: Image.Transpose.ROTATE_90,
+    7: Image.Transpose.TRANSVERSE,
+    8: Image.Transpose.ROTATE_270,
+}
+
+
+def upright_image() -> Image.Image:
+    """Asymmetric under every flip and rotation: smooth ramps plus one off-centre block."""
+    y, x = np.mgrid[0:48, 0:80]
+    pixels = np.stack([x * 3, y * 5, (x + 2 * y) % 256], axis=-1).astype(np.uint8)
+    pixels[6:18, 10:30] = (255, 255, 0)
+    return Image.fromarray(pixels)
+
+
+@pytest.mark.parametrize("orientation", range(1, 9))
+@pytest.mark.parametrize("fmt", ["png", "jpeg"])
+def test_exif_orientation_gives_the_upright_pixels(tmp_path, orientation, fmt):
+    upright = upright_image()
+    method = STORE_TRANSPOSE[orientation]
+    stored = upright if method is None else upright.transpose(method)
+    exif = stored.getexif()
+    exif[ExifTags.Base.Orientation] = orientation
+    path = tmp_path / f"o{orientation}.{fmt}"
+    stored.save(path, format=fmt.upper(), exif=exif, **({"quality": 95} if fmt == "jpeg" else {}))
+    arr = load_image(path).astype(int)
+    expected = np.asarray(upright).astype(int)
+    assert arr.shape == expected.shape
+    if fmt == "png":
+        np.testing.assert_array_equal(arr, expected)
+    else:
+        assert np.abs(arr - expected).mean() < 4
+
+
+def test_animated_png_uses_first_frame(tmp_path):
+    frames = [Image.new("RGB", (8, 8), c) for c in ((0, 200, 0), (200, 0, 0))]
+    frames[0].save(tmp_path / "anim.png", save_all=True, append_images=frames[1:])
+    with Image.open(tmp_path / "anim.png") as img:
+        assert getattr(img, "n_frames", 1) == 2
+    assert (load_image(tmp_path / "anim.png") == (0, 200, 0)).all()
+
+
+@pytest.mark.parametrize("cut", [0.02, 0.1, 0.5, 0.9, -2, -1])
+@pytest.mark.parametrize("progressive", [False, True])
+def test_truncated_jpeg_anywhere_is_reported(tmp_path, cut, progressive):
+    rng = np.random.default_rng(3)
+    pixels = rng.integers(0, 256, (64, 64, 3), dtype=np.uint8)
+    Image.fromarray(pixels).save(tmp_path / "full.jpg", quality=90, progressive=progressive)
+    data = (tmp_path / "full.jpg").read_bytes()
+    end = int(len(data) * cut) if cut > 0 else len(data) + cut
+    (tmp_path / "cut.jpg").write_bytes(data[:end])
+    reason = reason_for(tmp_path / "cut.jpg")
+    assert "truncated or corrupt" in reason or "not an image" in reason
+
+
+@pytest.mark.parametrize("name", ["text.png", "text.jpg", "text.gif", "text.webp", "text.bmp"])
+def test_text_under_every_image_extension(tmp_path, name):
+    (tmp_path / name).write_text("<html>not a picture</html>\n")
+    assert "not an image" in reason_for(tmp_path / name)
+
+
+def bomb_header(fmt: str, width: int, height: int) -> bytes:
+    """A small valid file of `fmt` whose header is patched to declare width x height."""
+    if fmt == "png":
+        with tempfile.TemporaryDirectory() as folder:
+            return png_header_only(Path(folder) / "h.png", width, height).read_bytes()
+    buffer = io.BytesIO()
+    img = Image.new("P" if fmt == "gif" else "RGB", (16, 16), 1)
+    img.save(buffer, format=fmt.upper())
+    data = bytearray(buffer.getvalue())
+    if fmt == "jpeg":
+        struct.pack_into(">HH", data, data.find(b"\xff\xc0") + 5, height, width)
+    elif fmt == "gif":
+        struct.pack_into("<HH", data, 6, width, height)
+    else:
+        struct.pack_into("<ii", data, 18, width, height)
+    return bytes(data)
+
+
+@pytest.mark.parametrize("fmt", ["png", "jpeg", "gif", "bmp"])
+def test_bomb_is_refused_before_any_pixel_memory(tmp_path, monkeypatch, fmt):
+    path = tmp_path / f"bomb.{fmt}"
+    path.write_bytes(bomb_header(fmt, 50_000, 50_000))
+    assert path.stat().st_size < 1000
+    # Every image buffer Pillow creates goes through core.new or core.fill: record their sizes.
+    sizes: list[tuple[int, int]] = []
+    for name in ("new", "fill"):
+        real = getattr(Image.core, name)
+
+        def spy(mode, size, *args, _real=real):
+            sizes.append(tuple(size))
+            return _real(mode, size, *args)
+
+        monkeypatch.setattr(Image.core, name, spy)
+    rss_before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux
+    tracemalloc.start()
+    try:
+        reason = reason_for(path)
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    rss_growth_mib = (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - rss_before) / 1024
+    assert "decompression bomb" in reason and "2500000000 pixels" in reason
+    assert all(w * h <= MAX_IMAGE_PIXELS for w, h in sizes), sizes
+    assert peak < 8 * 2**20, f"{peak / 2**20:.1f} MiB traced"
+    assert rss_growth_mib < 64, f"peak RSS grew by {rss_growth_mib:.0f} MiB"  # 7.5 GB if decoded
+
+
+# --- file names ----------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "name", [b"with space.png", b"caf\xe9.png", b"\xff\xfe odd\x80.png", "na\u00efve.png".encode()]
+)
+def test_odd_file_names_decode(tmp_path, name):
+    path = Path(os.fsdecode(os.path.join(os.fsencode(tmp_path), name)))
+    Image.new("RGB", (6, 4), (9, 99, 199)).save(path, format="PNG")
+    assert (load_image(path) == (9, 99, 199)).all()
+    images, ok, bad = decode_images([path], 4, progress=False)
+    assert ok == [0] and bad == [] and (images[0] == (9, 99, 199)).all()
+
+
+def test_bad_files_with_non_utf8_names_can_be_reported(tmp_path):
+    broken = Path(os.fsdecode(os.path.join(os.fsencode(tmp_path), b"caf\xe9 cut.jpg")))
+    broken.write_bytes(b"\xff\xd8\xff\xe0 truncated")
+    _, ok, bad = decode_images([broken], 4, progress=False)
+    assert ok == [] and len(bad) == 1
+    (entry,) = bad
+    assert entry.path.name == "caf\\xe9 cut.jpg"  # shown as `ls -b` would, never a lone surrogate
+    text = json.dumps([{"path": str(entry.path), "reason": entry.reason}], ensure_ascii=False)
+    text.encode("utf-8")  # what every JSON file finetune writes goes through
+    with pytest.raises(ImageDecodeError) as caught:
+        load_image(broken)
+    assert caught.value.path == broken  # the real path, for a caller that acts on the file

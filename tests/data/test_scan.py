@@ -317,3 +317,69 @@ def test_scanning_10000_files_is_fast(tmp_path):
     elapsed = time.perf_counter() - start
     assert len(folder.samples["all"]) == 10_000
     assert elapsed < 2.0, f"scanning took {elapsed:.2f}s"
+
+
+# --- file names: spaces and bytes that are not UTF-8 ---------------------------------------------
+
+
+def raw_tree(root: Path, files: list[bytes]) -> Path:
+    """Like make_tree, with names given as raw bytes (Linux file names need not be UTF-8)."""
+    base = os.fsencode(root)
+    for name in files:
+        path = os.path.join(base, name)
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        with open(path, "wb") as f:
+            f.write(b"not decoded")
+    return root
+
+
+def test_names_with_spaces_are_ordinary(tmp_path):
+    make_tree(tmp_path, ["big cat/a b.jpg", "big cat/ c .png", "dog/d.jpg"])
+    folder = scan_image_folder(tmp_path)
+    assert folder.class_names == ["big cat", "dog"]
+    assert rel(folder, folder.samples["all"]) == [
+        ("big cat/ c .png", "big cat"),
+        ("big cat/a b.jpg", "big cat"),
+        ("dog/d.jpg", "dog"),
+    ]
+
+
+def test_non_utf8_names_are_listed_as_ignored_and_printable(tmp_path):
+    raw_tree(
+        tmp_path,
+        [b"cat/a.jpg", b"cat/caf\xe9.jpg", b"cat/sub\xff/b.jpg", b"dog/c.jpg", b"notes\xe9.txt"],
+    )
+    folder = scan_image_folder(tmp_path)
+    assert rel(folder, folder.samples["all"]) == [("cat/a.jpg", "cat"), ("dog/c.jpg", "dog")]
+    assert ignored_rel(folder) == {
+        "cat/caf\\xe9.jpg": "name is not valid UTF-8 text: rename it to use it",
+        "cat/sub\\xff": "name is not valid UTF-8 text: rename it to use it",
+        "notes\\xe9.txt": "not inside a class folder",
+    }
+    for entry in folder.ignored:
+        str(entry.path).encode("utf-8")  # no lone surrogates: printable, storable in JSON
+
+
+@pytest.mark.parametrize(
+    "files",
+    [
+        [b"caf\xe9/a.jpg", b"dog/b.jpg"],
+        [b"train/caf\xe9/a.jpg", b"train/dog/b.jpg"],
+        [b"train/cat/a.jpg", b"train/dog/b.jpg", b"val/caf\xe9/c.jpg"],
+    ],
+)
+def test_non_utf8_class_folder_is_refused_by_name(tmp_path, files):
+    raw_tree(tmp_path, files)
+    with pytest.raises(DataError, match="not valid UTF-8") as caught:
+        scan_image_folder(tmp_path)
+    message = str(caught.value)
+    assert "'caf\\xe9'" in message
+    message.encode("utf-8")
+
+
+def test_non_utf8_data_folder_is_refused(tmp_path):
+    root = Path(os.fsdecode(os.path.join(os.fsencode(tmp_path), b"d\xe9ta")))
+    make_tree(root, ["cat/a.jpg", "dog/b.jpg"])
+    with pytest.raises(DataError, match="not valid UTF-8") as caught:
+        scan_image_folder(root)
+    assert "d\\xe9ta" in str(caught.value)

@@ -36,7 +36,9 @@ __all__ = [
     "default_workers",
     "for_each_in_threads",
     "is_image_file",
+    "is_text",
     "load_image",
+    "shown_path",
 ]
 
 #: File name endings treated as images when scanning a folder (compared in lower case).
@@ -81,12 +83,34 @@ class BadFile:
     """A file that could not be decoded, with the reason shown to the user.
 
     Args:
-        path: the file that failed.
+        path: the file that failed, as shown to people: bytes of its name that are not UTF-8
+            appear as `\\xNN` escapes (see `shown_path`), so it can be printed and stored in JSON.
         reason: a short human-readable reason ("truncated or corrupt image data", ...).
     """
 
     path: Path
     reason: str
+
+
+def is_text(name: str) -> bool:
+    """True when a name (or path) is valid Unicode text, i.e. came from valid UTF-8 bytes.
+
+    Python decodes undecodable bytes in file names to lone surrogates, which cannot be written
+    to a UTF-8 file, printed to a UTF-8 terminal or stored in JSON.
+    """
+    try:
+        name.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
+def shown_path(path: str | os.PathLike[str]) -> Path:
+    """The path itself when it is text, else the same path with each non-UTF-8 byte as `\\xNN`."""
+    text = os.fspath(path)
+    if is_text(text):
+        return Path(text)
+    return Path(os.fsencode(text).decode("utf-8", "backslashreplace"))
 
 
 def is_image_file(path: str | os.PathLike[str]) -> bool:
@@ -391,5 +415,5 @@ def decode_images(
                 out[j] = out[i]
         # A view: the few failed slots stay allocated, which is cheaper than copying everything.
         out = out[: len(ok_indices)]
-    bad = [BadFile(Path(paths[i]), reasons[i]) for i in sorted(reasons)]
+    bad = [BadFile(shown_path(paths[i]), reasons[i]) for i in sorted(reasons)]
     return out, ok_indices, bad

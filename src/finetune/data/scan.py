@@ -8,6 +8,11 @@ folder belong to that class. Hidden files and folders (name starting with '.', a
 `__MACOSX`) are skipped silently; every other file that is not used is listed as ignored with a
 reason, so the user can see what was left out. Problems that make training impossible (no class
 folders, one class, an empty class, no images) raise a `DataError` that says what to fix.
+
+Names must be text: a file or sub-folder whose name is not valid UTF-8 (on Linux, e.g. a Latin-1
+`caf\\xe9.jpg` from an old archive) is listed as ignored, shown with `\\xNN` escapes, because its
+path could not be written to the run's JSON, CSV and HTML records; a class folder or data folder
+with such a name stops the scan, since class names become the model's labels.
 """
 
 from __future__ import annotations
@@ -17,7 +22,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from finetune.data.decode import IMAGE_EXTENSIONS
+from finetune.data.decode import IMAGE_EXTENSIONS, is_text, shown_path
 from finetune.errors import DataError
 
 __all__ = [
@@ -39,6 +44,7 @@ _SPLIT_FOLDERS = {"train": "train", "val": "val", "validation": "val", "test": "
 _SKIPPED_NAMES = frozenset({"__MACOSX"})
 
 NOT_IMAGE = "not an image extension"
+NOT_TEXT = "name is not valid UTF-8 text: rename it to use it"
 
 
 @dataclass(frozen=True)
@@ -51,7 +57,11 @@ class Sample:
 
 @dataclass(frozen=True)
 class IgnoredFile:
-    """A file (or folder) found in the data folder but not used, and why."""
+    """A file (or folder) found in the data folder but not used, and why.
+
+    `path` is for people to read: bytes of a name that are not UTF-8 appear as `\\xNN` escapes
+    (see `shown_path`), so it can always be printed and written to JSON.
+    """
 
     path: Path
     reason: str
@@ -86,6 +96,22 @@ class ImageFolder:
         for sample in self.samples.get(split, []):
             counts[self.class_names[sample.label]] += 1
         return counts
+
+
+def _ignore(path: str | os.PathLike[str], reason: str) -> IgnoredFile:
+    return IgnoredFile(shown_path(path), reason)
+
+
+def _refuse_non_text_classes(folder: Path, dirs: Sequence[os.DirEntry[str]]) -> None:
+    """Raises DataError naming the class folders whose names are not valid UTF-8."""
+    bad = [shown_path(e.name).name for e in dirs if not is_text(e.name)]
+    if bad:
+        names = ", ".join(f"'{n}'" for n in bad)
+        raise DataError(
+            f"class folder name(s) {names} in {folder} are not valid UTF-8 text (shown with \\x "
+            "escapes); class names become the model's labels, so rename the folder(s) with UTF-8 "
+            "names and retry."
+        )
 
 
 def _is_hidden(name: str) -> bool:
@@ -127,12 +153,15 @@ def _collect_images(folder: Path, ignored: list[IgnoredFile]) -> list[Path]:
         try:
             dirs, others = _list_dir(current)
         except OSError as exc:
-            ignored.append(IgnoredFile(current, f"cannot read folder ({exc.strerror or exc})"))
+            ignored.append(_ignore(current, f"cannot read folder ({exc.strerror or exc})"))
             continue
         for entry in dirs:
+            if not is_text(entry.name):
+                ignored.append(_ignore(entry.path, NOT_TEXT))
+                continue
             real = os.path.realpath(entry.path)
             if real in seen:
-                ignored.append(IgnoredFile(Path(entry.path), "folder already scanned (link loop)"))
+                ignored.append(_ignore(entry.path, "folder already scanned (link loop)"))
                 continue
             seen.add(real)
             pending.append((f"{prefix}{entry.name}/", Path(entry.path)))
@@ -142,12 +171,14 @@ def _collect_images(folder: Path, ignored: list[IgnoredFile]) -> list[Path]:
                 regular = entry.is_file()
             except OSError:
                 regular = False
-            if not regular:
-                ignored.append(IgnoredFile(path, "not a regular file (broken link, device...)"))
+            if not is_text(entry.name):
+                ignored.append(_ignore(path, NOT_TEXT))
+            elif not regular:
+                ignored.append(_ignore(path, "not a regular file (broken link, device...)"))
             elif os.path.splitext(entry.name)[1].lower() in IMAGE_EXTENSIONS:
                 found.append((prefix + entry.name, path))
             else:
-                ignored.append(IgnoredFile(path, NOT_IMAGE))
+                ignored.append(_ignore(path, NOT_IMAGE))
     found.sort(key=lambda item: item[0])
     return [path for _, path in found]
 
@@ -237,6 +268,11 @@ def scan_image_folder(root: str | os.PathLike[str]) -> ImageFolder:
             train/ does not have, or hold no images; both val/ and validation/ exist.
     """
     root = Path(root)
+    if not is_text(os.path.abspath(root)):
+        raise DataError(
+            f"the data folder's path {shown_path(os.path.abspath(root))} is not valid UTF-8 text "
+            "(shown with \\x escapes), so it could not be recorded: rename or move it."
+        )
     if not root.exists():
         raise DataError(f"data folder {root} does not exist: check the path.")
     if not root.is_dir():
@@ -276,9 +312,10 @@ def _scan_flat(
     ignored: list[IgnoredFile],
 ) -> ImageFolder:
     _check_class_dirs(root, dirs, files)
+    _refuse_non_text_classes(root, dirs)
     class_names = sorted(e.name for e in dirs)
     labels = {name: i for i, name in enumerate(class_names)}
-    ignored.extend(IgnoredFile(Path(e.path), "not inside a class folder") for e in files)
+    ignored.extend(_ignore(e.path, "not inside a class folder") for e in files)
     samples = _scan_classes(root, dirs, labels, ignored, where="")
     return ImageFolder(root, class_names, {"all": samples}, ignored)
 
@@ -292,11 +329,11 @@ def _scan_split(
 ) -> ImageFolder:
     used = {e.name for e in split_dirs.values()}
     ignored.extend(
-        IgnoredFile(Path(e.path), "folder beside train/ that is not val/ or test/: not used")
+        _ignore(e.path, "folder beside train/ that is not val/ or test/: not used")
         for e in dirs
         if e.name not in used
     )
-    ignored.extend(IgnoredFile(Path(e.path), "not inside train/, val/ or test/") for e in files)
+    ignored.extend(_ignore(e.path, "not inside train/, val/ or test/") for e in files)
 
     train_dir = Path(split_dirs["train"].path)
     try:
@@ -304,6 +341,7 @@ def _scan_split(
     except OSError as exc:
         raise DataError(f"cannot read {train_dir}: {exc.strerror or exc}") from None
     _check_class_dirs(train_dir, train_classes, train_files)
+    _refuse_non_text_classes(train_dir, train_classes)
     class_names = sorted(e.name for e in train_classes)
     labels = {name: i for i, name in enumerate(class_names)}
 
@@ -319,6 +357,7 @@ def _scan_split(
                 class_dirs, loose = _list_dir(split_dir)
             except OSError as exc:
                 raise DataError(f"cannot read {split_dir}: {exc.strerror or exc}") from None
+            _refuse_non_text_classes(split_dir, class_dirs)
             unknown = [e.name for e in class_dirs if e.name not in labels]
             if unknown:
                 names = ", ".join(f"'{n}'" for n in unknown)
@@ -333,7 +372,7 @@ def _scan_split(
                     f"folders as train/, or remove {split_dirs[split].name}/ to have the "
                     f"{split} split made from train/."
                 )
-        ignored.extend(IgnoredFile(Path(e.path), "not inside a class folder") for e in loose)
+        ignored.extend(_ignore(e.path, "not inside a class folder") for e in loose)
         name = split_dirs[split].name
         hint = "" if split == "train" else f" Or remove {name}/ to have it made from train/."
         samples[split] = _scan_classes(

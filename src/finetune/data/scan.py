@@ -311,8 +311,8 @@ def _scan_flat(
     files: list[os.DirEntry[str]],
     ignored: list[IgnoredFile],
 ) -> ImageFolder:
-    _check_class_dirs(root, dirs, files)
     _refuse_non_text_classes(root, dirs)
+    _check_class_dirs(root, dirs, files)
     class_names = sorted(e.name for e in dirs)
     labels = {name: i for i, name in enumerate(class_names)}
     ignored.extend(_ignore(e.path, "not inside a class folder") for e in files)
@@ -340,8 +340,8 @@ def _scan_split(
         train_classes, train_files = _list_dir(train_dir)
     except OSError as exc:
         raise DataError(f"cannot read {train_dir}: {exc.strerror or exc}") from None
-    _check_class_dirs(train_dir, train_classes, train_files)
     _refuse_non_text_classes(train_dir, train_classes)
+    _check_class_dirs(train_dir, train_classes, train_files)
     class_names = sorted(e.name for e in train_classes)
     labels = {name: i for i, name in enumerate(class_names)}
 

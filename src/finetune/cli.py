@@ -191,6 +191,10 @@ def train(
             help="Fit a temperature on the val split so probabilities are calibrated.",
         ),
     ] = None,
+    average_last_epochs: Annotated[
+        int | None,
+        typer.Option(help="End with the mean of the weights of the last N epochs (0: off)."),
+    ] = None,
     tensorboard: Annotated[
         bool, typer.Option(help="Write TensorBoard logs per phase to OUT/tensorboard.")
     ] = False,
@@ -239,6 +243,7 @@ def train(
             train_batchnorm=train_batchnorm,
             calibrate=calibrate,
             check_data=check_data,
+            average_last_epochs=average_last_epochs,
         ).items()
         if v is not None
     }

@@ -215,6 +215,11 @@ class RecipeConfig:
             probabilities say how sure the model really is (`finetune.calibration`); the run
             stores it and `predict` / `evaluate` apply it. Needs a validation split.
             Defaults to False.
+        average_last_epochs: end the final phase with the mean of its trainable weights over
+            its last N epochs (SWA-like; `finetune.recipes.averaging`); that phase then runs
+            all its epochs, without early stopping. Trainable BatchNorm layers
+            (`train_batchnorm`) get their statistics recomputed for the averaged weights.
+            0 turns it off. Defaults to 0.
     """
 
     head_epochs: int = 5
@@ -240,6 +245,7 @@ class RecipeConfig:
     head_augment: bool = False
     feature_cache: bool = True
     calibrate: bool = False
+    average_last_epochs: int = 0
 
 
 @dataclass
@@ -344,7 +350,12 @@ class Config:
             raise ConfigError(f"data.max_memory_gb must be positive, got {d.max_memory_gb}.")
         if d.batch_size < 1:
             raise ConfigError(f"data.batch_size must be at least 1, got {d.batch_size}.")
-        for name in ("head_epochs", "finetune_epochs", "early_stopping_patience"):
+        for name in (
+            "head_epochs",
+            "finetune_epochs",
+            "early_stopping_patience",
+            "average_last_epochs",
+        ):
             if getattr(r, name) < 0:
                 raise ConfigError(f"recipe.{name} must be 0 or more, got {getattr(r, name)}.")
         for name in ("head_lr", "finetune_lr"):

@@ -71,6 +71,7 @@ OPTION_NAMES = {
     "train_batchnorm": "recipe.train_batchnorm",
     "head_augment": "recipe.head_augment",
     "calibrate": "recipe.calibrate",
+    "average_last_epochs": "recipe.average_last_epochs",
     "mixup": "augment.mixup",
     "cutmix": "augment.cutmix",
     "seed": "seed",
@@ -492,6 +493,10 @@ def fit_run(
     )
 
     run_info: dict[str, Any] = {}
+    if config.recipe.average_last_epochs:
+        from finetune.recipes.averaging import averaging_record
+
+        run_info["weight_averaging"] = averaging_record(records, config.recipe.average_last_epochs)
     if config.prune.sparsity > 0:
         prune_records, run_info["pruning"] = _prune(model, data, config, progress, len(records))
         records += prune_records

@@ -27,6 +27,7 @@ from finetune.config import RecipeConfig
 from finetune.data.augment import Mixing
 from finetune.data.pipeline import image_dataset, with_class_weights
 from finetune.model import freeze_backbone, unfreeze_top_groups
+from finetune.recipes.averaging import WeightAveraging
 from finetune.recipes.discriminative import group_lr_multipliers
 from finetune.recipes.feature_cache import FeatureStore, feature_dataset, split_at_pool
 from finetune.recipes.optimizers import make_optimizer
@@ -221,6 +222,8 @@ def _callbacks(
     has_val: bool,
     run_dir: Path | None,
     classifier: keras.Model,
+    average_last_epochs: int = 0,
+    batchnorm_batches: Callable[[], Any] | None = None,
 ) -> list[keras.callbacks.Callback]:
     callbacks: list[keras.callbacks.Callback] = [PhaseLogger(phase.name, records)]
     if phase.until_plateau:
@@ -232,7 +235,9 @@ def _callbacks(
                 restore_best_weights=True,
             )
         )
-    if has_val and recipe.early_stopping_patience:
+    if average_last_epochs:  # early stopping would restore one epoch over the average
+        callbacks.append(WeightAveraging(average_last_epochs, records, batchnorm_batches))
+    elif has_val and recipe.early_stopping_patience:
         callbacks.append(
             keras.callbacks.EarlyStopping(
                 monitor="val_loss",
@@ -326,7 +331,9 @@ def fit_phases(
 
     Returns:
         One dict per epoch: phase, epoch, loss, accuracy, val_loss, val_accuracy, learning_rate,
-        and `features_cached` (True when the phase trained the head on cached features).
+        and `features_cached` (True when the phase trained the head on cached features); with
+        `recipe.average_last_epochs`, `averaged` on the epochs whose mean the final phase ends
+        with (`finetune.recipes.averaging`; that phase then has no early stopping).
     """
     records: list[dict[str, Any]] = []
     epoch = 0
@@ -336,7 +343,7 @@ def fit_phases(
         if p.budget is not None:
             budgets[p.budget] = max(budgets.get(p.budget, 0), p.epochs)
     try:
-        for phase in phases:
+        for index, phase in enumerate(phases):
             if phase.budget is not None:
                 phase = dataclasses.replace(phase, epochs=min(phase.epochs, budgets[phase.budget]))
                 if phase.epochs <= 0:
@@ -378,7 +385,16 @@ def fit_phases(
                 validation_data=val_ds,
                 initial_epoch=epoch,
                 epochs=epoch + phase.epochs,
-                callbacks=_callbacks(phase, recipe, records, val_ds is not None, run_dir, model)
+                callbacks=_callbacks(
+                    phase,
+                    recipe,
+                    records,
+                    val_ds is not None,
+                    run_dir,
+                    model,
+                    recipe.average_last_epochs if index == len(phases) - 1 else 0,
+                    lambda: data.train_dataset(augment=False),
+                )
                 + (extra_callbacks(phase) if extra_callbacks else []),
                 shuffle=False,  # the dataset shuffles itself, seeded
                 verbose=verbose,

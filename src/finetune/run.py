@@ -8,7 +8,6 @@ with Keras' safe mode).
 
 from __future__ import annotations
 
-import os
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -24,13 +23,14 @@ MODEL_FILE = "model.keras"
 
 
 def save_model_atomic(model: keras.Model, path: Path) -> None:
-    """Saves a `.keras` file through a temporary file and a rename."""
-    tmp = path.with_name(f".{path.stem}-{os.getpid()}.keras")
-    try:
-        model.save(tmp)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
+    """Saves a `.keras` file through a synced temporary file and a rename.
+
+    Raises:
+        DiskFullError: the disk filled up; `path` is unchanged.
+    """
+    from finetune.atomic import write_file_atomic
+
+    write_file_atomic(path, model.save)
 
 
 def keras_verbosity(progress: bool) -> int:

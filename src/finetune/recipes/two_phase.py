@@ -4,7 +4,8 @@ As in the Keras transfer-learning guide and fastai's `fine_tune`, the recipe is 
 `Phase`s, each one `compile` + `fit` on the same `keras.Model`: what is trainable changes between
 phases, the optimizer and learning rate are new in each, and the epoch counter runs on so the
 history reads as one training. Each phase stops early on the validation loss and restores its
-best weights, and checkpoints its best weights in the run directory.
+best weights, and checkpoints its best weights in the run directory (atomically, with a
+completion marker: `finetune.checkpoint`).
 
 A phase that trains the head on a frozen backbone without augmentation takes the fast path of
 `finetune.recipes.feature_cache`: the backbone runs once and the head trains on its features.
@@ -23,6 +24,7 @@ import numpy as np
 import tensorflow as tf
 
 from finetune.backbones.registry import BackboneSpec
+from finetune.checkpoint import all_finite, finite_number, save_checkpoint
 from finetune.config import RecipeConfig
 from finetune.data.augment import Mixing
 from finetune.data.pipeline import image_dataset, with_class_weights
@@ -204,15 +206,46 @@ class PhaseLogger(keras.callbacks.Callback):
         self.records.append(record)
 
 
-class _ClassifierCheckpoint(keras.callbacks.ModelCheckpoint):
-    """`ModelCheckpoint` that saves the whole classifier while `fit` trains only its head."""
+class BestWeightsCheckpoint(keras.callbacks.Callback):
+    """Saves the whole classifier's weights when the monitored value improves, atomically.
 
-    def __init__(self, classifier: keras.Model, *args, **kwargs):
-        super().__init__(*args, **kwargs)
-        self._classifier = classifier
+    Unlike Keras' `ModelCheckpoint`, the file is written through a synced temporary file and a
+    rename, with a completion marker (`finetune.checkpoint.save_checkpoint`), and the previous
+    complete checkpoint is kept until the new one is complete. A non-finite monitored value or
+    weights holding NaN or infinity are never saved. The classifier is saved even while `fit`
+    trains only its head on cached features.
 
-    def set_model(self, model):
-        super().set_model(self._classifier)
+    Args:
+        classifier: the model whose weights are saved.
+        path: the `.weights.h5` file.
+        monitor: the epoch log to minimise ("val_loss" or "loss").
+        phase: the phase name, recorded in the marker.
+    """
+
+    def __init__(self, classifier: keras.Model, path: Path, monitor: str, phase: str):
+        super().__init__()
+        self.classifier = classifier
+        self.path = Path(path)
+        self.monitor = monitor
+        self.phase = phase
+        self.best = float("inf")
+
+    def on_epoch_end(self, epoch, logs=None):
+        value = (logs or {}).get(self.monitor)
+        if not finite_number(value) or not float(value) < self.best:
+            return
+        weights = [keras.ops.convert_to_numpy(v) for v in self.classifier.weights]
+        if not all_finite(weights):
+            return
+        save_checkpoint(
+            self.path,
+            self.classifier.save_weights,
+            phase=self.phase,
+            epoch=epoch + 1,
+            monitor=self.monitor,
+            value=float(value),
+        )
+        self.best = float(value)
 
 
 def _callbacks(
@@ -248,12 +281,11 @@ def _callbacks(
     if run_dir is not None:
         (run_dir / "checkpoints").mkdir(parents=True, exist_ok=True)
         callbacks.append(
-            _ClassifierCheckpoint(
+            BestWeightsCheckpoint(
                 classifier,
                 run_dir / "checkpoints" / f"{phase.name}.weights.h5",
                 monitor="val_loss" if has_val else "loss",
-                save_best_only=True,
-                save_weights_only=True,
+                phase=phase.name,
             )
         )
     return callbacks + schedule_callbacks(recipe, has_val)

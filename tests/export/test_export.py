@@ -124,6 +124,31 @@ def test_keras_int8_quantizes_the_dense_head_and_nothing_else(run_dir, run, test
     assert json.loads(report.labels_path.read_text())["quantize"] == "int8"
 
 
+def test_onnx_int8_is_integer_inside_and_keeps_its_labels(run_dir, run):
+    import onnx
+
+    report = exported(run_dir, "onnx", "int8", calibration_images=16)
+    proto = onnx.load(str(report.path))
+    ops = {node.op_type for node in proto.graph.node}
+    assert {"QuantizeLinear", "DequantizeLinear", "Conv"} <= ops
+    conv_weights = {node.input[1] for node in proto.graph.node if node.op_type == "Conv"}
+    producers = {node.output[0]: node for node in proto.graph.node}
+    initializers = {t.name: t for t in proto.graph.initializer}
+    # Every convolution's weight comes from an int8 initializer through DequantizeLinear.
+    for name in conv_weights:
+        node = producers[name]
+        assert node.op_type == "DequantizeLinear", name
+        assert initializers[node.input[0]].data_type == onnx.TensorProto.INT8, name
+    p = report.parity
+    assert p.min_agreement is None and p.passed
+    assert report.calibration_images == 16
+    assert p.export_size_bytes < 0.35 * exported(run_dir, "onnx").parity.export_size_bytes
+    model = load_exported(report.path)
+    assert model.class_names == run.class_names and model.temperature == TEMPERATURE
+    props = {e.key for e in proto.metadata_props}
+    assert "finetune.labels" in props
+
+
 def test_labels_and_temperature_travel_with_every_export(run_dir, run):
     test_files = [p for p, _ in run.split_samples("test")]
     on_run = finetune.predict(run_dir, test_files, top_k=3)

@@ -14,15 +14,16 @@ from finetune.export import is_exported_model, load_exported
     [
         ({"format": "tflite"}, "unknown export format 'tflite'; choose one of: keras, "),
         ({"format": "litert", "quantize": "int4"}, "unknown quantization 'int4'"),
-        ({"format": "onnx", "quantize": "int8"}, "not available for --format onnx"),
+        ({"format": "onnx", "quantize": "float16"}, "not available for --format onnx"),
+        ({"format": "onnx", "quantize": "int8", "int8_io": True}, "--int8-io needs --format"),
         ({"format": "keras", "quantize": "float16"}, "not available for --format keras"),
         ({"format": "saved_model", "quantize": "dynamic"}, "allows: none"),
         ({"format": "litert", "int8_io": True}, "--int8-io needs --format litert --quantize"),
-        ({"format": "litert", "calibration_images": 10}, "applies to --format litert --quant"),
+        ({"format": "litert", "calibration_images": 10}, "applies to --quantize int8 with"),
         ({"format": "keras", "quantize": "int8", "int8_io": True}, "--int8-io needs --format lit"),
         (
             {"format": "keras", "quantize": "int8", "calibration_images": 10},
-            "applies to --format litert --quantize int8 only",
+            "applies to --quantize int8 with --format litert or onnx only",
         ),
         (
             {"format": "litert", "quantize": "int8", "calibration_images": 0},

@@ -38,7 +38,7 @@ FORMATS: dict[str, tuple[str, tuple[str, ...]]] = {
     "keras": (".keras", ("none", "int8")),
     "saved_model": ("", ("none",)),
     "litert": (".tflite", ("none", "float16", "dynamic", "int8")),
-    "onnx": (".onnx", ("none",)),
+    "onnx": (".onnx", ("none", "int8")),
 }
 QUANTIZATIONS = ("none", "float16", "dynamic", "int8")
 LABELS_FORMAT = "finetune-export-labels"
@@ -65,18 +65,22 @@ def check_options(fmt: str, quantize: str, int8_io: bool, calibration_images: in
             f"--quantize {quantize} is not available for --format {fmt} (it allows: "
             f"{', '.join(allowed)}); convolutions are quantized with --format litert."
         )
-    litert_int8 = fmt == "litert" and quantize == "int8"
-    if int8_io and not litert_int8:
+    if int8_io and not (fmt == "litert" and quantize == "int8"):
         raise ConfigError("--int8-io needs --format litert --quantize int8.")
     if calibration_images is not None:
-        if not litert_int8:
+        if not calibrated(fmt, quantize):
             raise ConfigError(
-                "--calibration-images applies to --format litert --quantize int8 only."
+                "--calibration-images applies to --quantize int8 with --format litert or onnx only."
             )
         if isinstance(calibration_images, bool) or int(calibration_images) < 1:
             raise ConfigError(
                 f"--calibration-images must be 1 or more, got {calibration_images!r}."
             )
+
+
+def calibrated(fmt: str, quantize: str) -> bool:
+    """Whether the export quantizes activations, calibrated on representative images."""
+    return quantize == "int8" and fmt in ("litert", "onnx")
 
 
 def default_output(run_dir: Path, fmt: str, quantize: str, int8_io: bool) -> Path:
@@ -251,7 +255,18 @@ def _write_keras(model: keras.Model, path: Path, quantize: str) -> None:
     model.save(str(path))
 
 
-def _write_onnx(model: keras.Model, path: Path, labels: dict[str, Any]) -> None:
+def _write_onnx(
+    model: keras.Model,
+    path: Path,
+    labels: dict[str, Any],
+    representative: np.ndarray | None = None,
+) -> None:
+    """Keras' ONNX exporter (tf2onnx); with `representative` images, int8 by onnxruntime.
+
+    Int8 is onnxruntime's static quantization in QDQ form: int8 weights per output channel,
+    int8 activations with ranges calibrated (min-max) on the representative images, inputs
+    and outputs float. The labels record goes into the model's metadata last.
+    """
     try:
         import onnx
     except ImportError:
@@ -264,10 +279,55 @@ def _write_onnx(model: keras.Model, path: Path, labels: dict[str, Any]) -> None:
     with warnings.catch_warnings():  # Keras' tf2onnx patch for NumPy 2 sets np.object
         warnings.simplefilter("ignore", FutureWarning)
         model.export(str(path), format="onnx", verbose=False, input_signature=[_input_spec(model)])
+    if representative is not None:
+        _quantize_onnx(path, representative)
     proto = onnx.load(str(path))
     entry = proto.metadata_props.add()
     entry.key, entry.value = ONNX_METADATA_KEY, json.dumps(labels, ensure_ascii=False)
     onnx.save(proto, str(path))
+
+
+def _quantize_onnx(path: Path, representative: np.ndarray) -> None:
+    """Replaces the float ONNX model at `path` by its int8 (QDQ) quantization."""
+    import onnx
+    from onnxruntime.quantization import (
+        CalibrationDataReader,
+        QuantFormat,
+        QuantType,
+        quant_pre_process,
+        quantize_static,
+    )
+
+    input_name = onnx.load(str(path), load_external_data=False).graph.input[0].name
+
+    class Images(CalibrationDataReader):
+        def __init__(self):
+            self.batches = iter(
+                np.array_split(representative.astype(np.float32), max(1, len(representative) // 16))
+            )
+
+        def get_next(self):
+            batch = next(self.batches, None)
+            return None if batch is None else {input_name: batch}
+
+    float_path = path.with_name(f".float-{path.name}")
+    prepared = path.with_name(f".prepared-{path.name}")
+    path.replace(float_path)
+    try:
+        # onnxruntime's recommended first step: shape inference and graph optimisation.
+        quant_pre_process(str(float_path), str(prepared))
+        quantize_static(
+            str(prepared),
+            str(path),
+            Images(),
+            quant_format=QuantFormat.QDQ,
+            per_channel=True,
+            activation_type=QuantType.QInt8,
+            weight_type=QuantType.QInt8,
+        )
+    finally:
+        remove(float_path)
+        remove(prepared)
 
 
 def write_artifact(
@@ -301,7 +361,7 @@ def write_artifact(
         "keras": lambda: _write_keras(model, path, quantize),
         "saved_model": lambda: _write_saved_model(model, path),
         "litert": lambda: _write_litert(model, path, labels, quantize, int8_io, representative),
-        "onnx": lambda: _write_onnx(model, path, labels),
+        "onnx": lambda: _write_onnx(model, path, labels, representative),
     }
     try:
         writers[fmt]()

@@ -23,6 +23,7 @@ from finetune.atomic import write_json
 from finetune.errors import DataError, FinetuneError
 from finetune.export.convert import (
     DEFAULT_CALIBRATION_IMAGES,
+    calibrated,
     check_options,
     default_output,
     labels_path,
@@ -168,7 +169,7 @@ def export_run(
     _check_destination(out, run_dir, format, overwrite)
 
     representative, n_calibration = None, 0
-    if format == "litert" and quantize == "int8":
+    if calibrated(format, quantize):
         representative = calibration_sample(run, calibration_images or DEFAULT_CALIBRATION_IMAGES)
         n_calibration = len(representative)
     labels = labels_record(

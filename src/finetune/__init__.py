@@ -10,6 +10,7 @@ Everything the `finetune` command does is one call here:
     finetune.evaluate("runs/photos")
     finetune.write_report("runs/photos")   # runs/photos/report.html
     finetune.export_run("runs/photos", "litert", quantize="int8")   # + parity check
+    finetune.ensemble(["runs/a", "runs/b"], method="mean", out="runs/ab")  # one model
 """
 
 __version__ = "0.1.0"
@@ -33,6 +34,7 @@ from finetune.config import (  # noqa: E402
     load_config,
 )
 from finetune.data.inspect import DatasetReport, inspect_folder  # noqa: E402
+from finetune.ensemble import ensemble  # noqa: E402  (also registers CombineMembers)
 from finetune.errors import (  # noqa: E402
     ConfigError,
     DataError,
@@ -99,6 +101,7 @@ __all__ = [
     "build_classifier",
     "check_batchnorm",
     "classification_metrics",
+    "ensemble",
     "evaluate",
     "evaluate_with_predictions",
     "expected_calibration_error",

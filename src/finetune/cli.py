@@ -536,6 +536,40 @@ def prune(
 
 
 @app.command()
+def ensemble(
+    run_dirs: Annotated[list[Path], typer.Argument(help="Two or more run directories.")],
+    out: Annotated[Path, typer.Option(help="The ensemble's run directory.")],
+    method: Annotated[
+        str, typer.Option(help="mean|weighted (fitted on the shared val split)|vote")
+    ] = "mean",
+    overwrite: Annotated[
+        bool, typer.Option(help="Replace the records in a non-empty --out.")
+    ] = False,
+) -> None:
+    """Combine fine-tuned runs (same classes) into one model, written as a run directory."""
+    import finetune
+
+    run = finetune.ensemble(run_dirs, method=method, out=out, overwrite=overwrite)
+    record = run.info["ensemble"]
+    split = run.metrics.get("data", "test split").split()[0]
+    table = Table(title=f"Ensemble ({method}) of {len(run_dirs)} runs")
+    for col in ("member", "backbone", "weight", f"{split} accuracy"):
+        table.add_column(col, justify="left" if col in ("member", "backbone") else "right")
+    for path, m in zip(run_dirs, record["members"], strict=True):
+        table.add_row(
+            str(path),
+            str(m["backbone"]),
+            f"{m['weight']:.3f}",
+            _percent(m.get(split, {}).get("accuracy")),
+        )
+    table.add_row("[bold]ensemble[/]", "", "", _percent(run.metrics.get("accuracy")))
+    console.print(table)
+    if run.metrics:
+        _print_metrics(f"Test metrics of {out}", run.metrics)
+    console.print(f"Written: [bold]{out}[/] (one model.keras; members and weights in run.json).")
+
+
+@app.command()
 def inspect(
     data_dir: Annotated[Path, typer.Argument(help="Class folders, or train/ (+ val/, test/).")],
     as_json: Annotated[bool, typer.Option("--json", help="Print the findings as JSON.")] = False,

@@ -238,9 +238,42 @@ def _config(run: Run, path: Path) -> str:
         )
     if run.temperature != 1.0:
         parts.append(f"<p>Probabilities calibrated with temperature {run.temperature:.3f}.</p>")
+    parts.append(_ensemble_members(run))
     parts.append("<h3>Resolved configuration (config.toml)</h3>")
     parts.append(f"<pre>{_esc(dump_config(run.config))}</pre>")
     return _section("config", "Configuration and recipe", "".join(parts))
+
+
+def _ensemble_members(run: Run) -> str:
+    """The members of an ensemble (`finetune.ensemble`) and their weights; "" for other runs."""
+    record = run.info.get("ensemble")
+    if not record:
+        return ""
+    split = "test" if any("test" in m for m in record["members"]) else "val"
+    rows = [
+        [
+            m["path"],
+            m.get("backbone", "-"),
+            m.get("image_size", "-"),
+            f"{m.get('temperature', 1.0):.3f}",
+            f"{m.get('weight', 0.0):.3f}",
+            _pct(m.get(split, {}).get("accuracy")),
+        ]
+        for m in record["members"]
+    ]
+    header = ["member", "backbone", "image size", "temperature", "weight", f"{split} accuracy"]
+    fit = record.get("weight_fit")
+    note = (
+        f"<p>Method <b>{_esc(record['method'])}</b>: the model outputs the "
+        f"{_esc(record['output'])}.</p>"
+    )
+    if fit:
+        note += (
+            f'<p class="note">Weights fitted on the {_esc(fit["fitted_on"])}: NLL {fit["nll"]:.4f} '
+            f"(equal weights {fit['nll_mean']:.4f}, best single member "
+            f"{min(fit['nll_members']):.4f}).</p>"
+        )
+    return "<h3>Ensemble members</h3>" + note + _table(header, rows)
 
 
 def _lr(x: float | None) -> str:
@@ -330,11 +363,18 @@ def _top_losses(predictions) -> str:
 
 
 def _gradcam(run: Run, predictions) -> str:
-    from finetune.gradcam import grad_cam, overlay
+    from finetune.gradcam import POOL_LAYER, grad_cam, overlay
 
     title = "Where the model looks (Grad-CAM)"
     if predictions is None or not len(predictions.y_true):
         return _section("gradcam", title, NO_PREDICTIONS)
+    if POOL_LAYER not in [layer.name for layer in run.model.layers]:
+        return _section(
+            "gradcam",
+            title,
+            '<p class="note">Grad-CAM reads one network\'s last feature map, and this model '
+            "combines several (an ensemble): see each member's own report.</p>",
+        )
     right = np.flatnonzero(predictions.y_pred == predictions.y_true)
     wrong = np.flatnonzero(predictions.y_pred != predictions.y_true)
     confidence = predictions.probabilities.max(axis=1)

@@ -36,3 +36,18 @@ class WeightsError(FinetuneError):
 
 class ConfigError(FinetuneError):
     """A configuration key, option or value is not valid."""
+
+
+class NonFiniteLossError(FinetuneError):
+    """Training stopped: the loss (or the weights) became NaN or infinite.
+
+    Args:
+        message: what happened, the batch's files, and where the last good weights are.
+        files: the training files of the batch where it happened.
+        checkpoint: the last complete checkpoint from before, or None.
+    """
+
+    def __init__(self, message: str, files: list[str], checkpoint=None):
+        self.files = files
+        self.checkpoint = checkpoint
+        super().__init__(message)

@@ -445,6 +445,7 @@ def phase_data(data: PreparedData, config: Config) -> PhaseData:
         seed=config.seed,
         feature_cache=config.recipe.feature_cache,
         feature_cache_max_memory_gb=config.data.feature_cache_max_memory_gb,
+        train_paths=[str(s.path) for s in data.splits["train"]],
     )
 
 

@@ -292,7 +292,7 @@ def prune_phase(
             validation_data=val_ds,
             initial_epoch=first_epoch,
             epochs=first_epoch + config.epochs,
-            callbacks=[pruning, PhaseLogger("prune", records)]
+            callbacks=[data.epoch_callback(), pruning, PhaseLogger("prune", records)]
             + schedule_callbacks(recipe, val_ds is not None),
             shuffle=False,
             verbose=verbose,

@@ -4,8 +4,15 @@
 size with the hardened loader, leaves out files that fail (reported by path), completes the splits
 with a seeded stratified split, and keeps the decoded uint8 images in memory. `image_dataset`
 turns one split into batches: shuffled and augmented for training, plain for evaluation, always
-prefetched, so the pipeline is never what the training waits on. Size and interpolation come
-from the backbone's registry entry; normalisation is the model's first layer.
+prefetched, so the pipeline is never what the training waits on.
+
+Given an epoch variable (`TrainingEpoch` sets it at the start of every epoch of a `fit`), the
+training order and the MixUp/CutMix draws of an epoch depend only on (seed, epoch), not on how
+many epochs the process ran before: `epoch_permutation` gives the order again (which files a
+batch held, for an error message), and a resumed run replays an epoch exactly.
+
+Size and interpolation come from the backbone's registry entry; normalisation is the model's
+first layer.
 """
 
 from __future__ import annotations
@@ -154,6 +161,7 @@ def image_dataset(
     augmentation: keras.Sequential | None = None,
     mixing: Mixing | None = None,
     seed: int = 0,
+    epoch: tf.Variable | None = None,
 ) -> tf.data.Dataset:
     """Batches of (float32 pixels in [0, 255], one-hot labels).
 
@@ -167,14 +175,23 @@ def image_dataset(
         mixing: MixUp/CutMix step applied to training batches after `augmentation` (see
             `finetune.data.augment.build_mixing`). Defaults to None.
         seed: shuffle seed. Defaults to 0.
+        epoch: an int64 variable holding the epoch about to run (see `TrainingEpoch`): each
+            epoch's order is `epoch_permutation(N, seed, epoch)` and its mixing draws depend on
+            (seed, epoch) only. Defaults to None (tf.data's own reshuffle on every iteration).
 
     Returns:
         A prefetched `tf.data.Dataset`.
     """
-    ds = tf.data.Dataset.from_tensor_slices((images, labels))
-    if training:
-        ds = ds.shuffle(len(images), seed=seed, reshuffle_each_iteration=True)
-    ds = ds.batch(batch_size)
+    if training and epoch is not None:
+        pixels, classes = tf.constant(images), tf.constant(labels)
+        ds = epoch_index_batches(len(images), batch_size, seed, epoch).map(
+            lambda index: (tf.gather(pixels, index), tf.gather(classes, index))
+        )
+    else:
+        ds = tf.data.Dataset.from_tensor_slices((images, labels))
+        if training:
+            ds = ds.shuffle(len(images), seed=seed, reshuffle_each_iteration=True)
+        ds = ds.batch(batch_size)
 
     def to_model_input(x, y):
         return tf.cast(x, tf.float32), tf.one_hot(y, num_classes)
@@ -186,11 +203,74 @@ def image_dataset(
             num_parallel_calls=tf.data.AUTOTUNE,
         )
     if training and mixing is not None:
-        coins = tf.data.Dataset.random(seed=seed + 9, rerandomize_each_iteration=True)
+        if epoch is not None:
+            coins = epoch_coins(-(-len(images) // batch_size), seed + 9, epoch)
+        else:
+            coins = tf.data.Dataset.random(seed=seed + 9, rerandomize_each_iteration=True)
         ds = tf.data.Dataset.zip(ds, coins).map(
             lambda batch, coin: mixing(*batch, coin), num_parallel_calls=tf.data.AUTOTUNE
         )
     return ds.prefetch(tf.data.AUTOTUNE)
+
+
+def _permutation(n: int, seed: int, epoch: tf.Tensor) -> tf.Tensor:
+    key = tf.stack([tf.constant(seed, tf.int64), tf.cast(epoch, tf.int64)])
+    return tf.random.experimental.stateless_shuffle(tf.range(n, dtype=tf.int64), seed=key)
+
+
+def epoch_permutation(n: int, seed: int, epoch: int) -> np.ndarray:
+    """The order in which epoch `epoch` (0-based) visits `n` training samples, given `seed`.
+
+    It is the order of `image_dataset(..., epoch=...)` and of the cached-feature datasets
+    (`finetune.recipes.feature_cache`): batch k of the epoch holds samples
+    `epoch_permutation(n, seed, epoch)[k * batch_size:(k + 1) * batch_size]`.
+    """
+    return _permutation(n, seed, tf.constant(epoch, tf.int64)).numpy()
+
+
+def epoch_index_batches(n: int, batch_size: int, seed: int, epoch: tf.Variable) -> tf.data.Dataset:
+    """Batches of sample indices in the order of the epoch `epoch` holds when iteration starts."""
+
+    def one_epoch(_):
+        return tf.data.Dataset.from_tensor_slices(_permutation(n, seed, epoch.read_value()))
+
+    ds = tf.data.Dataset.range(1).flat_map(one_epoch)
+    return ds.apply(tf.data.experimental.assert_cardinality(n)).batch(batch_size)
+
+
+def epoch_coins(steps: int, seed: int, epoch: tf.Variable) -> tf.data.Dataset:
+    """One int64 per batch of the epoch `epoch` holds, for `Mixing` (MixUp or CutMix, and how)."""
+
+    def one_epoch(_):
+        key = tf.stack([tf.constant(seed, tf.int64), tf.cast(epoch.read_value(), tf.int64)])
+        draws = tf.random.stateless_uniform(
+            [steps], seed=key, minval=None, maxval=None, dtype=tf.int64
+        )
+        return tf.data.Dataset.from_tensor_slices(draws)
+
+    ds = tf.data.Dataset.range(1).flat_map(one_epoch)
+    return ds.apply(tf.data.experimental.assert_cardinality(steps))
+
+
+def new_epoch_variable() -> tf.Variable:
+    """The variable an epoch-ordered pipeline reads (set by `TrainingEpoch`)."""
+    return tf.Variable(0, dtype=tf.int64, trainable=False, name="training_epoch")
+
+
+class TrainingEpoch(keras.callbacks.Callback):
+    """Sets a pipeline's epoch variable as each epoch of `fit` begins.
+
+    Keras makes a new iterator over the training dataset for every epoch, after
+    `on_epoch_begin`, so the epoch's order and mixing draws are those of `epoch_permutation`
+    for that epoch number, however many epochs ran before in this process.
+    """
+
+    def __init__(self, variable: tf.Variable):
+        super().__init__()
+        self.variable = variable
+
+    def on_epoch_begin(self, epoch, logs=None):
+        self.variable.assign(epoch)
 
 
 def with_class_weights(

@@ -28,6 +28,8 @@ import keras
 import numpy as np
 import tensorflow as tf
 
+from finetune.data.pipeline import epoch_index_batches
+
 POOL_LAYER = "pool"
 
 
@@ -114,18 +116,31 @@ def feature_dataset(
     batch_size: int,
     training: bool = False,
     seed: int = 0,
+    epoch: tf.Variable | None = None,
 ) -> tf.data.Dataset:
     """Batches of (features, one-hot labels), ordered exactly as `image_dataset` orders images.
 
     The shuffle is the same seeded shuffle of the same number of elements as
-    `finetune.data.pipeline.image_dataset`, so epoch k visits the samples in the same order.
+    `finetune.data.pipeline.image_dataset` (with the same `epoch` variable: the order of
+    `epoch_permutation`), so epoch k visits the samples in the same order.
     Memory-mapped features are read batch by batch instead of being copied into the graph.
     """
+    if training and epoch is not None and not isinstance(features, np.memmap):
+        values, classes = tf.constant(features), tf.constant(labels)
+
+        def gather_rows(index):
+            return tf.gather(values, index), tf.one_hot(tf.gather(classes, index), num_classes)
+
+        ds = epoch_index_batches(len(labels), batch_size, seed, epoch).map(gather_rows)
+        return ds.prefetch(tf.data.AUTOTUNE)
     if isinstance(features, np.memmap):
-        ds = tf.data.Dataset.from_tensor_slices(np.arange(len(labels), dtype=np.int64))
-        if training:
-            ds = ds.shuffle(len(labels), seed=seed, reshuffle_each_iteration=True)
-        ds = ds.batch(batch_size)
+        if training and epoch is not None:
+            ds = epoch_index_batches(len(labels), batch_size, seed, epoch)
+        else:
+            ds = tf.data.Dataset.from_tensor_slices(np.arange(len(labels), dtype=np.int64))
+            if training:
+                ds = ds.shuffle(len(labels), seed=seed, reshuffle_each_iteration=True)
+            ds = ds.batch(batch_size)
         width = features.shape[1]
 
         def rows(index):

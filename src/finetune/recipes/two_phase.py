@@ -24,10 +24,17 @@ import numpy as np
 import tensorflow as tf
 
 from finetune.backbones.registry import BackboneSpec
-from finetune.checkpoint import all_finite, finite_number, save_checkpoint
+from finetune.checkpoint import all_finite, finite_number, latest_checkpoint, save_checkpoint
 from finetune.config import RecipeConfig
 from finetune.data.augment import Mixing
-from finetune.data.pipeline import image_dataset, with_class_weights
+from finetune.data.pipeline import (
+    TrainingEpoch,
+    epoch_permutation,
+    image_dataset,
+    new_epoch_variable,
+    with_class_weights,
+)
+from finetune.errors import NonFiniteLossError
 from finetune.model import freeze_backbone, unfreeze_top_groups
 from finetune.recipes.averaging import WeightAveraging
 from finetune.recipes.discriminative import group_lr_multipliers
@@ -87,6 +94,12 @@ class PhaseData:
             backbone features. Defaults to True.
         feature_cache_max_memory_gb: cached features above this size go to a temporary file.
             Defaults to 2.
+        train_paths: the file of each training image, to name the images of a batch whose
+            loss is not finite. Defaults to None.
+
+    Attributes:
+        epoch: the epoch the training datasets order their batches for; `epoch_callback()`
+            sets it as each epoch of a `fit` begins (see `finetune.data.pipeline`).
     """
 
     train_images: np.ndarray
@@ -100,7 +113,9 @@ class PhaseData:
     seed: int = 0
     feature_cache: bool = True
     feature_cache_max_memory_gb: float = 2.0
+    train_paths: list[str] | None = None
     _datasets: dict[Any, tf.data.Dataset] = dataclasses.field(default_factory=dict, repr=False)
+    epoch: tf.Variable = dataclasses.field(default_factory=new_epoch_variable, repr=False)
 
     @property
     def has_val(self) -> bool:
@@ -119,8 +134,21 @@ class PhaseData:
                 augmentation=self.augmentation if augment else None,
                 mixing=self.mixing if augment else None,
                 seed=self.seed,
+                epoch=self.epoch,
             )
         return self._datasets[("train", augment)]
+
+    def epoch_callback(self) -> keras.callbacks.Callback:
+        """The callback every `fit` on these training datasets needs (sets `epoch`)."""
+        return TrainingEpoch(self.epoch)
+
+    def batch_files(self, epoch: int, step: int) -> list[str]:
+        """The training files of batch `step` (0-based) of epoch `epoch` (0-based)."""
+        order = epoch_permutation(len(self.train_labels), self.seed, epoch)
+        rows = order[step * self.batch_size : (step + 1) * self.batch_size]
+        if self.train_paths is None:
+            return [f"training image #{i}" for i in rows]
+        return [self.train_paths[i] for i in rows]
 
     def val_dataset(self) -> tf.data.Dataset | None:
         """Validation batches in order, or None without a validation split."""
@@ -248,6 +276,65 @@ class BestWeightsCheckpoint(keras.callbacks.Callback):
         self.best = float(value)
 
 
+@tf.function
+def _all_finite(variables) -> tf.Tensor:
+    return tf.reduce_all([tf.reduce_all(tf.math.is_finite(v)) for v in variables])
+
+
+class StopOnNonFinite(keras.callbacks.Callback):
+    """Stops training at the first batch whose loss, or whose updated weights, are not finite.
+
+    Keras' `TerminateOnNaN` lets the batch end and the epoch be closed (validated, checkpointed,
+    early-stopping weights restored); this raises `NonFiniteLossError` at once instead, naming
+    the files of that batch (the pipeline's order depends only on seed and epoch, see
+    `PhaseData.batch_files`) and the last complete checkpoint, which the non-finite weights
+    never reach. The `fit` ends without its `on_train_end`, so nothing is restored or saved.
+
+    Args:
+        phase: the phase name, for the message.
+        data: the phase's data (to name the batch's files).
+        run_dir: the run directory (to name the last good checkpoint), or None.
+    """
+
+    def __init__(self, phase: str, data: PhaseData, run_dir: Path | None):
+        super().__init__()
+        self.phase, self.data, self.run_dir = phase, data, run_dir
+        self.epoch = 0
+
+    def on_epoch_begin(self, epoch, logs=None):
+        self.epoch = epoch
+
+    def on_train_batch_end(self, batch, logs=None):
+        loss = (logs or {}).get("loss")
+        if loss is not None and not finite_number(loss):
+            what = f"the training loss became {float(loss)}"
+        elif not bool(_all_finite(self.model.trainable_variables)):
+            what = "the weights became NaN or infinite in its update (its loss was still finite)"
+        else:
+            return
+        files = self.data.batch_files(self.epoch, batch)
+        steps = self.params.get("steps") if self.params else None
+        lr = float(keras.ops.convert_to_numpy(self.model.optimizer.learning_rate))
+        shown = ", ".join(files[:8]) + (f" and {len(files) - 8} more" if len(files) > 8 else "")
+        checkpoint = latest_checkpoint(self.run_dir) if self.run_dir is not None else None
+        if checkpoint is not None:
+            path, marker = checkpoint
+            kept = (
+                f"The last good weights are in {path} (phase '{marker.get('phase')}', epoch "
+                f"{marker.get('epoch')}); the run is not finished (no model.keras)."
+            )
+        else:
+            kept = "No checkpoint was saved before it; the run is not finished."
+        raise NonFiniteLossError(
+            f"training stopped: {what} in phase '{self.phase}', epoch {self.epoch + 1}, batch "
+            f"{batch + 1}{f' of {steps}' if steps else ''} (learning rate {lr:.3g}). "
+            f"The batch held {len(files)} image(s): {shown}. {kept} Lower the learning rate "
+            "(--head-lr, --finetune-lr, or --lr auto), check these images, and train again.",
+            files,
+            checkpoint[0] if checkpoint is not None else None,
+        )
+
+
 def _callbacks(
     phase: Phase,
     recipe: RecipeConfig,
@@ -322,7 +409,7 @@ class _Features:
             train = self.store.compute(extractor, d.train_images, d.batch_size, "train")
             train_ds = feature_dataset(
                 train, d.train_labels, d.num_classes,
-                batch_size=d.batch_size, training=True, seed=d.seed,
+                batch_size=d.batch_size, training=True, seed=d.seed, epoch=d.epoch,
             )  # fmt: skip
             val_ds = None
             if d.has_val:
@@ -417,7 +504,8 @@ def fit_phases(
                 validation_data=val_ds,
                 initial_epoch=epoch,
                 epochs=epoch + phase.epochs,
-                callbacks=_callbacks(
+                callbacks=[data.epoch_callback(), StopOnNonFinite(phase.name, data, run_dir)]
+                + _callbacks(
                     phase,
                     recipe,
                     records,

@@ -10,6 +10,7 @@ import csv
 import io
 import json
 import os
+import sys
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -257,6 +258,7 @@ def train(
             overwrite=overwrite,
             recipe=recipe,
             tensorboard=tensorboard,
+            command=sys.argv,
             **options,
         )
     else:
@@ -269,6 +271,7 @@ def train(
                 lr=lr,
                 recipe=recipe,
                 tensorboard=tensorboard,
+                command=sys.argv,
                 **options,
             ),
             None,

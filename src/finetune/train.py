@@ -155,6 +155,7 @@ RUN_FILES = (
     "report.html",
     "lr_find.png",
     "lr_find.json",
+    "manifest.json",
 )
 RUN_FOLDERS = ("checkpoints", "tensorboard", "scratch_baseline")
 
@@ -179,6 +180,7 @@ def train(
     lr: str | None = None,
     recipe: str = "default",
     tensorboard: bool = False,
+    command: list[str] | None = None,
     **options: Any,
 ) -> Run:
     """Fine-tunes a pretrained backbone on an image folder.
@@ -199,6 +201,8 @@ def train(
             and reasons to `recipe_auto.json`. Defaults to "default".
         tensorboard: write TensorBoard logs of every phase to `out/tensorboard/<phase>`.
             Defaults to False.
+        command: the command line that started the run (the CLI passes `sys.argv`), for
+            `manifest.json`. Defaults to None (this call's arguments are recorded instead).
         **options: single options on top of `config`, e.g. `backbone="resnet50"`,
             `head_epochs=3`, `seed=1`, `calibrate=True` (the names of `OPTION_NAMES`).
 
@@ -212,6 +216,12 @@ def train(
         >>> run = finetune.train("photos/", backbone="efficientnet_lite0", out="runs/photos")
         >>> run.metrics["accuracy"]
     """
+    invocation = invocation_record(
+        "finetune.train",
+        command,
+        data_dir=data_dir, out=out, config=config, overwrite=overwrite, lr=lr, recipe=recipe,
+        tensorboard=tensorboard, **options,
+    )  # fmt: skip
     config = resolve_config(config, **options)
     _check_recipe_mode(recipe)
     run_dir = _prepare_run_dir(out, overwrite)
@@ -224,7 +234,27 @@ def train(
         config = _auto_learning_rate(data, config, run_dir, progress, given)
     elif lr is not None:
         raise FinetuneError(f"lr={lr!r}: only 'auto' is accepted (or give head_lr/finetune_lr).")
-    return fit_run(data, config, run_dir, progress=progress, tensorboard=tensorboard, recipe=recipe)
+    return fit_run(
+        data, config, run_dir, progress=progress, tensorboard=tensorboard, recipe=recipe,
+        command=invocation,
+    )  # fmt: skip
+
+
+def invocation_record(function: str, argv: list[str] | None, **arguments: Any) -> dict[str, Any]:
+    """How a run was started, for `manifest.json`: the command line, or the Python call."""
+    if argv is not None:
+        return {"argv": [str(a) for a in argv]}
+
+    def plain(value: Any) -> Any:
+        if value is None or isinstance(value, bool | int | float | str):
+            return value
+        if isinstance(value, list | tuple):
+            return [plain(v) for v in value]
+        if isinstance(value, Config):
+            return "a Config object (resolved in config.toml)"
+        return str(value)
+
+    return {"python": function, "arguments": {k: plain(v) for k, v in arguments.items()}}
 
 
 def prune(
@@ -294,8 +324,11 @@ def prune(
         path=out_dir,
         history=source.history + records,
     )
+    command = invocation_record(
+        "finetune.prune", None, run_dir=run_dir, out=out, sparsity=sparsity, **options
+    )
     return finish_run(
-        run, data, source.info.get("recipe", "default"), progress, {"pruning": record}
+        run, data, source.info.get("recipe", "default"), progress, {"pruning": record}, command
     )
 
 
@@ -456,11 +489,13 @@ def fit_run(
     progress: bool = True,
     tensorboard: bool = False,
     recipe: str = "default",
+    command: dict[str, Any] | None = None,
 ) -> Run:
     """Builds the classifier, runs the recipe's phases on prepared data and records the run.
 
     `recipe` names how `config`'s recipe was chosen ("default", "auto", "scratch"), for
-    `run.json` and `finetune runs`.
+    `run.json` and `finetune runs`; `command` is how the run was started (`invocation_record`),
+    for `manifest.json`.
 
     With `config.recipe.calibrate`, fits a temperature on the validation split afterwards; with
     `tensorboard` (and a run directory), writes TensorBoard logs per phase to
@@ -509,7 +544,7 @@ def fit_run(
         path=run_dir,
         history=records,
     )
-    return finish_run(run, data, recipe, progress, run_info)
+    return finish_run(run, data, recipe, progress, run_info, command=command)
 
 
 def _prune(
@@ -540,11 +575,12 @@ def finish_run(
     recipe: str = "default",
     progress: bool = True,
     extra_info: dict[str, Any] | None = None,
+    command: dict[str, Any] | None = None,
 ) -> Run:
     """Calibrates (if the config asks), evaluates and records a trained run; writes its folder.
 
     Test metrics come from the test split (else the val split) of `data`; `extra_info` is
-    added to `run.json`.
+    added to `run.json`; `command` (how the run was started) goes to `manifest.json`.
     """
     config = run.config
     calibration = _calibrate(run, data, progress) if config.recipe.calibrate else None
@@ -580,11 +616,12 @@ def finish_run(
                 )
         paths = [str(s.path.resolve()) for s in data.splits[eval_split]]
         predictions = Predictions(paths, y, probabilities, list(data.class_names))
-    run.info = _run_info(data, config, recipe) | (extra_info or {})
+    files = data_files(data)
+    run.info = _run_info(data, config, recipe, files) | (extra_info or {})
     if calibration is not None:
         run.info["calibration"] = calibration
     if run.path is not None:
-        _write_run_dir(run, data, predictions)
+        _write_run_dir(run, data, predictions, manifest(run, files, command))
     return run
 
 
@@ -605,7 +642,12 @@ def _calibrate(run: Run, data: PreparedData, progress: bool) -> dict[str, Any]:
     return record | {"temperature": run.temperature}
 
 
-def _run_info(data: PreparedData, config: Config, recipe: str = "default") -> dict[str, Any]:
+def _run_info(
+    data: PreparedData,
+    config: Config,
+    recipe: str = "default",
+    files: list[dict[str, str]] | None = None,
+) -> dict[str, Any]:
     import finetune
 
     return {
@@ -615,7 +657,7 @@ def _run_info(data: PreparedData, config: Config, recipe: str = "default") -> di
         "recipe": recipe,
         "data_dir": str(data.root),
         "counts": data.counts(),
-        "data_fingerprint": data_fingerprint(data),
+        "data_fingerprint": data_fingerprint(data, files),
         "seed": config.seed,
         "created": datetime.now(UTC).isoformat(timespec="seconds"),
         "finetune_version": finetune.__version__,
@@ -625,13 +667,13 @@ def _run_info(data: PreparedData, config: Config, recipe: str = "default") -> di
     }
 
 
-def data_fingerprint(data: PreparedData) -> str:
-    """A short hash of the data a run saw: every split's files (relative path, label, content).
+def data_files(data: PreparedData) -> list[dict[str, Any]]:
+    """Every file a run used: split, path relative to the data folder, label, BLAKE2b-128.
 
-    Two runs with the same fingerprint trained and were tested on the same bytes, split the same
-    way; renaming the data folder does not change it.
+    Ordered by split, then path; the content hash is "unreadable" for a file gone since it was
+    decoded.
     """
-    digest = hashlib.sha256()
+    files = []
     for split in sorted(data.splits):
         for sample in sorted(data.splits[split], key=lambda s: str(s.path)):
             try:
@@ -642,8 +684,55 @@ def data_fingerprint(data: PreparedData) -> str:
                 content = hashlib.blake2b(sample.path.read_bytes(), digest_size=16).hexdigest()
             except OSError:  # gone or unreadable since it was decoded
                 content = "unreadable"
-            digest.update(f"{split}\t{rel}\t{sample.label}\t{content}\n".encode())
+            files.append(
+                {
+                    "path": rel,
+                    "split": split,
+                    "label": data.class_names[sample.label],
+                    "label_index": sample.label,
+                    "blake2b_128": content,
+                }
+            )
+    return files
+
+
+def data_fingerprint(data: PreparedData, files: list[dict[str, Any]] | None = None) -> str:
+    """A short hash of the data a run saw: every split's files (relative path, label, content).
+
+    Two runs with the same fingerprint trained and were tested on the same bytes, split the same
+    way; renaming the data folder does not change it. `files` (from `data_files`) saves reading
+    the files again.
+    """
+    digest = hashlib.sha256()
+    for f in files if files is not None else data_files(data):
+        line = f"{f['split']}\t{f['path']}\t{f['label_index']}\t{f['blake2b_128']}\n"
+        digest.update(line.encode())
     return digest.hexdigest()[:16]
+
+
+def manifest(
+    run: Run, files: list[dict[str, Any]], command: dict[str, Any] | None
+) -> dict[str, Any]:
+    """What `manifest.json` holds: how to make the run again and what it was made from.
+
+    The command (argv, or the Python call and its arguments), seed and op determinism, Keras
+    backend and package versions, the data folder, its fingerprint and every file with its
+    split, label and BLAKE2b-128 hash. Only the TensorFlow backend trains.
+    """
+    info = run.info
+    return {
+        "command": command,
+        "seed": run.config.seed,
+        "deterministic": run.config.deterministic,
+        "keras_backend": info.get("keras_backend"),
+        "finetune_version": info.get("finetune_version"),
+        "packages": info.get("environment"),
+        "created": info.get("created"),
+        "data_dir": info.get("data_dir"),
+        "data_fingerprint": info.get("data_fingerprint"),
+        "hash": "blake2b, 16-byte digest, of each file's bytes",
+        "files": files,
+    }
 
 
 def environment() -> dict[str, str]:
@@ -660,7 +749,12 @@ def environment() -> dict[str, str]:
     return env
 
 
-def _write_run_dir(run: Run, data: PreparedData, predictions: Predictions | None = None) -> None:
+def _write_run_dir(
+    run: Run,
+    data: PreparedData,
+    predictions: Predictions | None = None,
+    manifest_record: dict[str, Any] | None = None,
+) -> None:
     from finetune.report import write_report
 
     path = run.path
@@ -679,6 +773,8 @@ def _write_run_dir(run: Run, data: PreparedData, predictions: Predictions | None
         },
     )
     write_json(path / "run.json", run.info)
+    if manifest_record is not None:
+        write_json(path / "manifest.json", manifest_record)
     if predictions is not None:
         predictions.write_csv(path / "predictions.csv")
     save_model_atomic(run.model, path / MODEL_FILE)
@@ -702,6 +798,7 @@ def train_with_scratch_baseline(
     progress: bool = True,
     recipe: str = "default",
     tensorboard: bool = False,
+    command: list[str] | None = None,
     **options: Any,
 ) -> tuple[Run, Run]:
     """Fine-tunes as `train` does, then trains the same network from scratch on the same split.
@@ -713,6 +810,12 @@ def train_with_scratch_baseline(
     Returns:
         (fine-tuned run, from-scratch run).
     """
+    invocation = invocation_record(
+        "finetune.train_with_scratch_baseline",
+        command,
+        data_dir=data_dir, out=out, config=config, overwrite=overwrite, recipe=recipe,
+        tensorboard=tensorboard, **options,
+    )  # fmt: skip
     config = resolve_config(config, **options)
     _check_recipe_mode(recipe)
     run_dir = _prepare_run_dir(out, overwrite)
@@ -723,8 +826,9 @@ def train_with_scratch_baseline(
         given = frozenset(OPTION_NAMES[k] for k in options)
         config = _auto_recipe(data, config, given, run_dir, progress)
     tuned = fit_run(
-        data, config, run_dir, progress=progress, tensorboard=tensorboard, recipe=recipe
-    )
+        data, config, run_dir, progress=progress, tensorboard=tensorboard, recipe=recipe,
+        command=invocation,
+    )  # fmt: skip
     if progress:
         print("Training the same network from random weights for comparison...", flush=True)
     scratch = fit_run(
@@ -734,5 +838,6 @@ def train_with_scratch_baseline(
         progress=progress,
         tensorboard=tensorboard,
         recipe="scratch",
+        command=invocation,
     )
     return tuned, scratch

@@ -75,6 +75,7 @@ def test_the_error_names_the_files_of_the_batch_with_the_planted_image(first_epo
             initial_epoch=first_epoch,
             epochs=first_epoch + 2,
             callbacks=[data.epoch_callback(), StopOnNonFinite("head", data, None)],
+            shuffle=False,
             verbose=0,
         )
     order = epoch_permutation(n, 5, first_epoch)

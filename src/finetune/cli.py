@@ -210,6 +210,14 @@ def train(
         bool, typer.Option(help="Also train the same network from scratch and compare.")
     ] = False,
     overwrite: Annotated[bool, typer.Option(help="Replace a finished run in --out.")] = False,
+    resume: Annotated[
+        bool | None,
+        typer.Option(
+            "--resume/--no-resume",
+            help="Go on with the unfinished run in --out from its last checkpoint (default: "
+            "when there is one); --no-resume starts it again.",
+        ),
+    ] = None,
 ) -> None:
     """Fine-tune a pretrained backbone on DATA_DIR and write a run directory."""
     import finetune
@@ -249,6 +257,8 @@ def train(
         if v is not None
     }
     if compare_scratch:
+        if resume:
+            raise FinetuneError("--resume and --compare-scratch cannot be combined yet.")
         if lr is not None:
             raise FinetuneError("--lr auto and --compare-scratch cannot be combined yet.")
         run, scratch = finetune.train_with_scratch_baseline(
@@ -272,6 +282,7 @@ def train(
                 recipe=recipe,
                 tensorboard=tensorboard,
                 command=sys.argv,
+                resume=resume,
                 **options,
             ),
             None,

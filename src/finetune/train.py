@@ -181,6 +181,7 @@ def train(
     recipe: str = "default",
     tensorboard: bool = False,
     command: list[str] | None = None,
+    resume: bool | None = None,
     **options: Any,
 ) -> Run:
     """Fine-tunes a pretrained backbone on an image folder.
@@ -203,6 +204,11 @@ def train(
             Defaults to False.
         command: the command line that started the run (the CLI passes `sys.argv`), for
             `manifest.json`. Defaults to None (this call's arguments are recorded instead).
+        resume: go on with the unfinished run in `out` from its last complete checkpoint
+            (`checkpoints/resume.npz`: phase, epoch, weights, optimizer, random and callback
+            states), and end as the run would have without the interruption. True requires
+            one; False starts again (the old checkpoints are replaced as the new run goes);
+            None resumes when there is one. Defaults to None.
         **options: single options on top of `config`, e.g. `backbone="resnet50"`,
             `head_epochs=3`, `seed=1`, `calibrate=True` (the names of `OPTION_NAMES`).
 
@@ -210,7 +216,9 @@ def train(
         The `Run`, holding the fine-tuned `keras.Model`, its history and test metrics.
 
     Raises:
-        FinetuneError: bad data folder, options or weights, each with a message naming it.
+        FinetuneError: bad data folder, options or weights, each with a message naming it;
+            `ResumeError` when the run to resume had another config or data (what changed is
+            named).
 
     Example:
         >>> run = finetune.train("photos/", backbone="efficientnet_lite0", out="runs/photos")
@@ -224,6 +232,11 @@ def train(
     )  # fmt: skip
     config = resolve_config(config, **options)
     _check_recipe_mode(recipe)
+    if resume and (out is None or overwrite):
+        raise FinetuneError(
+            "--resume goes on with the unfinished run in --out: give --out, and not --overwrite "
+            "(which starts the run again)."
+        )
     run_dir = _prepare_run_dir(out, overwrite)
     data = prepare_data(data_dir, config, progress=progress)
     check_data(data, config, run_dir, progress)
@@ -234,10 +247,65 @@ def train(
         config = _auto_learning_rate(data, config, run_dir, progress, given)
     elif lr is not None:
         raise FinetuneError(f"lr={lr!r}: only 'auto' is accepted (or give head_lr/finetune_lr).")
+    fingerprint = run_fingerprint(config, data, recipe)
+    state = None
+    if run_dir is not None and resume is not False:
+        state = _resume_state(run_dir, bool(resume), fingerprint, progress)
     return fit_run(
         data, config, run_dir, progress=progress, tensorboard=tensorboard, recipe=recipe,
-        command=invocation,
+        command=invocation, resume=state, fingerprint=fingerprint,
     )  # fmt: skip
+
+
+# Config keys that do not change what training computes; a resume may change them.
+_RESUME_MAY_CHANGE = frozenset({"data.check", "data.max_memory_gb"})
+
+
+def run_fingerprint(config: Config, data: PreparedData, recipe: str) -> dict[str, Any]:
+    """What a resumed run must share with the interrupted one: config, data, recipe mode."""
+
+    def flat(value: Any, prefix: str) -> dict[str, Any]:
+        if isinstance(value, dict):
+            out: dict[str, Any] = {}
+            for key, item in value.items():
+                out |= flat(item, f"{prefix}{key}.")
+            return out
+        return {prefix[:-1]: list(value) if isinstance(value, tuple) else value}
+
+    values = flat(dataclasses.asdict(config), "")
+    values = {k: v for k, v in values.items() if k not in _RESUME_MAY_CHANGE}
+    if not config.prune.sparsity > 0:  # the [prune] section plays no part
+        values = {k: v for k, v in values.items() if not k.startswith("prune.")}
+    return values | {
+        "recipe_mode": recipe,
+        "image_size": data.image_size,
+        "class_names": list(data.class_names),
+        "data_fingerprint": data_fingerprint(data),
+    }
+
+
+def _resume_state(run_dir: Path, required: bool, fingerprint: dict[str, Any], progress: bool):
+    from finetune.recipes.resume import ResumeError, fingerprint_changes, load_state
+
+    state = load_state(run_dir)
+    if state is None:
+        if required:
+            raise FinetuneError(
+                f"--resume: {run_dir} holds no complete checkpoint to resume from "
+                "(checkpoints/resume.npz); train without --resume to start the run."
+            )
+        return None
+    changes = fingerprint_changes(state.meta.get("fingerprint", {}), fingerprint)
+    if changes:
+        raise ResumeError(
+            f"{run_dir} holds an unfinished run (stopped in {state.describe()}) that was "
+            f"started with other settings or data; changed: {'; '.join(changes)}. Give the "
+            "same data and options to resume it, or pass --overwrite to start again, or "
+            "choose another --out."
+        )
+    if progress:
+        print(f"Resuming {run_dir}: {state.describe()} ({state.path}).", flush=True)
+    return state
 
 
 def invocation_record(function: str, argv: list[str] | None, **arguments: Any) -> dict[str, Any]:
@@ -490,12 +558,15 @@ def fit_run(
     tensorboard: bool = False,
     recipe: str = "default",
     command: dict[str, Any] | None = None,
+    resume: Any = None,
+    fingerprint: dict[str, Any] | None = None,
 ) -> Run:
     """Builds the classifier, runs the recipe's phases on prepared data and records the run.
 
     `recipe` names how `config`'s recipe was chosen ("default", "auto", "scratch"), for
     `run.json` and `finetune runs`; `command` is how the run was started (`invocation_record`),
-    for `manifest.json`.
+    for `manifest.json`. `resume` (a `finetune.recipes.resume.ResumeState`) goes on from a
+    saved state; `fingerprint` (`run_fingerprint`) is stored with the saved states.
 
     With `config.recipe.calibrate`, fits a temperature on the validation split afterwards; with
     `tensorboard` (and a run directory), writes TensorBoard logs per phase to
@@ -526,6 +597,8 @@ def fit_run(
         class_weight=class_weights(data.labels["train"], config.recipe),
         verbose=keras_verbosity(progress),
         extra_callbacks=extra,
+        resume=resume,
+        fingerprint=fingerprint,
     )
 
     run_info: dict[str, Any] = {}
@@ -778,6 +851,9 @@ def _write_run_dir(
     if predictions is not None:
         predictions.write_csv(path / "predictions.csv")
     save_model_atomic(run.model, path / MODEL_FILE)
+    from finetune.recipes.resume import remove_state
+
+    remove_state(path)  # the run is finished: nothing to resume
     try:
         write_report(run)
     except Exception as err:  # noqa: BLE001  (the run is complete; the page can be rebuilt)

@@ -40,6 +40,14 @@ from finetune.recipes.averaging import WeightAveraging
 from finetune.recipes.discriminative import group_lr_multipliers
 from finetune.recipes.feature_cache import FeatureStore, feature_dataset, split_at_pool
 from finetune.recipes.optimizers import make_optimizer
+from finetune.recipes.resume import (
+    STATE_FILE,
+    RestoreCallbackStates,
+    ResumeState,
+    assign_all,
+    callback_states,
+    save_state,
+)
 from finetune.recipes.schedules import phase_learning_rate, schedule_callbacks
 
 
@@ -430,6 +438,8 @@ def fit_phases(
     class_weight: dict[int, float] | None = None,
     verbose: int | str = "auto",
     extra_callbacks: Callable[[Phase], list[keras.callbacks.Callback]] | None = None,
+    resume: ResumeState | None = None,
+    fingerprint: dict[str, Any] | None = None,
 ) -> list[dict[str, Any]]:
     """Runs `phases` on `model` in order and returns the per-epoch history records.
 
@@ -439,7 +449,9 @@ def fit_phases(
         recipe: optimizer, loss and early-stopping settings.
         phases: what to run (see `two_phase_plan`).
         data: the training and validation images and their batching (see `PhaseData`).
-        run_dir: where to checkpoint each phase's best weights. Defaults to None.
+        run_dir: where to checkpoint each phase's best weights, and the state to resume from
+            after every epoch and phase (`checkpoints/resume.npz`, see
+            `finetune.recipes.resume`). Defaults to None.
         class_weight: loss weight per class index, or None. Defaults to None. Each sample is
             weighted by `labels @ weights`, which for one-hot labels is Keras' `class_weight`
             and for MixUp/CutMix labels mixes the two classes' weights in the same proportion
@@ -447,6 +459,11 @@ def fit_phases(
         verbose: Keras' `fit` verbosity. Defaults to "auto".
         extra_callbacks: returns more callbacks for a phase's `fit` (e.g. TensorBoard logs per
             phase). Defaults to None.
+        resume: a saved state (`finetune.recipes.resume.load_state`) to go on from: the phases
+            before it are skipped, and the one it stopped in goes on from its last complete
+            epoch with everything as it was. Defaults to None (start at the beginning).
+        fingerprint: what the saved states record about the config and data (for refusing a
+            resume with them changed). Defaults to None.
 
     Returns:
         One dict per epoch: phase, epoch, loss, accuracy, val_loss, val_accuracy, learning_rate,
@@ -461,8 +478,41 @@ def fit_phases(
     for p in phases:
         if p.budget is not None:
             budgets[p.budget] = max(budgets.get(p.budget, 0), p.epochs)
+    state_path = run_dir / "checkpoints" / STATE_FILE if run_dir is not None else None
+    augmentation_variables = list(data.augmentation.variables) if data.augmentation else []
+    if resume is not None:
+        records = [dict(r) for r in resume.meta["records"]]
+        epoch = int(resume.meta["epoch"])
+        budgets = {k: int(v) for k, v in resume.meta["budgets"].items()}
+        assign_all(model.variables, resume.array_list("model"), "model", resume.path)
+        assign_all(
+            augmentation_variables, resume.array_list("augment"), "augmentation", resume.path
+        )
+
+    def save(meta: dict[str, Any], fit_model: keras.Model, callbacks=None) -> None:
+        if state_path is None:
+            return
+        lists = {
+            "model": [keras.ops.convert_to_numpy(v) for v in model.variables],
+            "augment": [keras.ops.convert_to_numpy(v) for v in augmentation_variables],
+        }
+        states: list[dict[str, Any]] = []
+        if callbacks is not None:
+            lists["optimizer"] = [
+                keras.ops.convert_to_numpy(v) for v in fit_model.optimizer.variables
+            ]
+            states, held = callback_states(callbacks)
+            lists.update(held)
+        base = {"records": records, "budgets": budgets, "fingerprint": fingerprint or {}}
+        save_state(state_path, base | meta | {"callbacks": states}, lists)
+
     try:
         for index, phase in enumerate(phases):
+            going_on = resume is not None and index == resume.meta["phase_index"]
+            if resume is not None and (
+                index < resume.meta["phase_index"] or (going_on and resume.meta["phase_done"])
+            ):
+                continue
             if phase.budget is not None:
                 phase = dataclasses.replace(phase, epochs=min(phase.epochs, budgets[phase.budget]))
                 if phase.epochs <= 0:
@@ -489,22 +539,30 @@ def fit_phases(
             # Trainability changed: compile again so the train step sees it.
             optimizer = make_optimizer(recipe, learning_rate, lr_multipliers=factors)
             compile_phase(fit_model, recipe, optimizer)
+            phase_start, first_epoch, last_epoch = epoch, epoch, epoch + phase.epochs
+            if going_on:
+                assert resume is not None
+                phase_start = int(resume.meta["phase_start"])
+                first_epoch = int(resume.meta["epoch"])
+                last_epoch = phase_start + phase.epochs
+                if resume.meta["stop_training"]:
+                    last_epoch = first_epoch  # early stopping had ended it: only finish it
+                optimizer.build(fit_model.trainable_variables)
+                assign_all(
+                    optimizer.variables, resume.array_list("optimizer"), "optimizer", resume.path
+                )
             if verbose:
                 how = " (head on cached backbone features)" if cached else ""
+                again = f", going on after epoch {first_epoch}" if going_on else ""
                 print(
                     f"Phase '{phase.name}': up to {phase.epochs} epoch(s) at learning rate "
-                    f"{phase.learning_rate:g}{how}",
+                    f"{phase.learning_rate:g}{how}{again}",
                     flush=True,
                 )
             if class_weight:
                 train_ds = with_class_weights(train_ds, class_weight, data.num_classes)
-            first = len(records)
-            history = fit_model.fit(
-                train_ds,
-                validation_data=val_ds,
-                initial_epoch=epoch,
-                epochs=epoch + phase.epochs,
-                callbacks=[data.epoch_callback(), StopOnNonFinite(phase.name, data, run_dir)]
+            callbacks = (
+                [data.epoch_callback(), StopOnNonFinite(phase.name, data, run_dir)]
                 + _callbacks(
                     phase,
                     recipe,
@@ -515,18 +573,49 @@ def fit_phases(
                     recipe.average_last_epochs if index == len(phases) - 1 else 0,
                     lambda: data.train_dataset(augment=False),
                 )
-                + (extra_callbacks(phase) if extra_callbacks else []),
+                + (extra_callbacks(phase) if extra_callbacks else [])
+            )
+            if going_on:
+                assert resume is not None
+                callbacks.append(RestoreCallbackStates(list(callbacks), resume))
+            position = {"phase_index": index, "phase_name": phase.name, "phase_start": phase_start}
+
+            def after_epoch(done: int, stop: bool, cbs=callbacks, fm=fit_model, at=position):
+                save(at | {"epoch": done, "phase_done": False, "stop_training": stop}, fm, cbs)
+
+            callbacks.append(_AfterEpoch(after_epoch))
+            fit_model.fit(
+                train_ds,
+                validation_data=val_ds,
+                initial_epoch=first_epoch,
+                epochs=last_epoch,
+                callbacks=callbacks,
                 shuffle=False,  # the dataset shuffles itself, seeded
                 verbose=verbose,
             )
-            for record in records[first:]:
-                record["features_cached"] = cached
-            epoch += len(history.epoch)
+            ran = 0
+            for record in records:
+                if record["phase"] == phase.name:
+                    record["features_cached"] = cached
+                    ran += 1
+            epoch = phase_start + ran
             if phase.budget is not None:
-                budgets[phase.budget] -= len(history.epoch)
+                budgets[phase.budget] -= ran
             if not cached:
                 # Unfrozen layers have changed: cached features would be stale.
                 features.forget()
+            save(position | {"epoch": epoch, "phase_done": True, "stop_training": False}, model)
     finally:
         features.forget()
     return records
+
+
+class _AfterEpoch(keras.callbacks.Callback):
+    """Calls `save(epochs_done, stop_training)` at the end of every epoch, after the others."""
+
+    def __init__(self, save: Callable[[int, bool], None]):
+        super().__init__()
+        self.save = save
+
+    def on_epoch_end(self, epoch, logs=None):
+        self.save(epoch + 1, bool(self.model.stop_training))

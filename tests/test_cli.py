@@ -5,6 +5,8 @@ from __future__ import annotations
 import csv
 import io
 import json
+import os
+import shutil
 import subprocess
 import sys
 
@@ -76,6 +78,16 @@ def test_evaluate_and_predict_a_run(trained):
     rows = list(csv.DictReader(io.StringIO(invoke("predict", out, data / "1", "--format", "csv"))))
     assert rows and rows[0]["rank"] == "1" and float(rows[0]["probability"]) > 0
     assert "probability" in invoke("predict", out, data / "2")
+
+    # A file name that is not UTF-8 is printed with its odd byte escaped, in every format.
+    odd = data.parent / "odd" / os.fsdecode(b"caf\xe9.png")
+    odd.parent.mkdir(exist_ok=True)
+    shutil.copy(next((data / "0").glob("*.png")), odd)
+    assert json.loads(invoke("predict", out, odd, "--format", "json"))[0]["path"].endswith(
+        "caf\\xe9.png"
+    )
+    assert "caf\\xe9.png,1," in invoke("predict", out, odd, "--format", "csv")
+    invoke("predict", out, odd)  # the table: no UnicodeEncodeError (exit status 0)
 
 
 @pytest.mark.slow

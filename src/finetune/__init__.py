@@ -15,6 +15,7 @@ Everything the `finetune` command does is one call here:
 
 __version__ = "0.1.0"
 
+from finetune.atomic import DiskFullError  # noqa: E402
 from finetune.backbones.registry import (  # noqa: E402
     BackboneSpec,
     Preprocessing,
@@ -40,6 +41,7 @@ from finetune.errors import (  # noqa: E402
     DataError,
     FinetuneError,
     ImageDecodeError,
+    NonFiniteLossError,
     WeightsError,
 )
 from finetune.evaluate import (  # noqa: E402
@@ -68,6 +70,7 @@ from finetune.model import (  # noqa: E402
     unfreeze_top_groups,
 )
 from finetune.predict import Prediction, predict  # noqa: E402
+from finetune.recipes.resume import ResumeError  # noqa: E402
 from finetune.report import write_report  # noqa: E402
 from finetune.run import Run  # noqa: E402
 from finetune.runs import RunSummary, list_runs  # noqa: E402
@@ -83,11 +86,13 @@ __all__ = [
     "DataConfig",
     "DataError",
     "DatasetReport",
+    "DiskFullError",
     "ExportReport",
     "ExportedModel",
     "FinetuneError",
     "ImageDecodeError",
     "ModelConfig",
+    "NonFiniteLossError",
     "Normalize",
     "ParityReport",
     "Prediction",
@@ -95,6 +100,7 @@ __all__ = [
     "Preprocessing",
     "PruneConfig",
     "RecipeConfig",
+    "ResumeError",
     "Run",
     "RunSummary",
     "WeightsError",

@@ -383,6 +383,7 @@ def predict(
 ) -> None:
     """Predict the top-k classes of images with a run's model, an export, or an ImageNet head."""
     import finetune
+    from finetune.data.decode import shown_path
 
     if fmt not in ("table", "json", "csv"):
         raise FinetuneError(f"--format {fmt!r} is not one of: table, json, csv.")
@@ -394,10 +395,11 @@ def predict(
         writer = csv.writer(buf)
         writer.writerow(["path", "rank", "label", "probability", "error"])
         for r in results:
+            shown = shown_path(r.path)  # a non-UTF-8 file name cannot be printed as is
             if r.error:
-                writer.writerow([r.path, "", "", "", r.error])
+                writer.writerow([shown, "", "", "", r.error])
             for rank, (label, p) in enumerate(r.top, 1):
-                writer.writerow([r.path, rank, label, f"{p:.6f}", ""])
+                writer.writerow([shown, rank, label, f"{p:.6f}", ""])
         print(buf.getvalue(), end="")
     else:
         table = Table()
@@ -405,9 +407,10 @@ def predict(
             table.add_column(col)
         for r in results:
             if r.error:
-                table.add_row(str(r.path), "-", f"[red]{r.error}[/]", "")
+                table.add_row(str(shown_path(r.path)), "-", f"[red]{r.error}[/]", "")
             for rank, (label, p) in enumerate(r.top, 1):
-                table.add_row(str(r.path) if rank == 1 else "", str(rank), label, f"{p:.3f}")
+                shown = str(shown_path(r.path)) if rank == 1 else ""
+                table.add_row(shown, str(rank), label, f"{p:.3f}")
         console.print(table)
 
 
@@ -500,6 +503,16 @@ def prune(
     min_weights: Annotated[
         int | None, typer.Option(help="Leave layers with fewer weights dense (1024).")
     ] = None,
+    depthwise: Annotated[
+        bool | None,
+        typer.Option("--depthwise/--no-depthwise", help="Prune DepthwiseConv2D kernels too (no)."),
+    ] = None,
+    train_batchnorm: Annotated[
+        bool | None,
+        typer.Option(
+            "--train-batchnorm/--frozen-batchnorm", help="Train BatchNorm while pruning (no)."
+        ),
+    ] = None,
     overwrite: Annotated[bool, typer.Option(help="Replace a finished run in --out.")] = False,
     quiet: Annotated[bool, typer.Option(help="No progress output.")] = False,
 ) -> None:
@@ -511,6 +524,8 @@ def prune(
         "learning_rate": lr,
         "exclude": exclude,
         "min_weights": min_weights,
+        "depthwise": depthwise,
+        "train_batchnorm": train_batchnorm,
     }
     run = finetune.prune(
         run_dir,

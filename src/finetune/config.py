@@ -274,6 +274,14 @@ class PruneConfig:
             depthwise kernels: little to gain, and the most sensitive). Defaults to 1024.
         exclude: names (or shell patterns, e.g. "block1*") of layers to leave dense.
             Defaults to none.
+        depthwise: prune DepthwiseConv2D kernels too. Defaults to False: they hold few of
+            the weights (one small filter per channel) and are the most sensitive; measured on
+            EfficientNet-Lite0, leaving them dense keeps far more accuracy at the same target
+            (benchmarks/RESULTS.md).
+        train_batchnorm: let BatchNorm layers train during the phase, their statistics
+            recomputed for the final weights at the end. Defaults to False: with the recipe's
+            frozen BatchNorm the fine-tuned weights were trained against the frozen statistics,
+            and measured, training them here lost accuracy (benchmarks/RESULTS.md).
     """
 
     sparsity: float = 0.0
@@ -284,6 +292,8 @@ class PruneConfig:
     power: float = 3.0
     min_weights: int = 1024
     exclude: list[str] = field(default_factory=list)
+    depthwise: bool = False
+    train_batchnorm: bool = False
 
 
 @dataclass

@@ -17,7 +17,7 @@ from pathlib import Path
 import keras
 import numpy as np
 
-from finetune.data.decode import IMAGE_EXTENSIONS, decode_images
+from finetune.data.decode import IMAGE_EXTENSIONS, decode_images, shown_path
 from finetune.errors import FinetuneError
 from finetune.run import Run, softmax
 
@@ -38,7 +38,7 @@ class Prediction:
 
     def to_dict(self) -> dict:
         return {
-            "path": str(self.path),
+            "path": str(shown_path(self.path)),  # printable, also for non-UTF-8 names
             "predictions": [{"label": n, "probability": p} for n, p in self.top],
             "error": self.error,
         }

@@ -47,10 +47,12 @@ def _small_model() -> keras.Model:
 
 def test_choose_layers_by_type_size_and_pattern():
     model = _small_model()
-    choice = choose_layers(model, PruneConfig(min_weights=100, exclude=["hid*"]))
+    choice = choose_layers(model, PruneConfig(min_weights=100, exclude=["hid*"], depthwise=True))
     assert set(choice.pruned) == {"conv", "depthwise", "dense"}
     assert choice.skipped["hidden"] == "excluded"
     assert "64 weights" in choice.skipped["tiny"]
+    default = choose_layers(model, PruneConfig(min_weights=100))
+    assert "depthwise" in default.skipped["depthwise"] and "depthwise" not in default.pruned
 
 
 class _CheckZerosAfterEveryStep(keras.callbacks.Callback):
@@ -78,7 +80,8 @@ class _CheckZerosAfterEveryStep(keras.callbacks.Callback):
 def test_pruned_weights_stay_zero_through_every_optimizer_step(optimizer, tmp_path):
     keras.utils.set_random_seed(0)
     model = _small_model()
-    choice = choose_layers(model, PruneConfig(min_weights=100))
+    choice = choose_layers(model, PruneConfig(min_weights=100, depthwise=True))
+    assert "depthwise" in choice.pruned
     pruning = MagnitudePruning(choice.pruned, 0.6, ramp_steps=12, frequency=3)
     check = _CheckZerosAfterEveryStep(pruning)
     pruning.install()
@@ -125,7 +128,7 @@ def test_gzipped_size_shrinks_with_zeros():
     model = _small_model()
     model.build((None, 12, 12, 3))
     dense = gzipped_weights_size(model)
-    choice = choose_layers(model, PruneConfig(min_weights=0))
+    choice = choose_layers(model, PruneConfig(min_weights=0, depthwise=True))
     pruning = MagnitudePruning(choice.pruned, 0.75, ramp_steps=1)
     pruning.set_sparsity(0.75)
     pruning.strip()
@@ -163,7 +166,7 @@ def _digest(path) -> str:
 def pruned(run_dir, tmp_path_factory):
     model_digest = _digest(run_dir / "model.keras")
     out = tmp_path_factory.mktemp("runs") / "pruned"
-    run = finetune.prune(run_dir, out=out, sparsity=0.5, epochs=2, progress=False)
+    run = finetune.prune(run_dir, out=out, sparsity=0.5, epochs=2, depthwise=True, progress=False)
     assert _digest(run_dir / "model.keras") == model_digest  # the source run is untouched
     return run
 
@@ -176,7 +179,8 @@ def test_prune_reaches_the_target_in_every_layer_and_saves_a_plain_model(pruned)
         assert layer["sparsity"] == pytest.approx(0.5, abs=1 / layer["weights"]), path
     # Read back from disk: the zeros are in the saved model's kernels.
     loaded = finetune.Run.load(pruned.path)
-    choice = choose_layers(loaded.model, PruneConfig(min_weights=1024))
+    choice = choose_layers(loaded.model, PruneConfig(min_weights=1024, depthwise=True))
+    assert any("dwconv" in path for path in choice.pruned)
     assert set(choice.pruned) == set(record["layers"]) and set(choice.skipped) == set(
         record["skipped"]
     )
@@ -278,5 +282,6 @@ def test_prune_section_in_the_config_prunes_at_the_end_of_training(data_dir, tmp
     assert record["target_sparsity"] == 0.75
     assert all(abs(v["sparsity"] - 0.75) < 1e-3 for v in record["layers"].values())
     assert any("project" in p for p in record["skipped"])
+    assert any("dwconv" in p for p in record["skipped"])  # depthwise left dense by default
     assert not any("project" in p for p in record["layers"])
     assert [r["phase"] for r in run.history] == ["head", "prune"]

@@ -29,6 +29,7 @@ from finetune.config import PruneConfig, RecipeConfig
 from finetune.data.pipeline import with_class_weights
 from finetune.errors import ConfigError
 from finetune.model import unfreeze_top_groups
+from finetune.recipes.averaging import recompute_batchnorm_statistics
 from finetune.recipes.optimizers import make_optimizer
 from finetune.recipes.schedules import phase_learning_rate, schedule_callbacks
 from finetune.recipes.two_phase import PhaseData, PhaseLogger, compile_phase
@@ -68,8 +69,9 @@ class LayerChoice:
 def choose_layers(model: keras.Model, config: PruneConfig) -> LayerChoice:
     """The Conv2D, DepthwiseConv2D and Dense layers of `model` that `config` prunes.
 
-    A layer is left dense when its name (or path, e.g. "efficientnet_lite0/stem_conv")
-    matches one of `config.exclude` or its kernel has fewer than `config.min_weights` weights.
+    A layer is left dense when its name (or path, e.g. "backbone/stem_conv") matches one of
+    `config.exclude`, its kernel has fewer than `config.min_weights` weights, or it is a
+    DepthwiseConv2D and `config.depthwise` is off.
     """
     choice = LayerChoice()
     for path, layer in _walk(model):
@@ -78,6 +80,8 @@ def choose_layers(model: keras.Model, config: PruneConfig) -> LayerChoice:
         size = int(np.prod(layer.kernel.shape))
         if any(fnmatch.fnmatchcase(n, p) for p in config.exclude for n in (layer.name, path)):
             choice.skipped[path] = "excluded"
+        elif isinstance(layer, keras.layers.DepthwiseConv2D) and not config.depthwise:
+            choice.skipped[path] = "depthwise (prune.depthwise = false)"
         elif size < config.min_weights:
             choice.skipped[path] = f"{size} weights < min_weights {config.min_weights}"
         else:
@@ -243,7 +247,7 @@ def prune_phase(
 ) -> tuple[list[dict[str, Any]], dict[str, Any]]:
     """Prunes `model` to `config.sparsity` while fine-tuning it for `config.epochs` epochs.
 
-    The whole network trains (BatchNorm as `recipe.train_batchnorm` says) with the recipe's
+    The whole network trains (BatchNorm as `config.train_batchnorm` says) with the recipe's
     optimizer and schedule at `config.learning_rate`, on augmented training batches. There is
     no early stopping and no restoring of earlier weights: those would bring back a less
     sparse model. The model is left stripped (plain Keras, zeros in place).
@@ -262,7 +266,7 @@ def prune_phase(
             "layers are excluded or smaller than prune.min_weights; lower min_weights or "
             "shorten exclude."
         )
-    unfreeze_top_groups(model, spec, -1, train_batchnorm=recipe.train_batchnorm)
+    unfreeze_top_groups(model, spec, -1, train_batchnorm=config.train_batchnorm)
     train_ds = data.train_dataset(augment=True)
     steps = max(int(train_ds.cardinality()), 1)
     pruning = MagnitudePruning(
@@ -299,6 +303,11 @@ def prune_phase(
         )
     finally:
         pruning.strip()
+    batchnorm = 0
+    if config.train_batchnorm:
+        # The moving statistics lag behind weights that changed this much in a short phase:
+        # set them from one pass over the training images with the final pruned weights.
+        batchnorm = recompute_batchnorm_statistics(model, data.train_dataset(augment=False))
     settings = {
         "target_sparsity": config.sparsity,
         "epochs": config.epochs,
@@ -306,5 +315,6 @@ def prune_phase(
         "ramp_steps": pruning.ramp_steps,
         "update_every_steps": pruning.frequency,
         "power": config.power,
+        "batchnorm_layers_recomputed": batchnorm,
     }
     return records, settings | sparsity_record(choice)

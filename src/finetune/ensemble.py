@@ -453,7 +453,8 @@ def ensemble(
 
     if progress:
         print(f"Loading {len(paths)} runs...", flush=True)
-    members = [Run.load(p) for p in paths]
+    # For inference only: compiled members would bring their optimizers into the ensemble's file.
+    members = [Run.load(p, compile=False) for p in paths]
     image_size = max(m.image_size for m in members)
     if progress and len({m.image_size for m in members}) > 1:
         sizes = ", ".join(f"{p}: {m.image_size} px" for p, m in zip(paths, members, strict=True))

@@ -92,8 +92,14 @@ class Run:
     temperature: float = 1.0
 
     @classmethod
-    def load(cls, path: str | Path) -> Run:
+    def load(cls, path: str | Path, compile: bool = True) -> Run:
         """Reads a run directory written by `finetune.train`.
+
+        Args:
+            path: the run directory.
+            compile: restore the model's training configuration and optimizer state as saved;
+                False loads it for inference only (faster, and a model built from it, such as
+                an ensemble, does not carry the optimizer). Defaults to True.
 
         Raises:
             FinetuneError: the folder is not a complete run directory.
@@ -120,7 +126,7 @@ class Run:
 
         info = read("run.json")
         # Checked before Keras sees it (no Lambda, no code, no outside references), then safe mode.
-        model = load_keras_model(model_file)
+        model = load_keras_model(model_file, compile=compile)
         return cls(
             model=model,
             config=load_config(path / "config.toml"),

@@ -309,7 +309,7 @@ def test_failed_parity_leaves_the_old_artifact_and_no_partial_file(run_dir, monk
 
 
 def test_failed_conversion_leaves_no_half_file(run_dir, tmp_path, monkeypatch):
-    def half_written(model, path, labels):
+    def half_written(model, path, labels, representative=None):
         path.write_bytes(b"half an onnx file")
         raise RuntimeError("converter crashed")
 

@@ -129,3 +129,18 @@ def test_an_absurd_learning_rate_stops_the_run_and_keeps_the_last_good_checkpoin
     if finetune_checkpoint.exists():  # saved only from finite weights
         model.load_weights(finetune_checkpoint)
         assert all(np.isfinite(np.asarray(w)).all() for w in model.get_weights())
+
+
+def test_the_weight_check_reads_the_weights_as_they_are_now():
+    from finetune.recipes.two_phase import _finite_check
+
+    layer = keras.layers.Dense(3)
+    layer.build((None, 4))
+    check = _finite_check(layer.trainable_variables)
+    assert bool(check())
+    bad = np.ones((4, 3), np.float32)
+    bad[1, 2] = np.inf
+    layer.kernel.assign(bad)  # after the graph was made: it must see the new value
+    assert not bool(check())
+    layer.kernel.assign(np.zeros((4, 3), np.float32))
+    assert bool(check())

@@ -284,9 +284,19 @@ class BestWeightsCheckpoint(keras.callbacks.Callback):
         self.best = float(value)
 
 
-@tf.function
-def _all_finite(variables) -> tf.Tensor:
-    return tf.reduce_all([tf.reduce_all(tf.math.is_finite(v)) for v in variables])
+def _finite_check(variables) -> Callable[[], tf.Tensor]:
+    """A graph that tells whether every one of `variables` is finite, reading them as they are.
+
+    The variables are captured, not passed: passing ~150 of them to a `tf.function` on every
+    call cost ~25 ms a step (EfficientNet-Lite0), the captured graph ~3.5 ms.
+    """
+    captured = [v.value for v in variables]
+
+    @tf.function
+    def check() -> tf.Tensor:
+        return tf.reduce_all([tf.reduce_all(tf.math.is_finite(v)) for v in captured])
+
+    return check
 
 
 class StopOnNonFinite(keras.callbacks.Callback):
@@ -309,6 +319,9 @@ class StopOnNonFinite(keras.callbacks.Callback):
         self.phase, self.data, self.run_dir = phase, data, run_dir
         self.epoch = 0
 
+    def on_train_begin(self, logs=None):
+        self._weights_finite = _finite_check(self.model.trainable_variables)
+
     def on_epoch_begin(self, epoch, logs=None):
         self.epoch = epoch
 
@@ -316,7 +329,7 @@ class StopOnNonFinite(keras.callbacks.Callback):
         loss = (logs or {}).get("loss")
         if loss is not None and not finite_number(loss):
             what = f"the training loss became {float(loss)}"
-        elif not bool(_all_finite(self.model.trainable_variables)):
+        elif not bool(self._weights_finite()):
             what = "the weights became NaN or infinite in its update (its loss was still finite)"
         else:
             return

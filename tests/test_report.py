@@ -302,3 +302,19 @@ def test_report_renders_in_a_real_browser(run_dir, tmp_path):
         assert shot.stat().st_size > 50_000  # a page of figures, not a blank one
     finally:
         driver.quit()
+
+
+def test_a_page_that_cannot_be_built_only_warns(tmp_path, monkeypatch, capsys):
+    from finetune.report import write_report_or_warn
+
+    def broken(run):
+        raise RuntimeError("no fonts")
+
+    monkeypatch.setattr("finetune.report.write_report", broken)
+    run = finetune.Run(
+        model=None, config=finetune.Config(), class_names=["a"], image_size=32, path=tmp_path
+    )
+    write_report_or_warn(run, "ensemble")  # no exception: the run itself is complete
+    err = capsys.readouterr().err
+    assert f"{tmp_path / 'report.html'} could not be built (RuntimeError: no fonts)" in err
+    assert "the ensemble itself is complete" in err and f"finetune report {tmp_path}" in err

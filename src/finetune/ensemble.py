@@ -601,10 +601,9 @@ def _write_records(run, paths: list[Path], shared: bool, dump_config) -> None:
 def _finish(run, predictions) -> None:
     """run.json, metrics.json, predictions.csv, model.keras (last: it marks a finished run),
     then report.html, through the writers every run uses."""
-    import sys
 
     from finetune.atomic import write_json
-    from finetune.report import write_report
+    from finetune.report import write_report_or_warn
     from finetune.run import MODEL_FILE, save_model_atomic
 
     path = run.path
@@ -613,12 +612,4 @@ def _finish(run, predictions) -> None:
     if predictions is not None:
         predictions.write_csv(path / "predictions.csv")
     save_model_atomic(run.model, path / MODEL_FILE)
-    try:
-        write_report(run)
-    except Exception as err:  # noqa: BLE001  (the ensemble is complete; the page can be rebuilt)
-        print(
-            f"warning: {path / 'report.html'} could not be built ({type(err).__name__}: {err}); "
-            f"the ensemble itself is complete. Try again with `finetune report {path}`.",
-            file=sys.stderr,
-            flush=True,
-        )
+    write_report_or_warn(run, "ensemble")

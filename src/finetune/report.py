@@ -14,6 +14,7 @@ from __future__ import annotations
 import base64
 import html
 import json
+import sys
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
@@ -523,3 +524,20 @@ def write_report(run: Run | str | Path) -> Path:
     target = run.path / REPORT_FILE
     write_text_atomic(target, page)
     return target
+
+
+def write_report_or_warn(run: Run, what: str = "run") -> None:
+    """`write_report` for a run that is otherwise complete: a failure only prints a warning.
+
+    The page can always be built again with `finetune report`, so a plotting or rendering error
+    must not make a finished run (or ensemble, `what`) look failed.
+    """
+    try:
+        write_report(run)
+    except Exception as err:  # noqa: BLE001  (the run is complete; the page can be rebuilt)
+        print(
+            f"warning: {run.path / 'report.html'} could not be built ({type(err).__name__}: "
+            f"{err}); the {what} itself is complete. Try again with `finetune report {run.path}`.",
+            file=sys.stderr,
+            flush=True,
+        )

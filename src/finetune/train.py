@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
-import sys
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -828,7 +827,7 @@ def _write_run_dir(
     predictions: Predictions | None = None,
     manifest_record: dict[str, Any] | None = None,
 ) -> None:
-    from finetune.report import write_report
+    from finetune.report import write_report_or_warn
 
     path = run.path
     assert path is not None
@@ -854,15 +853,7 @@ def _write_run_dir(
     from finetune.recipes.resume import remove_state
 
     remove_state(path)  # the run is finished: nothing to resume
-    try:
-        write_report(run)
-    except Exception as err:  # noqa: BLE001  (the run is complete; the page can be rebuilt)
-        print(
-            f"warning: {path / 'report.html'} could not be built ({type(err).__name__}: {err}); "
-            f"the run itself is complete. Try again with `finetune report {path}`.",
-            file=sys.stderr,
-            flush=True,
-        )
+    write_report_or_warn(run)
 
 
 def train_with_scratch_baseline(

@@ -367,3 +367,11 @@ def test_litert_export_of_an_ensemble_agrees_with_keras(built, loaded_mean, held
     np.testing.assert_allclose(
         exported.predict_proba(images), loaded_mean.predict_proba(images), atol=1e-5
     )
+
+
+@pytest.mark.slow
+def test_an_ensemble_is_not_pruned_directly(built, tmp_path):
+    _, folder, _ = built("mean")
+    with pytest.raises(FinetuneError, match="is an ensemble: prune its members"):
+        finetune.prune(folder, out=tmp_path / "pruned", progress=False)
+    assert not (tmp_path / "pruned").exists()

@@ -358,6 +358,11 @@ def prune(
         >>> finetune.prune("runs/photos", out="runs/photos_pruned", sparsity=0.5)
     """
     source = Run.load(run_dir)
+    if "ensemble" in source.info:
+        raise FinetuneError(
+            f"{run_dir} is an ensemble: prune its members (finetune prune MEMBER --out ...), "
+            "then combine the pruned runs with finetune ensemble."
+        )
     if Path(out).resolve() == Path(run_dir).resolve():
         raise FinetuneError(
             f"--out {out} is the run being pruned; give a new folder (the run stays unchanged)."

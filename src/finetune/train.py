@@ -747,8 +747,8 @@ def _run_info(
 def data_files(data: PreparedData) -> list[dict[str, Any]]:
     """Every file a run used: split, path relative to the data folder, label, BLAKE2b-128.
 
-    Ordered by split, then path; the content hash is "unreadable" for a file gone since it was
-    decoded.
+    Ordered by split, then path; the content hash (`PreparedData.file_digest`, each file read
+    once) is "unreadable" for a file gone since it was decoded.
     """
     files = []
     for split in sorted(data.splits):
@@ -757,10 +757,7 @@ def data_files(data: PreparedData) -> list[dict[str, Any]]:
                 rel = sample.path.relative_to(data.root).as_posix()
             except ValueError:
                 rel = sample.path.as_posix()
-            try:
-                content = hashlib.blake2b(sample.path.read_bytes(), digest_size=16).hexdigest()
-            except OSError:  # gone or unreadable since it was decoded
-                content = "unreadable"
+            content = data.file_digest(sample.path)
             files.append(
                 {
                     "path": rel,

@@ -142,3 +142,20 @@ def test_strong_preset_adds_randaugment_and_keeps_the_pixel_range(images):
     out = np.asarray(strong(x.astype(np.float32), training=True))
     assert out.shape == x.shape and out.min() >= 0 and out.max() <= 255
     assert not np.array_equal(out, x.astype(np.float32))
+
+
+def test_each_data_file_is_hashed_once_per_prepared_data(tmp_path):
+    import hashlib
+
+    from finetune.train import data_files
+
+    data = prepare_image_data(
+        image_subset(DIGITS, tmp_path / "d", classes=2, per_class=5), image_size=32, progress=False
+    )
+    first = data_files(data)
+    path = data.root / first[0]["path"]
+    expected = hashlib.blake2b(path.read_bytes(), digest_size=16).hexdigest()
+    assert first[0]["blake2b_128"] == expected
+    path.write_bytes(b"changed after it was read")
+    # The fingerprint, the resume check and the manifest see the bytes that were decoded.
+    assert data_files(data) == first

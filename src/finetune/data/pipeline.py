@@ -18,6 +18,7 @@ first layer.
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -61,6 +62,22 @@ class PreparedData:
     ignored: list[IgnoredFile] = field(default_factory=list)
     fractions: dict[str, float] = field(default_factory=dict)
     seed: int = 0
+    _digests: dict[Path, str] = field(default_factory=dict, init=False, repr=False, compare=False)
+
+    def file_digest(self, path: Path) -> str:
+        """BLAKE2b-128 of a file's bytes, read once per `PreparedData` ("unreadable" if gone).
+
+        The resume check, the data fingerprint and the manifest all need it; each file is read
+        for it only the first time.
+        """
+        if path not in self._digests:
+            try:
+                with open(path, "rb") as f:
+                    digest = hashlib.file_digest(f, lambda: hashlib.blake2b(digest_size=16))
+                self._digests[path] = digest.hexdigest()
+            except OSError:  # gone or unreadable since it was decoded
+                self._digests[path] = "unreadable"
+        return self._digests[path]
 
     @property
     def num_classes(self) -> int:

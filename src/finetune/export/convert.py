@@ -314,8 +314,11 @@ def _quantize_onnx(path: Path, representative: np.ndarray) -> None:
     prepared = path.with_name(f".prepared-{path.name}")
     path.replace(float_path)
     try:
-        # onnxruntime's recommended first step: shape inference and graph optimisation.
-        quant_pre_process(str(float_path), str(prepared))
+        # onnxruntime's recommended first step: shape inference and graph optimisation. Its
+        # symbolic shape inference (for dynamic shapes in transformers) needs sympy, which
+        # onnxruntime does not install; a convolutional classifier's shapes are static and
+        # ONNX's own shape inference resolves them.
+        quant_pre_process(str(float_path), str(prepared), skip_symbolic_shape=True)
         quantize_static(
             str(prepared),
             str(path),

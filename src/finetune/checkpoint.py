@@ -105,6 +105,42 @@ def _keep_as_previous(path: Path) -> None:
     write_json(marker_path(previous), record)
 
 
+def write_weights(model: Any, path: str | os.PathLike[str]) -> None:
+    """Writes `model`'s weights to `path` as Keras' `.weights.h5`, the HDF5 built in memory.
+
+    Keras' own `save_weights` has HDF5 write to the disk. When the disk fills up, HDF5 fails
+    to close the file and leaves the library holding a broken file, which crashes the process
+    when it exits (a segmentation fault after the clear `DiskFullError`; h5py issue 914). Here
+    HDF5 writes into memory only, and the disk sees ordinary writes, whose errors leave
+    nothing behind. The file is the one `save_weights` writes (`load_weights` reads it).
+
+    Args:
+        model: a built `keras.Model`.
+        path: where to write; a name ending in `.weights.h5`.
+    """
+    import io
+
+    from keras.src.saving import saving_lib  # the store and walk `save_weights` itself uses
+
+    if not model.built:
+        raise ValueError(f"{model.name} is not built yet: nothing to save.")
+    buffer = io.BytesIO()
+    store = saving_lib.H5IOStore(buffer, mode="w")
+    try:
+        saving_lib._save_state(
+            model, weights_store=store, assets_store=None, inner_path="", visited_saveables=set()
+        )
+    finally:
+        store.close()
+    with open(path, "wb") as handle:
+        handle.write(buffer.getbuffer())
+
+
+def weights_writer(model: Any) -> Callable[[Path], None]:
+    """A `write` for `save_checkpoint` that saves `model`'s weights (see `write_weights`)."""
+    return lambda path: write_weights(model, path)
+
+
 def save_checkpoint(
     path: str | os.PathLike[str], write: Callable[[Path], Any], **meta: Any
 ) -> dict[str, Any]:
@@ -114,7 +150,7 @@ def save_checkpoint(
 
     Args:
         path: the checkpoint file.
-        write: writes the checkpoint to the path it is given (e.g. `model.save_weights`).
+        write: writes the checkpoint to the path it is given (e.g. `weights_writer(model)`).
         **meta: JSON values recorded in the marker (phase, epoch, monitored value, ...).
 
     Returns:

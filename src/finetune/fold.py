@@ -1,0 +1,187 @@
+"""Folding BatchNormalization into the convolution before it, for a faster forward pass.
+
+A BatchNormalization layer in inference mode is an affine map per channel,
+`y = gamma * (z - mean) / sqrt(var + eps) + beta`. After a convolution `z = W * x (+ b)` it can
+be folded into that convolution: `y = (W * s) * x + s * (b - mean) + beta` with
+`s = gamma / sqrt(var + eps)`. TensorFlow then runs one convolution with a bias (fused with the
+activation after it) instead of a convolution followed by a multiply and an add over the whole
+feature map; on EfficientNet-Lite0 the forward pass is about 1.6x as fast (see
+`benchmarks/RESULTS.md`).
+
+`fold_batchnorm` returns a new `keras.Model` that **shares** every layer and weight of the
+original; each folded pair is run by a `FoldedConv` layer that computes `W * s` and the bias
+from the pair's own variables on every call (a few thousand numbers against millions of
+activations). So the folded model is never stale, and it can be trained: the variables are
+still `W` (and `b`), and the gradient reaching them is the same as through the unfolded pair,
+so fitting the folded model trains the original exactly as fitting the original would (up to
+float rounding).
+
+A pair folds when its BatchNorm runs in inference mode:
+
+- `frozen_only=True` (for training): the BatchNorm layer is frozen (its own `trainable`, or
+  a model holding it), which in Keras 3 runs it in inference mode inside `fit`. The convolution
+  may train or not.
+- `frozen_only=False` (for inference: predict, evaluate, the feature cache): every pair, since
+  every BatchNorm layer runs in inference mode there. The result must not be trained.
+
+A pair is a `Conv2D` or `DepthwiseConv2D` without activation whose output goes to a
+`BatchNormalization` over the last axis. Anything else (other layers, a convolution whose output
+also goes elsewhere, channels-first or quantized layers) is left as it is.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import keras
+from keras import ops
+from keras.src.models.functional import Functional  # what clone_model's call_function needs
+
+_CONVS = (keras.layers.Conv2D, keras.layers.DepthwiseConv2D)
+
+
+def _is_foldable_conv(layer: Any) -> bool:
+    if type(layer) not in _CONVS:  # subclasses (e.g. SeparableConv2D) compute something else
+        return False
+    return (
+        layer.activation in (None, keras.activations.linear)
+        and layer.data_format == "channels_last"
+        and getattr(layer, "quantization_mode", None) is None
+    )
+
+
+def _is_foldable_batchnorm(layer: Any) -> bool:
+    return type(layer) is keras.layers.BatchNormalization and layer.axis in (-1, 3)
+
+
+def _frozen_layers(model: keras.Model) -> set[int]:
+    """ids of the layers of `model` (nested ones included) that do not train."""
+    frozen: set[int] = set()
+
+    def visit(container: keras.layers.Layer, inherited: bool) -> None:
+        for layer in getattr(container, "layers", []):
+            is_frozen = inherited or not layer.trainable
+            if is_frozen:
+                frozen.add(id(layer))
+            visit(layer, is_frozen)
+
+    visit(model, not model.trainable)
+    return frozen
+
+
+class FoldedConv(keras.layers.Layer):
+    """A convolution followed by an inference-mode BatchNorm, computed as one convolution.
+
+    Holds the two layers themselves (shared, not copied): their variables are its variables.
+    Made by `fold_batchnorm`; not meant to be saved (save the original model).
+
+    Args:
+        conv: a `Conv2D` or `DepthwiseConv2D` without activation, channels last.
+        batchnorm: the `BatchNormalization` layer over its output channels.
+    """
+
+    def __init__(
+        self,
+        conv: keras.layers.Layer,
+        batchnorm: keras.layers.BatchNormalization,
+        **kwargs,
+    ):
+        super().__init__(name=f"{conv.name}_{batchnorm.name}_folded", **kwargs)
+        self.conv = conv
+        self.batchnorm = batchnorm
+
+    def folded(self) -> tuple[Any, Any]:
+        """The folded kernel and bias, as tensors in the variables' dtype."""
+        conv, bn = self.conv, self.batchnorm
+        scale = ops.rsqrt(bn.moving_variance + bn.epsilon)
+        if bn.scale:
+            scale = scale * bn.gamma
+        bias = -bn.moving_mean * scale
+        if conv.use_bias:
+            bias = bias + conv.bias * scale
+        if bn.center:
+            bias = bias + bn.beta
+        kernel = conv.kernel
+        if isinstance(conv, keras.layers.DepthwiseConv2D):
+            # (h, w, in, multiplier): output channel c * multiplier + m is [..., c, m].
+            shape = ops.shape(kernel)
+            kernel = ops.reshape(ops.reshape(kernel, (shape[0], shape[1], -1)) * scale, shape)
+        else:
+            kernel = kernel * scale
+        return kernel, bias
+
+    def call(self, inputs):
+        conv = self.conv
+        kernel, bias = self.folded()
+        kernel = ops.cast(kernel, inputs.dtype)
+        if isinstance(conv, keras.layers.DepthwiseConv2D):
+            outputs = ops.depthwise_conv(
+                inputs,
+                kernel,
+                strides=conv.strides,
+                padding=conv.padding,
+                dilation_rate=conv.dilation_rate,
+                data_format=conv.data_format,
+            )
+        else:
+            outputs = conv.convolution_op(inputs, kernel)
+        return outputs + ops.cast(bias, outputs.dtype)
+
+    def compute_output_shape(self, input_shape):
+        return self.conv.compute_output_shape(input_shape)
+
+    def get_config(self):
+        raise NotImplementedError(
+            "a folded model is a fast view of another model for training and inference; save "
+            "the original model instead."
+        )
+
+
+def fold_batchnorm(model: keras.Model, *, frozen_only: bool = True) -> keras.Model:
+    """A model computing `model`'s function with BatchNorm folded into the convolutions.
+
+    See the module docstring for which pairs fold and what is shared. Functional models only
+    (nested functional models, such as `build_classifier`'s backbone, are folded inside).
+
+    Args:
+        model: a functional `keras.Model`.
+        frozen_only: fold only pairs whose BatchNorm is frozen (for training the result); False
+            folds every pair (for inference only). Defaults to True.
+
+    Returns:
+        A new, uncompiled functional model with the same inputs and outputs and name, sharing
+        every layer with `model`; `model` itself when nothing folds or it is not functional.
+
+    Example:
+        >>> fast = fold_batchnorm(model, frozen_only=False)
+        >>> fast.predict(images)  # the same as model.predict(images), about 1.6x as fast
+    """
+    if not isinstance(model, Functional):  # Sequential and subclassed models are left alone
+        return model
+    frozen = _frozen_layers(model)
+    folded = 0
+    made: dict[int, tuple[keras.layers.Layer, Any]] = {}  # id(conv output) -> (conv, its input)
+
+    def call(layer, *args, **kwargs):
+        nonlocal folded
+        if (
+            _is_foldable_batchnorm(layer)
+            and len(args) == 1
+            and all(value is None for value in kwargs.values())  # Keras passes mask=None
+            and id(args[0]) in made
+            and (not frozen_only or id(layer) in frozen)
+        ):
+            conv, conv_input = made[id(args[0])]
+            folded += 1
+            # The unfolded convolution's output is now unused (unless something else reads it);
+            # a functional model keeps only what its outputs depend on, so it drops out.
+            return FoldedConv(conv, layer)(conv_input)
+        output = layer(*args, **kwargs)
+        if _is_foldable_conv(layer) and len(args) == 1 and not any(kwargs.values()):
+            made[id(output)] = (layer, args[0])
+        return output
+
+    clone = keras.models.clone_model(
+        model, clone_function=lambda layer: layer, call_function=call, recursive=True
+    )
+    return clone if folded else model

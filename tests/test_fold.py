@@ -1,0 +1,200 @@
+"""Folding BatchNorm into convolutions: the same function, the same training, shared weights."""
+
+from __future__ import annotations
+
+import keras
+import numpy as np
+import pytest
+import tensorflow as tf
+
+from finetune.backbones.registry import get_backbone
+from finetune.config import ModelConfig, RecipeConfig
+from finetune.fold import FoldedConv, fold_batchnorm
+from finetune.model import backbone_of, build_classifier, freeze_backbone, unfreeze_top_groups
+from finetune.recipes.two_phase import compile_phase
+
+SPEC = get_backbone("efficientnet_lite0")
+SIZE = 32
+
+
+def _randomise_batchnorm(model: keras.Model, seed: int = 0) -> None:
+    """Statistics and affine weights far from the initial ones, so folding is not a no-op."""
+    rng = np.random.default_rng(seed)
+    for layer in _all_layers(model):
+        if isinstance(layer, keras.layers.BatchNormalization):
+            n = layer.moving_mean.shape[0]
+            layer.moving_mean.assign(rng.normal(0, 0.5, n))
+            layer.moving_variance.assign(rng.uniform(0.2, 3.0, n))
+            if layer.scale:
+                layer.gamma.assign(rng.uniform(0.5, 1.5, n))
+            if layer.center:
+                layer.beta.assign(rng.normal(0, 0.3, n))
+
+
+def _all_layers(model) -> list:
+    found = []
+    for layer in getattr(model, "layers", []):
+        found.append(layer)
+        found.extend(_all_layers(layer))
+    return found
+
+
+def _classifier(seed: int = 0) -> keras.Model:
+    keras.utils.set_random_seed(seed)
+    model = build_classifier(SPEC, 3, image_size=SIZE, head=ModelConfig(dropout=0.0), weights=None)
+    _randomise_batchnorm(model, seed)
+    return model
+
+
+def _images(n: int = 8, size: int = SIZE, seed: int = 1) -> np.ndarray:
+    return np.random.default_rng(seed).uniform(0, 255, (n, size, size, 3)).astype(np.float32)
+
+
+def _close(a, b, what: str) -> None:
+    a, b = np.asarray(a), np.asarray(b)
+    scale = max(1.0, float(np.abs(a).max()))
+    np.testing.assert_allclose(a, b, rtol=0, atol=2e-5 * scale, err_msg=what)
+
+
+def test_inference_folds_every_pair_and_computes_the_same_logits():
+    model = _classifier()
+    fast = fold_batchnorm(model, frozen_only=False)
+    folded = [layer for layer in _all_layers(fast) if isinstance(layer, FoldedConv)]
+    batchnorms = [
+        layer for layer in _all_layers(model) if isinstance(layer, keras.layers.BatchNormalization)
+    ]
+    # Every BatchNorm of EfficientNet-Lite follows a convolution: all of them fold, and none is
+    # left in the folded backbone's graph.
+    assert len(folded) == len(batchnorms) == 49
+    assert not any(
+        isinstance(layer, keras.layers.BatchNormalization) for layer in backbone_of(fast).layers
+    )
+    x = _images()
+    _close(model.predict_on_batch(x), fast.predict_on_batch(x), "logits")
+
+
+def test_the_folded_model_reads_the_weights_as_they_are_now():
+    model = _classifier()
+    fast = fold_batchnorm(model, frozen_only=False)
+    x = _images()
+    before = fast.predict_on_batch(x)
+    _randomise_batchnorm(model, seed=5)
+    conv = backbone_of(model).get_layer("block3a_project_conv")
+    conv.kernel.assign(conv.kernel * 1.5)
+    after = fast.predict_on_batch(x)
+    assert np.abs(after - before).max() > 1e-2  # it changed, and it is the new model's output
+    _close(model.predict_on_batch(x), after, "logits after the weights changed")
+
+
+def test_training_shares_the_variables_and_gets_the_same_gradients():
+    model = _classifier()
+    unfreeze_top_groups(model, SPEC, 2)  # top groups' convolutions train, BatchNorm frozen
+    fast = fold_batchnorm(model)
+    assert [id(v) for v in fast.trainable_variables] == [id(v) for v in model.trainable_variables]
+    # Frozen BatchNorm folds whether its convolution trains or not.
+    assert sum(isinstance(layer, FoldedConv) for layer in _all_layers(fast)) == 49
+    x = tf.constant(_images())
+    y = tf.one_hot([0, 1, 2, 0, 1, 2, 0, 1], 3)
+    loss = keras.losses.CategoricalCrossentropy(from_logits=True)
+    grads = []
+    for m in (model, fast):
+        with tf.GradientTape() as tape:
+            value = loss(y, m(x, training=True))
+        grads.append(tape.gradient(value, m.trainable_variables))
+    assert all(g is not None for g in grads[1])
+    for v, a, b in zip(model.trainable_variables, *grads, strict=True):
+        _close(a, b, v.path)
+
+
+def test_fitting_the_folded_model_trains_the_original_like_fitting_it():
+    x, y = _images(16), keras.utils.to_categorical(np.arange(16) % 3, 3)
+    trained = []
+    for fold in (False, True):
+        model = _classifier(seed=3)
+        unfreeze_top_groups(model, SPEC, 3)
+        fit_model = fold_batchnorm(model) if fold else model
+        compile_phase(fit_model, RecipeConfig(), keras.optimizers.Adam(1e-3))
+        for _ in range(3):
+            fit_model.train_on_batch(x, y)
+        trained.append([keras.ops.convert_to_numpy(v) for v in model.weights])
+    moved = max(
+        float(np.abs(a - b).max())
+        for a, b in zip(trained[0], [w.numpy() for w in _classifier(seed=3).weights], strict=True)
+    )
+    assert moved > 1e-3  # the steps did change the weights
+    for a, b in zip(*trained, strict=True):
+        _close(a, b, "weights after three Adam steps")
+
+
+def test_batchnorm_that_trains_is_not_folded_and_still_updates_its_statistics():
+    model = _classifier()
+    unfreeze_top_groups(model, SPEC, 1, train_batchnorm=True)  # the "top" group's BatchNorm trains
+    fast = fold_batchnorm(model)
+    top_bn = backbone_of(model).get_layer("top_bn")
+    assert top_bn in backbone_of(fast).layers
+    assert sum(isinstance(layer, FoldedConv) for layer in _all_layers(fast)) == 48
+    before = top_bn.moving_mean.numpy().copy()
+    compile_phase(fast, RecipeConfig(), keras.optimizers.Adam(1e-3))
+    fast.train_on_batch(_images(), keras.utils.to_categorical(np.arange(8) % 3, 3))
+    assert np.abs(top_bn.moving_mean.numpy() - before).max() > 0
+
+
+def test_a_frozen_backbone_folds_entirely():
+    model = _classifier()
+    freeze_backbone(model)
+    fast = fold_batchnorm(model)
+    assert sum(isinstance(layer, FoldedConv) for layer in _all_layers(fast)) == 49
+    assert [id(v) for v in fast.trainable_variables] == [id(v) for v in model.trainable_variables]
+
+
+def _odd_model() -> keras.Model:
+    """Depthwise with a multiplier, a convolution with a bias, and one whose output has two
+    readers (so it must not be folded away)."""
+    inputs = keras.Input((12, 12, 4))
+    x = keras.layers.DepthwiseConv2D(3, depth_multiplier=2, padding="same", use_bias=True)(inputs)
+    x = keras.layers.BatchNormalization()(x)
+    x = keras.layers.ReLU()(x)
+    x = keras.layers.Conv2D(6, 3, strides=2, padding="valid", use_bias=True)(x)
+    x = keras.layers.BatchNormalization(center=False)(x)
+    shared = keras.layers.Conv2D(6, 1, use_bias=False)(x)
+    a = keras.layers.BatchNormalization(scale=False)(shared)
+    out = keras.layers.Add()([a, shared])
+    return keras.Model(inputs, keras.layers.GlobalAveragePooling2D()(out))
+
+
+def test_depthwise_multiplier_biases_and_shared_outputs_stay_exact():
+    keras.utils.set_random_seed(0)
+    model = _odd_model()
+    for layer in model.layers:
+        if layer.weights and not isinstance(layer, keras.layers.BatchNormalization):
+            for w in layer.weights:
+                w.assign(np.random.default_rng(1).normal(0, 1, w.shape))
+    _randomise_batchnorm(model)
+    fast = fold_batchnorm(model, frozen_only=False)
+    assert sum(isinstance(layer, FoldedConv) for layer in fast.layers) == 3
+    x = np.random.default_rng(2).normal(0, 1, (4, 12, 12, 4)).astype(np.float32)
+    _close(model.predict_on_batch(x), fast.predict_on_batch(x), "outputs")
+
+
+def test_nothing_to_fold_returns_the_model_itself():
+    sequential = keras.Sequential([keras.Input((8, 8, 3)), keras.layers.Conv2D(2, 3)])
+    assert fold_batchnorm(sequential, frozen_only=False) is sequential
+    model = _classifier()  # every BatchNorm trains: nothing folds for training
+    unfreeze_top_groups(model, SPEC, -1, train_batchnorm=True)
+    assert fold_batchnorm(model) is model
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    "name", ["resnet50", "mobilenet_v2", "mobilenet_v3_small", "efficientnet_b0"]
+)
+def test_keras_applications_fold_to_the_same_logits(name):
+    keras.utils.set_random_seed(0)
+    model = build_classifier(
+        get_backbone(name), 3, image_size=SIZE, head=ModelConfig(dropout=0.0), weights=None
+    )
+    _randomise_batchnorm(model)
+    fast = fold_batchnorm(model, frozen_only=False)
+    assert any(isinstance(layer, FoldedConv) for layer in _all_layers(fast))
+    x = _images()
+    _close(model.predict_on_batch(x), fast.predict_on_batch(x), name)

@@ -198,3 +198,57 @@ def test_keras_applications_fold_to_the_same_logits(name):
     assert any(isinstance(layer, FoldedConv) for layer in _all_layers(fast))
     x = _images()
     _close(model.predict_on_batch(x), fast.predict_on_batch(x), name)
+
+
+class _SeeFitModel(keras.callbacks.Callback):
+    """Records what `fit` trains: its layers' kinds."""
+
+    def __init__(self, seen: list):
+        super().__init__()
+        self.seen = seen
+
+    def on_train_begin(self, logs=None):
+        self.seen.append(_all_layers(self.model))
+
+
+@pytest.mark.slow
+def test_fit_phases_trains_the_folded_model_and_run_predicts_with_one(tmp_path):
+    from finetune.data.pipeline import prepare_image_data
+    from finetune.recipes import PhaseData, fit_phases
+    from finetune.recipes.two_phase import Phase
+    from finetune.run import Run, softmax
+    from finetune.train import seed_everything
+    from tests.helpers import DIGITS, image_subset
+
+    folder = image_subset(DIGITS, tmp_path / "digits", classes=3, per_class=12)
+    data = prepare_image_data(folder, image_size=SIZE, val_fraction=0.25, test_fraction=0.0)
+    seed_everything(0)
+    model = build_classifier(SPEC, data.num_classes, image_size=SIZE, weights=None)
+    _randomise_batchnorm(model)
+    before = {v.path: v.numpy().copy() for v in model.weights}
+    phase_data = PhaseData(
+        train_images=data.images["train"],
+        train_labels=data.labels["train"],
+        num_classes=data.num_classes,
+        batch_size=8,
+        seed=0,
+    )
+    seen: list = []
+    phase = Phase("finetune", 1, 1e-3, unfreeze_groups=2, augment=False)
+    fit_phases(
+        model, SPEC, RecipeConfig(early_stopping_patience=0), [phase], phase_data, verbose=0,
+        extra_callbacks=lambda p: [_SeeFitModel(seen)],
+    )  # fmt: skip
+    (layers,) = seen
+    assert sum(isinstance(layer, FoldedConv) for layer in layers) == 49
+    assert not any(isinstance(layer, keras.layers.BatchNormalization) for layer in layers)
+    # The classifier itself trained: its top groups' kernels moved, the rest did not.
+    changed = {v.path for v in model.weights if np.abs(v.numpy() - before[v.path]).max() > 0}
+    assert any(p.endswith("top_conv/kernel") for p in changed)
+    assert all(("block6" in p or "block7" in p or "top" in p or "logits" in p) for p in changed)
+    assert model.optimizer is not None  # compiled like the model that trained it
+
+    run = Run(model=model, config=None, class_names=["a", "b", "c"], image_size=SIZE)
+    assert any(isinstance(layer, FoldedConv) for layer in _all_layers(run.inference_model()))
+    x = _images(6)
+    _close(softmax(model.predict_on_batch(x)), run.predict_proba(x), "probabilities")

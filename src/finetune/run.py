@@ -90,6 +90,21 @@ class Run:
     metrics: dict[str, Any] = field(default_factory=dict)
     info: dict[str, Any] = field(default_factory=dict)
     temperature: float = 1.0
+    _fast: tuple[keras.Model, keras.Model] | None = field(
+        default=None, init=False, repr=False, compare=False
+    )
+
+    def inference_model(self) -> keras.Model:
+        """`model` with every BatchNorm folded into its convolution, for predicting.
+
+        The same function and the same weights (it reads them on every call, so it follows
+        any change to them), about 1.6x as fast; see `finetune.fold`. Not for training.
+        """
+        from finetune.fold import fold_batchnorm
+
+        if self._fast is None or self._fast[0] is not self.model:
+            self._fast = (self.model, fold_batchnorm(self.model, frozen_only=False))
+        return self._fast[1]
 
     @classmethod
     def load(cls, path: str | Path, compile: bool = True) -> Run:
@@ -192,7 +207,8 @@ class Run:
             raise FinetuneError(f"tta must be 1 or more, got {tta}.")
         x = np.asarray(images, np.float32)
         verbose = keras_verbosity(progress)
-        views = [self.model.predict(x, batch_size=batch_size, verbose=verbose)]
+        model = self.inference_model()
+        views = [model.predict(x, batch_size=batch_size, verbose=verbose)]
         for copy in range(1, tta):
             augmentation = build_augmentation(self.config.augment, seed=self.config.seed + copy)
             if augmentation is None:
@@ -205,7 +221,7 @@ class Run:
                 .batch(batch_size)
                 .map(lambda b, a=augmentation: a(b, training=True))
             )
-            views.append(self.model.predict(batches, verbose=verbose))
+            views.append(model.predict(batches, verbose=verbose))
         return np.stack(views)
 
     def split_samples(self, split: str) -> list[tuple[Path, int]]:

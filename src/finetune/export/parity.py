@@ -143,7 +143,8 @@ def check_parity(
         DataError: no held-out images to check on.
     """
     images, labels, where = evaluation_images(run)
-    keras_call = graph_call(run.model, run.image_size)
+    # The Keras model as `Run.predict_proba` runs it (BatchNorm folded: the fastest Keras path).
+    keras_call = graph_call(run.inference_model(), run.image_size)
     x = images.astype(np.float32)
     keras_logits = np.concatenate([keras_call(x[i : i + 32]).numpy() for i in range(0, len(x), 32)])
     export_logits = exported.predict_logits(x)

@@ -6,7 +6,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-stamp
 export TF_CPP_MIN_LOG_LEVEL ?= 2
 
-.PHONY: setup browser demo test lint bench clean
+.PHONY: setup browser demo test lint bench bench-torch clean
 
 setup: $(STAMP)
 
@@ -38,6 +38,12 @@ lint: setup
 
 bench: setup
 	$(BIN)/python benchmarks/throughput.py
+
+# Issue 7's side-by-side table: finetune's training and inference steps against PyTorch loops
+# on the same network (PyTorch is a benchmark-only dependency: the bench extra).
+bench-torch: setup
+	$(BIN)/python -m pip install --quiet -e ".[test,bench]"
+	$(BIN)/python benchmarks/throughput_vs_torch.py
 
 clean:
 	rm -rf runs .pytest_cache

@@ -11,8 +11,11 @@ weights) with the default head (average pooling, dropout 0.2, Dense), `seed_ever
 determinism on, as `finetune train`), trainability set by `unfreeze_top_groups` /
 `freeze_backbone`, the recipe's optimizer (`make_optimizer`: Adam on the cosine schedule, with
 the discriminative per-group learning rates of phase 2) compiled by `two_phase.compile_phase`;
-timed with `train_on_batch` / `predict_on_batch`. `finetune-bf16` is the same under Keras'
-`mixed_bfloat16` policy (speed only).
+timed with `train_on_batch` / `predict_on_batch` on the model `fit_phases` trains
+(`fold_batchnorm(model)`: frozen BatchNorm folded into the convolutions) and the one `Run`
+predicts with (`fold_batchnorm(model, frozen_only=False)`). `finetune-unfolded` is the same
+without the folding (finetune before it, to measure the lever side by side); `finetune-bf16`
+is `finetune` under Keras' `mixed_bfloat16` policy (speed only).
 
 PyTorch reference (`torch_lite0.EfficientNetLite0`, a plain nn.Module with the same
 architecture and parameter count): Adam(1e-3), cross-entropy, `loss.item()` every step, in
@@ -48,7 +51,8 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 BATCH, NUM_CLASSES, BACKBONE = 32, 10, "efficientnet_lite0"
-CONFIGS = ("finetune", "torch-nchw", "torch-cl", "torch-compile", "finetune-bf16", "torch-bf16")
+CONFIGS = ("finetune", "torch-nchw", "torch-cl", "torch-compile", "finetune-unfolded",
+           "finetune-bf16", "torch-bf16")  # fmt: skip
 TORCH_FP32 = ("torch-nchw", "torch-cl", "torch-compile")
 BF16 = ("finetune-bf16", "torch-bf16")
 MODES = ("full", "full_bn", "partial", "head", "head_cached", "infer")
@@ -78,19 +82,20 @@ def time_calls(call, warmup: int, steps: int) -> dict:
 # --- finetune (TensorFlow) -------------------------------------------------------------------
 
 
-def finetune_child(args: argparse.Namespace, bf16: bool) -> dict:
+def finetune_child(args: argparse.Namespace, bf16: bool, fold: bool = True) -> dict:
     import keras
     import numpy as np
     import tensorflow as tf
 
     from finetune.backbones.registry import get_backbone
     from finetune.config import RecipeConfig
+    from finetune.fold import fold_batchnorm
     from finetune.model import build_classifier, freeze_backbone, unfreeze_top_groups
     from finetune.recipes.discriminative import group_lr_multipliers
     from finetune.recipes.feature_cache import split_at_pool
     from finetune.recipes.optimizers import make_optimizer
     from finetune.recipes.schedules import phase_learning_rate
-    from finetune.recipes.two_phase import _all_finite, compile_phase
+    from finetune.recipes.two_phase import _finite_check, compile_phase
     from finetune.train import seed_everything
 
     seed_everything(0)  # as `finetune train`: seeded, op determinism on
@@ -116,13 +121,16 @@ def finetune_child(args: argparse.Namespace, bf16: bool) -> dict:
             factors = group_lr_multipliers(model, spec, lowest_lr_groups, recipe.discriminative_lr)
         compile_phase(fit_model, recipe, make_optimizer(recipe, lr, lr_multipliers=factors))
 
+    def folded(m, frozen_only=True):  # as fit_phases trains and Run predicts
+        return fold_batchnorm(m, frozen_only=frozen_only) if fold else m
+
     def finite_check_ms(fit_model) -> float:  # StopOnNonFinite runs it after every batch
-        variables = fit_model.trainable_variables
-        _all_finite(variables)
+        check = _finite_check(fit_model.trainable_variables)
+        bool(check())
         runs = []
         for _ in range(5):
             start = time.perf_counter()
-            bool(_all_finite(variables))
+            bool(check())
             runs.append(time.perf_counter() - start)
         return 1000 * statistics.median(runs)
 
@@ -130,16 +138,19 @@ def finetune_child(args: argparse.Namespace, bf16: bool) -> dict:
         if mode in ("full", "full_bn", "partial"):
             count = -1 if mode != "partial" else args.partial_groups
             groups = unfreeze_top_groups(model, spec, count, train_batchnorm=mode == "full_bn")
-            compile_for(model, groups)
-            row = time_calls(lambda: model.train_on_batch(x, y), args.warmup, args.steps)
+            fit_model = folded(model)
+            compile_for(fit_model, groups)
+            row = time_calls(lambda m=fit_model: m.train_on_batch(x, y), args.warmup, args.steps)
             row["unfrozen_groups"] = groups
         elif mode == "head":
             freeze_backbone(model)
-            compile_for(model)
-            row = time_calls(lambda: model.train_on_batch(x, y), args.warmup, args.steps)
+            fit_model = folded(model)
+            compile_for(fit_model)
+            row = time_calls(lambda m=fit_model: m.train_on_batch(x, y), args.warmup, args.steps)
         elif mode == "head_cached":
             freeze_backbone(model)
             extractor, head = split_at_pool(model)
+            extractor = folded(extractor, frozen_only=False)
             fill = time_calls(lambda e=extractor: e.predict_on_batch(x), args.warmup, args.steps)
             features = np.asarray(extractor.predict_on_batch(x), dtype="float32")
             compile_for(head)
@@ -150,7 +161,8 @@ def finetune_child(args: argparse.Namespace, bf16: bool) -> dict:
             row["cache_fill"] = fill
             row["finite_check_ms"] = finite_check_ms(head)
         else:  # infer
-            row = time_calls(lambda: model.predict_on_batch(x), args.warmup, args.steps)
+            fast = folded(model, frozen_only=False)
+            row = time_calls(lambda m=fast: m.predict_on_batch(x), args.warmup, args.steps)
         if mode in ("full", "full_bn", "partial", "head"):
             row["trainable_weights"] = int(sum(np.prod(w.shape) for w in model.trainable_weights))
             row["finite_check_ms"] = finite_check_ms(model)
@@ -249,7 +261,9 @@ def torch_child(args: argparse.Namespace, config: str) -> dict:
 
 def child(args: argparse.Namespace) -> None:
     if args.child.startswith("finetune"):
-        out = finetune_child(args, bf16=args.child == "finetune-bf16")
+        out = finetune_child(
+            args, bf16=args.child == "finetune-bf16", fold=args.child != "finetune-unfolded"
+        )
     else:
         out = torch_child(args, args.child)
     print("RESULT " + json.dumps(out))
@@ -304,7 +318,7 @@ def summarise(report: dict) -> dict:
                 cell[config] = speed(runs.get((config, size)), mode)
             if mode == "head_cached":
                 cell["mode"] = "head_cached"
-                for config in ("finetune", "finetune-bf16"):
+                for config in ("finetune", "finetune-unfolded", "finetune-bf16"):
                     run = runs.get((config, size))
                     if run and run.get("status") == "ok" and "head_cached" in run["modes"]:
                         cell[f"{config}_cache_fill"] = run["modes"]["head_cached"]["cache_fill"][
@@ -325,6 +339,8 @@ def summarise(report: dict) -> dict:
                     cell["ratio_amortised_5"] = cell["finetune_amortised_5"] / fp32[best]
                 if cell["finetune-bf16"]:
                     cell["ratio_bf16"] = cell["finetune-bf16"] / fp32[best]
+            if cell["finetune"] and cell["finetune-unfolded"]:
+                cell["fold_gain"] = cell["finetune"] / cell["finetune-unfolded"]
             if cell["finetune"] and cell["finetune-bf16"]:
                 cell["bf16_over_fp32"] = cell["finetune-bf16"] / cell["finetune"]
             if cell["torch-cl"] and cell["torch-bf16"]:
@@ -339,8 +355,9 @@ def fmt(value: float | None, digits: int = 1) -> str:
 
 def markdown(report: dict) -> str:
     short = {"torch-nchw": "nchw", "torch-cl": "cl", "torch-compile": "compile"}
-    lines = ["| px | mode | finetune | torch NCHW | torch channels_last | torch.compile "
-             "| best torch | finetune / best |", "|---" * 8 + "|"]  # fmt: skip
+    lines = ["| px | mode | finetune | finetune unfolded | fold gain | torch NCHW "
+             "| torch channels_last | torch.compile | best torch | finetune / best |",
+             "|---" * 10 + "|"]  # fmt: skip
     for c in report["summary"]["cells"]:
         mode = c["mode"]
         ratio = fmt(c.get("ratio"), 2)
@@ -349,7 +366,9 @@ def markdown(report: dict) -> str:
             if c.get("finetune_amortised_5"):
                 ratio += f" (5 epochs + fill: {fmt(c.get('ratio_amortised_5'), 2)})"
         best = f"{fmt(c.get('best_torch'))} ({short.get(c.get('best_torch_config'), '')})"
-        lines.append(f"| {c['size']} | {mode} | {fmt(c['finetune'])} | {fmt(c['torch-nchw'])} "
+        lines.append(f"| {c['size']} | {mode} | {fmt(c['finetune'])} "
+                     f"| {fmt(c['finetune-unfolded'])} | {fmt(c.get('fold_gain'), 2)} "
+                     f"| {fmt(c['torch-nchw'])} "
                      f"| {fmt(c['torch-cl'])} | {fmt(c['torch-compile'])} | {best} "
                      f"| {ratio} |")  # fmt: skip
     lines += ["", "| px | mode | finetune fp32 | finetune bf16 | bf16 / fp32 | bf16 / best torch "

@@ -58,6 +58,7 @@ from finetune.export import (  # noqa: E402
     export_run,
     load_exported,
 )
+from finetune.fold import fold_batchnorm  # noqa: E402
 from finetune.gradcam import grad_cam  # noqa: E402
 from finetune.lr_find import lr_find  # noqa: E402
 from finetune.model import (  # noqa: E402
@@ -113,6 +114,7 @@ __all__ = [
     "expected_calibration_error",
     "export_run",
     "fit_temperature",
+    "fold_batchnorm",
     "freeze_backbone",
     "get_backbone",
     "grad_cam",

@@ -1,0 +1,111 @@
+"""Batch inference of one classifier in four runtimes, side by side (issue 7's inference lever).
+
+EfficientNet-Lite0 classifier from `build_classifier` (random weights, 10 classes), a batch of
+32 random images as float32 pixels in [0, 255], in one process: the Keras model as it was
+(`predict_on_batch`), the folded model `Run` predicts with (`fold_batchnorm(model,
+frozen_only=False)`), the same model exported to ONNX (Keras' exporter, tf2onnx) and run by
+ONNX Runtime (CPU, 2 intra-op threads), and converted to LiteRT (TFLiteConverter, float32) and
+run by its interpreter (XNNPACK, 2 threads). Per round, each runtime runs 2 warm-up calls, then
+`--steps` timed calls; the table gives images/s of the median call, per round, rounds taking
+turns. The largest difference of each export's logits from the Keras model's is printed too,
+and how long each conversion took.
+
+Usage: .venv/bin/python benchmarks/inference_runtimes.py [--sizes 64,128,224] [--steps 8]
+    [--rounds 2]
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+BATCH = 32
+
+
+def images_per_s(call, steps: int) -> float:
+    call()
+    call()
+    times = []
+    for _ in range(steps):
+        start = time.perf_counter()
+        call()
+        times.append(time.perf_counter() - start)
+    return BATCH / statistics.median(times)
+
+
+def measure(size: int, steps: int, rounds: int) -> list[str]:
+    import keras
+    import numpy as np
+    import onnxruntime as ort
+    import tensorflow as tf
+    from ai_edge_litert.interpreter import Interpreter
+
+    from finetune.backbones.registry import get_backbone
+    from finetune.fold import fold_batchnorm
+    from finetune.model import build_classifier
+
+    keras.utils.set_random_seed(0)
+    model = build_classifier(get_backbone("efficientnet_lite0"), 10, image_size=size, weights=None)
+    folded = fold_batchnorm(model, frozen_only=False)
+    x = np.random.default_rng(0).uniform(0, 255, (BATCH, size, size, 3)).astype(np.float32)
+    folder = Path(tempfile.mkdtemp(prefix="inference-runtimes-"))
+    spec = keras.InputSpec(shape=(None, size, size, 3), dtype="float32")
+    start = time.perf_counter()
+    model.export(str(folder / "m.onnx"), format="onnx", verbose=False, input_signature=[spec])
+    onnx_s = time.perf_counter() - start
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = 2
+    session = ort.InferenceSession(str(folder / "m.onnx"), options, ["CPUExecutionProvider"])
+    name = session.get_inputs()[0].name
+    start = time.perf_counter()
+    (folder / "m.tflite").write_bytes(tf.lite.TFLiteConverter.from_keras_model(model).convert())
+    litert_s = time.perf_counter() - start
+    interpreter = Interpreter(model_path=str(folder / "m.tflite"), num_threads=2)
+    index = interpreter.get_input_details()[0]["index"]
+    interpreter.resize_tensor_input(index, [BATCH, size, size, 3])
+    interpreter.allocate_tensors()
+
+    def litert():
+        interpreter.set_tensor(index, x)
+        interpreter.invoke()
+        return interpreter.get_tensor(interpreter.get_output_details()[0]["index"])
+
+    calls = {
+        "keras": lambda: model.predict_on_batch(x),
+        "keras folded": lambda: folded.predict_on_batch(x),
+        "onnxruntime": lambda: session.run(None, {name: x})[0],
+        "litert": litert,
+    }
+    reference = model.predict_on_batch(x)
+    diffs = {k: float(np.abs(np.asarray(f()) - reference).max()) for k, f in calls.items()}
+    rows = []
+    for r in range(rounds):
+        speed = {k: images_per_s(f, steps) for k, f in calls.items()}
+        cells = " | ".join(f"{speed[k]:.1f}" for k in calls)
+        ratio = speed["onnxruntime"] / speed["keras folded"]
+        rows.append(f"| {size} | {r + 1} | {cells} | {ratio:.2f} |")
+    rows.append(
+        f"| {size} | max logit diff | " + " | ".join(f"{diffs[k]:.1e}" for k in calls) + " | |"
+    )
+    rows.append(f"| {size} | conversion, s | | | {onnx_s:.1f} | {litert_s:.1f} | |")
+    return rows
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--sizes", default="64,128,224", help="input sizes, px")
+    parser.add_argument("--steps", type=int, default=8, help="timed calls per round")
+    parser.add_argument("--rounds", type=int, default=2, help="rounds per size")
+    args = parser.parse_args()
+    print("| px | round | keras | keras folded | onnxruntime | litert | onnxruntime / folded |")
+    print("|---|---|---|---|---|---|---|")
+    for size in [int(s) for s in args.sizes.split(",") if s]:
+        for row in measure(size, args.steps, args.rounds):
+            print(row, flush=True)
+
+
+if __name__ == "__main__":
+    main()

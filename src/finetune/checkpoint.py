@@ -124,10 +124,15 @@ def write_weights(model: Any, path: str | os.PathLike[str]) -> None:
 
     if not model.built:
         raise ValueError(f"{model.name} is not built yet: nothing to save.")
+    store_class = getattr(saving_lib, "H5IOStore", None)
+    save_state = getattr(saving_lib, "_save_state", None)
+    if store_class is None or save_state is None:  # a Keras without them (3.10-3.15 have them)
+        model.save_weights(str(path))
+        return
     buffer = io.BytesIO()
-    store = saving_lib.H5IOStore(buffer, mode="w")
+    store = store_class(buffer, mode="w")
     try:
-        saving_lib._save_state(
+        save_state(
             model, weights_store=store, assets_store=None, inner_path="", visited_saveables=set()
         )
     finally:

@@ -113,7 +113,10 @@ def test_fitting_the_folded_model_trains_the_original_like_fitting_it():
         model = _classifier(seed=3)
         unfreeze_top_groups(model, SPEC, 3)
         fit_model = fold_batchnorm(model) if fold else model
-        compile_phase(fit_model, RecipeConfig(), keras.optimizers.Adam(1e-3))
+        # SGD: an update linear in the gradient. (Adam divides by the gradient's size, so a
+        # weight whose gradient is ~0 can step by up to its learning rate either way on float
+        # rounding alone; the gradients themselves are compared in the test above.)
+        compile_phase(fit_model, RecipeConfig(), keras.optimizers.SGD(0.05, momentum=0.9))
         for _ in range(3):
             fit_model.train_on_batch(x, y)
         trained.append([keras.ops.convert_to_numpy(v) for v in model.weights])
@@ -123,7 +126,7 @@ def test_fitting_the_folded_model_trains_the_original_like_fitting_it():
     )
     assert moved > 1e-3  # the steps did change the weights
     for a, b in zip(*trained, strict=True):
-        _close(a, b, "weights after three Adam steps")
+        _close(a, b, "weights after three SGD steps")
 
 
 def test_batchnorm_that_trains_is_not_folded_and_still_updates_its_statistics():

@@ -432,8 +432,8 @@ class _Features:
 
     def head_and_datasets(self):
         extractor, head = split_at_pool(self.model)
-        extractor = fold_batchnorm(extractor, frozen_only=False)  # inference only
         if self.datasets is None:
+            extractor = fold_batchnorm(extractor, frozen_only=False)  # inference only
             d = self.data
             train = self.store.compute(extractor, d.train_images, d.batch_size, "train")
             train_ds = feature_dataset(

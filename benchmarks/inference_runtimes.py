@@ -10,8 +10,13 @@ run by its interpreter (XNNPACK, 2 threads). Per round, each runtime runs 2 warm
 turns. The largest difference of each export's logits from the Keras model's is printed too,
 and how long each conversion took.
 
+With `--end-to-end 1000,4000`, whole `Run.predict_logits` calls instead, cold (a fresh `Run`
+each time, as a new `finetune predict` process), with `runtime="keras"` and
+`runtime="onnxruntime"` (conversion and parity check included): where `--runtime auto` should
+switch.
+
 Usage: .venv/bin/python benchmarks/inference_runtimes.py [--sizes 64,128,224] [--steps 8]
-    [--rounds 2]
+    [--rounds 2] [--end-to-end 1000,4000]
 """
 
 from __future__ import annotations
@@ -94,15 +99,70 @@ def measure(size: int, steps: int, rounds: int) -> list[str]:
     return rows
 
 
+def end_to_end(size: int, counts: list[int], rounds: int) -> list[str]:
+    """`Run.predict_logits` on N images, cold, with runtime="keras" and runtime="onnxruntime".
+
+    Each call gets a fresh `Run` of the same model (as a new `finetune predict` or `evaluate`
+    process would): the Keras side includes folding and tracing, the ONNX side the conversion
+    and the parity check on the first batch. Runtimes take turns; seconds per call.
+    """
+    import keras
+    import numpy as np
+
+    from finetune.backbones.registry import get_backbone
+    from finetune.config import Config
+    from finetune.model import build_classifier
+    from finetune.run import Run
+
+    keras.utils.set_random_seed(0)
+    model = build_classifier(get_backbone("efficientnet_lite0"), 10, image_size=size, weights=None)
+    rows = []
+    for n in counts:
+        x = np.random.default_rng(n).integers(0, 256, (n, size, size, 3), dtype=np.uint8)
+        seconds: dict[str, list[float]] = {"keras": [], "onnxruntime": []}
+        outputs = {}
+        for _ in range(rounds):
+            for runtime in seconds:
+                run = Run(model=model, config=Config(), class_names=list("abcdefghij"),
+                          image_size=size)  # fmt: skip
+                start = time.perf_counter()
+                outputs[runtime] = run.predict_logits(x, runtime=runtime)
+                seconds[runtime].append(time.perf_counter() - start)
+                assert run.last_runtime == runtime, run.last_runtime
+        k, o = (statistics.median(seconds[r]) for r in ("keras", "onnxruntime"))
+        diff = float(np.abs(outputs["keras"] - outputs["onnxruntime"]).max())
+        rows.append(
+            f"| {size} | {n} | {k:.1f} ({n / k:.0f}/s) | {o:.1f} ({n / o:.0f}/s) | {k / o:.2f} "
+            f"| {diff:.1e} |"
+        )
+    return rows
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--sizes", default="64,128,224", help="input sizes, px")
     parser.add_argument("--steps", type=int, default=8, help="timed calls per round")
     parser.add_argument("--rounds", type=int, default=2, help="rounds per size")
+    parser.add_argument(
+        "--end-to-end",
+        default="",
+        help="instead: image counts N (e.g. 1000,4000) for whole `Run.predict_logits` calls, "
+        "cold, Keras against ONNX Runtime with its conversion (what `--runtime auto` decides)",
+    )
     args = parser.parse_args()
+    sizes = [int(s) for s in args.sizes.split(",") if s]
+    if args.end_to_end:
+        counts = [int(n) for n in args.end_to_end.split(",") if n]
+        print("| px | images | keras, s | onnxruntime incl. conversion, s | keras / onnx "
+              "| max logit diff |")  # fmt: skip
+        print("|---|---|---|---|---|---|")
+        for size in sizes:
+            for row in end_to_end(size, counts, args.rounds):
+                print(row, flush=True)
+        return
     print("| px | round | keras | keras folded | onnxruntime | litert | onnxruntime / folded |")
     print("|---|---|---|---|---|---|---|")
-    for size in [int(s) for s in args.sizes.split(",") if s]:
+    for size in sizes:
         for row in measure(size, args.steps, args.rounds):
             print(row, flush=True)
 

@@ -168,3 +168,36 @@ def test_test_time_augmentation(trained):
         run.predict_proba(x, tta=0)
     with pytest.raises(finetune.FinetuneError, match="ImageNet head"):
         finetune.predict("efficientnet_lite0", [next((data / "0").glob("*.png"))], tta=2)
+
+
+@pytest.mark.slow
+def test_the_runtime_option_of_evaluate_and_predict(trained, tmp_path):
+    data, out, _ = trained
+    with_keras = json.loads(invoke("evaluate", out, "--json", "--runtime", "keras"))
+    with_onnx = json.loads(invoke("evaluate", out, "--json", "--runtime", "onnxruntime"))
+    assert (with_keras["runtime"], with_onnx["runtime"]) == ("keras", "onnxruntime")
+    assert with_onnx["loss"] == pytest.approx(with_keras["loss"], abs=1e-5)
+    # The default for a few images is Keras ("auto" switches at 4,000).
+    assert json.loads(invoke("evaluate", out, "--json"))["runtime"] == "keras"
+
+    images = data / "0"
+    keras_top = json.loads(invoke("predict", out, images, "--format", "json"))
+    onnx_top = json.loads(
+        invoke("predict", out, images, "--format", "json", "--runtime", "onnxruntime")
+    )
+    for k, o in zip(keras_top, onnx_top, strict=True):
+        assert k["path"] == o["path"]
+        assert k["predictions"][0]["label"] == o["predictions"][0]["label"]
+        assert o["predictions"][0]["probability"] == pytest.approx(
+            k["predictions"][0]["probability"], abs=1e-5
+        )
+
+    # (main() turns these errors into one line and exit status 2, as checked above.)
+    from finetune.errors import FinetuneError
+
+    with pytest.raises(FinetuneError, match=r"runtime \(--runtime\) is 'gpu'"):
+        runner.invoke(app, ["evaluate", str(out), "--runtime", "gpu"], catch_exceptions=False)
+    one = str(next(images.glob("*.png")))
+    with pytest.raises(FinetuneError, match="--runtime applies to a run directory"):
+        args = ["predict", "efficientnet_lite0", one, "--runtime", "keras"]
+        runner.invoke(app, args, catch_exceptions=False)

@@ -25,7 +25,9 @@ def digits(tmp_path_factory):
     return prepare_image_data(folder, image_size=SIZE, val_fraction=0.25, test_fraction=0.0)
 
 
-def head_phase_run(data, *, feature_cache: bool, max_gb: float = 2.0, run_dir=None, epochs=3):
+def head_phase_run(
+    data, *, feature_cache: bool, max_gb: float = 2.0, run_dir=None, epochs=3, runtime=None
+):
     """One model, seeded the same way every time, through a 3-epoch frozen head phase."""
     seed_everything(3)
     model = build_classifier(
@@ -42,6 +44,7 @@ def head_phase_run(data, *, feature_cache: bool, max_gb: float = 2.0, run_dir=No
         seed=3,
         feature_cache=feature_cache,
         feature_cache_max_memory_gb=max_gb,
+        runtime=runtime,
     )
     recipe = RecipeConfig(early_stopping_patience=0)
     phase = Phase("head", epochs=epochs, learning_rate=3e-3, augment=False)
@@ -111,3 +114,18 @@ def test_features_above_the_memory_limit_go_to_disk_with_the_same_result(digits,
     assert spill_dir is not None and not spill_dir.exists()  # deleted after the phases
     for a, b in zip(head_weights(in_memory), head_weights(on_disk), strict=True):
         np.testing.assert_allclose(a, b, atol=1e-6)
+
+
+@pytest.mark.slow
+def test_features_computed_by_onnx_runtime_train_the_same_head(digits):
+    """The cache fill in ONNX Runtime (what "auto" picks for 4,000+ images) is the same head."""
+    with_keras, keras_records = head_phase_run(digits, feature_cache=True, runtime="keras")
+    with_onnx, onnx_records = head_phase_run(digits, feature_cache=True, runtime="onnxruntime")
+
+    assert [r["features_runtime"] for r in keras_records] == ["keras"] * 3
+    assert [r["features_runtime"] for r in onnx_records] == ["onnxruntime"] * 3
+    # The features differ by rounding only (~1e-6), and so do the trained heads.
+    for a, b in zip(head_weights(with_keras), head_weights(with_onnx), strict=True):
+        np.testing.assert_allclose(a, b, atol=1e-4)
+    for k, o in zip(keras_records, onnx_records, strict=True):
+        assert o["val_loss"] == pytest.approx(k["val_loss"], abs=1e-4)

@@ -346,15 +346,26 @@ def evaluate(
     ] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print the metrics as JSON.")] = False,
     tta: Annotated[int, typer.Option(help="Test-time augmentation copies per image.")] = 1,
+    runtime: Annotated[
+        str | None,
+        typer.Option(
+            help="auto|keras|onnxruntime: what runs the model (auto: ONNX Runtime from 4,000 "
+            "images on; default: $FINETUNE_RUNTIME or auto)."
+        ),
+    ] = None,
 ) -> None:
     """Evaluate a run's model; on its own test split, update metrics.json and report.html."""
     import finetune
     from finetune.atomic import write_json
 
+    if runtime is not None:
+        from finetune.inference import resolve_runtime
+
+        resolve_runtime(runtime, 0)  # an unknown name fails before the model loads
     # Keras' progress bar writes to stdout: keep it out of JSON output.
     run = finetune.Run.load(run_dir)
     metrics, predictions = finetune.evaluate_with_predictions(
-        run, data_dir, progress=not as_json, tta=tta
+        run, data_dir, progress=not as_json, tta=tta, runtime=runtime
     )
     if data_dir is None:
         write_json(run_dir / "metrics.json", metrics)
@@ -380,6 +391,13 @@ def predict(
     top_k: Annotated[int, typer.Option(help="Classes per image.")] = 5,
     fmt: Annotated[str, typer.Option("--format", help="table|json|csv")] = "table",
     tta: Annotated[int, typer.Option(help="Test-time augmentation copies (runs only).")] = 1,
+    runtime: Annotated[
+        str | None,
+        typer.Option(
+            help="auto|keras|onnxruntime: what runs a run's model (auto: ONNX Runtime from 4,000 "
+            "images on; default: $FINETUNE_RUNTIME or auto)."
+        ),
+    ] = None,
 ) -> None:
     """Predict the top-k classes of images with a run's model, an export, or an ImageNet head."""
     import finetune
@@ -387,7 +405,11 @@ def predict(
 
     if fmt not in ("table", "json", "csv"):
         raise FinetuneError(f"--format {fmt!r} is not one of: table, json, csv.")
-    results = finetune.predict(model, inputs, top_k=top_k, tta=tta)
+    if runtime is not None:
+        from finetune.inference import resolve_runtime
+
+        resolve_runtime(runtime, 0)  # an unknown name fails before the model loads
+    results = finetune.predict(model, inputs, top_k=top_k, tta=tta, runtime=runtime)
     if fmt == "json":
         print(json.dumps([r.to_dict() for r in results], indent=2))
     elif fmt == "csv":

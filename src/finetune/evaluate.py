@@ -265,6 +265,7 @@ def evaluate(
     data_dir: str | Path | None = None,
     progress: bool = True,
     tta: int = 1,
+    runtime: str | None = None,
 ) -> dict[str, Any]:
     """Evaluates a run's model on its test split, or on every image of `data_dir`.
 
@@ -275,6 +276,8 @@ def evaluate(
             split.
         progress: show progress bars while decoding and predicting. Defaults to True.
         tta: test-time augmentation copies per image (see `Run.predict_proba`). Defaults to 1.
+        runtime: "auto", "keras" or "onnxruntime" (see `Run.predict_proba`). Defaults to None
+            (`FINETUNE_RUNTIME`, or "auto").
 
     Returns:
         The metrics (see `classification_metrics`) plus `data` (what was evaluated) and `tta`.
@@ -282,7 +285,7 @@ def evaluate(
     Raises:
         DataError: the folder has classes the model does not know, or no images.
     """
-    return evaluate_with_predictions(run, data_dir, progress=progress, tta=tta)[0]
+    return evaluate_with_predictions(run, data_dir, progress=progress, tta=tta, runtime=runtime)[0]
 
 
 def evaluate_with_predictions(
@@ -290,6 +293,7 @@ def evaluate_with_predictions(
     data_dir: str | Path | None = None,
     progress: bool = True,
     tta: int = 1,
+    runtime: str | None = None,
 ) -> tuple[dict[str, Any], Predictions]:
     """`evaluate`, also returning the per-image `Predictions`."""
     from finetune.data.decode import decode_images
@@ -332,12 +336,13 @@ def evaluate_with_predictions(
             f"{bad[0].path}: {bad[0].reason}). If the data folder moved, evaluate the new "
             "location with `finetune evaluate RUN_DIR DATA_DIR`."
         )
-    views = run.predict_view_logits(images, progress=progress, tta=tta)
+    views = run.predict_view_logits(images, progress=progress, tta=tta, runtime=runtime)
     probabilities = probabilities_from_views(views, run.temperature)
     y = y[ok]
     metrics = classification_metrics(y, probabilities, run.class_names)
     metrics["data"] = where
     metrics["tta"] = tta
+    metrics["runtime"] = run.last_runtime
     metrics["bad_files"] = [{"path": str(b.path), "reason": b.reason} for b in bad]
     if run.temperature != 1.0:
         fitted_on = run.info.get("calibration", {}).get("fitted_on", "val split")

@@ -110,7 +110,13 @@ def load_predictor(model):
     )
 
 
-def predict(model, inputs: Sequence[str | Path], top_k: int = 5, tta: int = 1) -> list[Prediction]:
+def predict(
+    model,
+    inputs: Sequence[str | Path],
+    top_k: int = 5,
+    tta: int = 1,
+    runtime: str | None = None,
+) -> list[Prediction]:
     """Predicts the top-k classes of image files and folders.
 
     Args:
@@ -121,6 +127,8 @@ def predict(model, inputs: Sequence[str | Path], top_k: int = 5, tta: int = 1) -
         top_k: how many classes per image. Defaults to 5.
         tta: test-time augmentation copies per image, for a run (see `Run.predict_proba`).
             Defaults to 1.
+        runtime: what runs a run's model: "auto", "keras" or "onnxruntime" (see
+            `Run.predict_proba`). Defaults to None (`FINETUNE_RUNTIME`, or "auto").
 
     Returns:
         One `Prediction` per image file, in input order.
@@ -140,11 +148,16 @@ def predict(model, inputs: Sequence[str | Path], top_k: int = 5, tta: int = 1) -
     failed = sorted(set(range(len(paths))) - set(ok))
     for i, b in zip(failed, bad, strict=True):
         results[i].error = b.reason
+    if runtime is not None and not isinstance(predictor, Run):
+        raise FinetuneError(
+            "--runtime applies to a run directory; an exported model runs in its own runtime "
+            "and an ImageNet head in Keras."
+        )
     if len(ok):
-        if tta == 1:
+        if isinstance(predictor, Run):
+            probabilities = predictor.predict_proba(images, tta=tta, runtime=runtime)
+        elif tta == 1:
             probabilities = predictor.predict_proba(images)
-        elif isinstance(predictor, Run):
-            probabilities = predictor.predict_proba(images, tta=tta)
         else:
             raise FinetuneError(
                 "--tta applies to a run directory, not to an ImageNet head or an exported model."

@@ -93,6 +93,7 @@ class Run:
     _fast: tuple[keras.Model, keras.Model] | None = field(
         default=None, init=False, repr=False, compare=False
     )
+    last_runtime: str = field(default="", init=False, repr=False, compare=False)
 
     def inference_model(self) -> keras.Model:
         """`model` with every BatchNorm folded into its convolution, for predicting.
@@ -155,10 +156,14 @@ class Run:
         )
 
     def predict_logits(
-        self, images: np.ndarray, batch_size: int = 64, progress: bool = False
+        self,
+        images: np.ndarray,
+        batch_size: int = 64,
+        progress: bool = False,
+        runtime: str | None = None,
     ) -> np.ndarray:
         """The model's raw outputs (before temperature and softmax) for RGB images in [0, 255]."""
-        return self.predict_view_logits(images, batch_size, progress)[0]
+        return self.predict_view_logits(images, batch_size, progress, runtime=runtime)[0]
 
     def predict_proba(
         self,
@@ -167,6 +172,7 @@ class Run:
         progress: bool = False,
         tta: int = 1,
         temperature: float | None = None,
+        runtime: str | None = None,
     ) -> np.ndarray:
         """Class probabilities for uint8/float RGB images of the run's input size.
 
@@ -182,17 +188,28 @@ class Run:
                 so repeatable). Defaults to 1 (no augmentation).
             temperature: divide the logits by this instead of the run's `temperature` (1.0
                 gives the uncalibrated probabilities). Defaults to None (the run's).
+            runtime: "keras", "onnxruntime" (the model converted to ONNX once per call, checked
+                against Keras on the first batch) or "auto" (ONNX Runtime from
+                `finetune.inference.AUTO_MIN_IMAGES` images on); see `finetune.inference`.
+                Defaults to None (the environment variable `FINETUNE_RUNTIME`, or "auto").
+                `last_runtime` says which one computed the last call.
 
         Raises:
             FinetuneError: `tta` below 1, or above 1 for a run trained without augmentation.
+            ConfigError: an unknown `runtime`.
         """
-        views = self.predict_view_logits(images, batch_size, progress, tta)
+        views = self.predict_view_logits(images, batch_size, progress, tta, runtime)
         return probabilities_from_views(
             views, self.temperature if temperature is None else temperature
         )
 
     def predict_view_logits(
-        self, images: np.ndarray, batch_size: int = 64, progress: bool = False, tta: int = 1
+        self,
+        images: np.ndarray,
+        batch_size: int = 64,
+        progress: bool = False,
+        tta: int = 1,
+        runtime: str | None = None,
     ) -> np.ndarray:
         """The logits of each test-time augmentation view: (tta, N, num_classes).
 
@@ -202,13 +219,23 @@ class Run:
         import tensorflow as tf
 
         from finetune.data.augment import build_augmentation
+        from finetune.inference import (
+            GuardedForward,
+            keras_forward,
+            predict_batches,
+            resolve_runtime,
+        )
 
         if tta < 1:
             raise FinetuneError(f"tta must be 1 or more, got {tta}.")
-        x = np.asarray(images, np.float32)
-        verbose = keras_verbosity(progress)
-        model = self.inference_model()
-        views = [model.predict(x, batch_size=batch_size, verbose=verbose)]
+        chosen = resolve_runtime(runtime, len(images) * tta)
+        fast = self.inference_model()
+        # Batch by batch, converted to float32 one batch at a time: faster than `predict` on the
+        # whole array (which copies it into a dataset first) and no float copy of every image.
+        forward = (
+            keras_forward(fast) if chosen == "keras" else GuardedForward(self.model, fast, chosen)
+        )
+        views = [predict_batches(forward, images, batch_size, progress)]
         for copy in range(1, tta):
             augmentation = build_augmentation(self.config.augment, seed=self.config.seed + copy)
             if augmentation is None:
@@ -217,11 +244,12 @@ class Run:
                     "was trained without any: use tta=1 (--tta 1)."
                 )
             batches = (
-                tf.data.Dataset.from_tensor_slices(x)
+                tf.data.Dataset.from_tensor_slices(images)
                 .batch(batch_size)
-                .map(lambda b, a=augmentation: a(b, training=True))
+                .map(lambda b, a=augmentation: a(tf.cast(b, tf.float32), training=True))
             )
-            views.append(model.predict(batches, verbose=verbose))
+            views.append(np.concatenate([forward(b.numpy()) for b in batches]))
+        self.last_runtime = getattr(forward, "runtime", "keras")
         return np.stack(views)
 
     def split_samples(self, split: str) -> list[tuple[Path, int]]:

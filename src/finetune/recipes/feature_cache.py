@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import shutil
 import tempfile
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -29,6 +30,7 @@ import numpy as np
 import tensorflow as tf
 
 from finetune.data.pipeline import epoch_index_batches
+from finetune.inference import keras_forward
 
 POOL_LAYER = "pool"
 
@@ -74,9 +76,20 @@ class FeatureStore:
     _in_memory: int = field(default=0, repr=False)
 
     def compute(
-        self, extractor: keras.Model, images: np.ndarray, batch_size: int, name: str
+        self,
+        extractor: keras.Model,
+        images: np.ndarray,
+        batch_size: int,
+        name: str,
+        forward: Callable[[np.ndarray], np.ndarray] | None = None,
     ) -> np.ndarray:
-        """Features of `images` (uint8 pixels) in order, as float32 (N, features)."""
+        """Features of `images` (uint8 pixels) in order, as float32 (N, features).
+
+        `forward` computes a float32 batch's features instead of `extractor` (for example in
+        ONNX Runtime, see `finetune.inference`); it must compute the same function.
+        """
+        if forward is None:
+            forward = keras_forward(extractor)
         width = int(np.prod(extractor.output.shape[1:]))
         shape = (len(images), width)
         nbytes = shape[0] * shape[1] * 4
@@ -93,9 +106,7 @@ class FeatureStore:
             self._in_memory += nbytes
         for rows in _batches(len(images), batch_size):
             batch = images[rows].astype(np.float32)
-            out[rows] = keras.ops.convert_to_numpy(extractor.predict_on_batch(batch)).reshape(
-                len(batch), width
-            )
+            out[rows] = forward(batch).reshape(len(batch), width)
         if isinstance(out, np.memmap):
             out.flush()
         return out

@@ -42,6 +42,7 @@ from finetune.data.pipeline import (
 )
 from finetune.errors import NonFiniteLossError
 from finetune.fold import fold_batchnorm
+from finetune.inference import GuardedForward, keras_forward, resolve_runtime
 from finetune.model import freeze_backbone, unfreeze_top_groups
 from finetune.recipes.averaging import WeightAveraging
 from finetune.recipes.discriminative import group_lr_multipliers
@@ -111,6 +112,8 @@ class PhaseData:
             Defaults to 2.
         train_paths: the file of each training image, to name the images of a batch whose
             loss is not finite. Defaults to None.
+        runtime: what computes the cached features: "keras", "onnxruntime" or "auto" (see
+            `finetune.inference`). Defaults to None (`FINETUNE_RUNTIME`, or "auto").
 
     Attributes:
         epoch: the epoch the training datasets order their batches for; `epoch_callback()`
@@ -129,6 +132,7 @@ class PhaseData:
     feature_cache: bool = True
     feature_cache_max_memory_gb: float = 2.0
     train_paths: list[str] | None = None
+    runtime: str | None = None
     _datasets: dict[Any, tf.data.Dataset] = dataclasses.field(default_factory=dict, repr=False)
     epoch: tf.Variable = dataclasses.field(default_factory=new_epoch_variable, repr=False)
 
@@ -424,6 +428,7 @@ class _Features:
         self.model, self.data = model, data
         self.store = FeatureStore(int(data.feature_cache_max_memory_gb * 1024**3), spill_dir)
         self.datasets: tuple[tf.data.Dataset, tf.data.Dataset | None] | None = None
+        self.runtime = ""  # what computed the features: "keras" or "onnxruntime"
 
     def forget(self) -> None:
         """Drops the features (the backbone is about to change, or they are no longer needed)."""
@@ -433,16 +438,25 @@ class _Features:
     def head_and_datasets(self):
         extractor, head = split_at_pool(self.model)
         if self.datasets is None:
-            extractor = fold_batchnorm(extractor, frozen_only=False)  # inference only
             d = self.data
-            train = self.store.compute(extractor, d.train_images, d.batch_size, "train")
+            fast = fold_batchnorm(extractor, frozen_only=False)  # inference only
+            total = len(d.train_images) + (len(d.val_images) if d.has_val else 0)
+            runtime = resolve_runtime(d.runtime, total)
+            forward = (
+                keras_forward(fast)
+                if runtime == "keras"
+                else GuardedForward(extractor, fast, runtime)
+            )
+            self.runtime = getattr(forward, "runtime", "keras")
+            extractor = fast
+            train = self.store.compute(extractor, d.train_images, d.batch_size, "train", forward)
             train_ds = feature_dataset(
                 train, d.train_labels, d.num_classes,
                 batch_size=d.batch_size, training=True, seed=d.seed, epoch=d.epoch,
             )  # fmt: skip
             val_ds = None
             if d.has_val:
-                val = self.store.compute(extractor, d.val_images, d.batch_size, "val")
+                val = self.store.compute(extractor, d.val_images, d.batch_size, "val", forward)
                 val_ds = feature_dataset(val, d.val_labels, d.num_classes, batch_size=d.batch_size)
             self.datasets = (train_ds, val_ds)
         return head, *self.datasets
@@ -488,7 +502,8 @@ def fit_phases(
 
     Returns:
         One dict per epoch: phase, epoch, loss, accuracy, val_loss, val_accuracy, learning_rate,
-        and `features_cached` (True when the phase trained the head on cached features); with
+        and `features_cached` (True when the phase trained the head on cached features;
+        `features_runtime` then says whether Keras or ONNX Runtime computed them); with
         `recipe.average_last_epochs`, `averaged` on the epochs whose mean the final phase ends
         with (`finetune.recipes.averaging`; that phase then has no early stopping).
     """
@@ -579,7 +594,11 @@ def fit_phases(
                     optimizer.variables, resume.array_list("optimizer"), "optimizer", resume.path
                 )
             if verbose:
-                how = " (head on cached backbone features)" if cached else ""
+                how = (
+                    f" (head on cached backbone features, computed by {features.runtime})"
+                    if cached
+                    else ""
+                )
                 again = f", going on after epoch {first_epoch}" if going_on else ""
                 print(
                     f"Phase '{phase.name}': up to {phase.epochs} epoch(s) at learning rate "
@@ -624,6 +643,8 @@ def fit_phases(
             for record in records:
                 if record["phase"] == phase.name:
                     record["features_cached"] = cached
+                    if cached:
+                        record["features_runtime"] = features.runtime
                     ran += 1
             epoch = phase_start + ran
             if phase.budget is not None:

@@ -1,0 +1,133 @@
+"""Batch inference in Keras or ONNX Runtime: the same outputs, the choice, and the guard."""
+
+from __future__ import annotations
+
+import warnings
+
+import keras
+import numpy as np
+import pytest
+
+from finetune.backbones.registry import get_backbone
+from finetune.config import Config
+from finetune.errors import ConfigError
+from finetune.fold import fold_batchnorm
+from finetune.inference import (
+    AUTO_MIN_IMAGES,
+    ENV_VAR,
+    GuardedForward,
+    OnnxForward,
+    predict_batches,
+    resolve_runtime,
+)
+from finetune.model import build_classifier
+from finetune.run import Run
+
+SIZE = 32
+SPEC = get_backbone("efficientnet_lite0")
+
+
+def classifier(seed: int) -> keras.Model:
+    keras.utils.set_random_seed(seed)
+    model = build_classifier(SPEC, 3, image_size=SIZE, weights=None)
+    # Non-trivial BatchNorm statistics, so folding and ONNX Runtime's own fusion matter.
+    rng = np.random.default_rng(seed)
+    for layer in model.get_layer("backbone").layers:
+        if isinstance(layer, keras.layers.BatchNormalization):
+            n = layer.moving_mean.shape[0]
+            layer.moving_mean.assign(rng.normal(0, 0.1, n).astype(np.float32))
+            layer.moving_variance.assign(rng.uniform(0.5, 1.5, n).astype(np.float32))
+    return model
+
+
+def images(n: int, seed: int = 0) -> np.ndarray:
+    return np.random.default_rng(seed).integers(0, 256, (n, SIZE, SIZE, 3), dtype=np.uint8)
+
+
+def test_auto_picks_onnx_runtime_from_the_threshold_on(monkeypatch):
+    monkeypatch.delenv(ENV_VAR, raising=False)
+    assert resolve_runtime(None, AUTO_MIN_IMAGES - 1) == "keras"
+    assert resolve_runtime(None, AUTO_MIN_IMAGES) == "onnxruntime"
+    assert resolve_runtime("auto", 10) == "keras"
+    assert resolve_runtime("ONNXRuntime", 10) == "onnxruntime"
+    assert resolve_runtime("keras", 10**6) == "keras"
+    monkeypatch.setenv(ENV_VAR, "keras")
+    assert resolve_runtime(None, 10**6) == "keras"
+    assert resolve_runtime("onnxruntime", 1) == "onnxruntime"  # the argument wins
+
+
+def test_an_unknown_runtime_is_named_with_the_choices(monkeypatch):
+    named = r"runtime \(--runtime\) is 'tflite'.*auto, keras, onnxruntime"
+    with pytest.raises(ConfigError, match=named):
+        resolve_runtime("tflite", 1)
+    monkeypatch.setenv(ENV_VAR, "gpu")
+    with pytest.raises(ConfigError, match=f"environment variable {ENV_VAR} is 'gpu'"):
+        resolve_runtime(None, 1)
+
+
+@pytest.mark.slow
+def test_onnx_runtime_computes_the_keras_models_function():
+    model = classifier(0)
+    x = images(20).astype(np.float32)
+    expected = model.predict_on_batch(x)
+    got = OnnxForward(model)(x)
+    assert got.shape == expected.shape == (20, 3)
+    np.testing.assert_allclose(got, expected, atol=1e-4 * max(1.0, np.abs(expected).max()))
+    # A different network gives different outputs: the comparison above can fail.
+    assert np.abs(OnnxForward(classifier(1))(x) - expected).max() > 1e-2
+
+
+@pytest.mark.slow
+def test_a_run_predicts_the_same_in_both_runtimes_tta_included():
+    model = classifier(0)
+    run = Run(model=model, config=Config(), class_names=["a", "b", "c"], image_size=SIZE)
+    x = images(40)
+    with_keras = run.predict_view_logits(x, batch_size=16, tta=2, runtime="keras")
+    assert run.last_runtime == "keras"
+    with_onnx = run.predict_view_logits(x, batch_size=16, tta=2, runtime="onnxruntime")
+    assert run.last_runtime == "onnxruntime"
+    assert with_onnx.shape == (2, 40, 3)
+    np.testing.assert_allclose(with_onnx, with_keras, atol=1e-4)
+    # The augmented view really is another view, in both runtimes alike.
+    assert np.abs(with_keras[1] - with_keras[0]).max() > 1e-3
+    np.testing.assert_allclose(
+        run.predict_proba(x, runtime="onnxruntime"), run.predict_proba(x, runtime="keras"),
+        atol=1e-5,
+    )  # fmt: skip
+
+
+@pytest.mark.slow
+def test_outputs_that_disagree_with_keras_fall_back_to_keras_with_a_warning():
+    # ONNX Runtime is given another network than the Keras reference: the first batch shows it.
+    fast = fold_batchnorm(classifier(0), frozen_only=False)
+    forward = GuardedForward(classifier(1), fast, "onnxruntime")
+    assert forward.runtime == "onnxruntime"
+    x = images(24).astype(np.float32)
+    with pytest.warns(RuntimeWarning, match="differ from Keras' by up to .*running it with Keras"):
+        out = predict_batches(forward, x, batch_size=8)
+    assert forward.runtime == "keras" and "differ" in forward.reason
+    np.testing.assert_allclose(out, fast.predict_on_batch(x), atol=1e-5)
+
+
+class _NumpyOp(keras.layers.Layer):
+    """A layer whose op (a Python function) no ONNX converter can express."""
+
+    def call(self, x):
+        import tensorflow as tf
+
+        y = tf.numpy_function(lambda a: a * 2.0, [x], tf.float32)
+        y.set_shape(x.shape)
+        return y
+
+
+@pytest.mark.slow
+def test_a_model_that_cannot_be_converted_runs_in_keras_with_a_warning():
+    inputs = keras.Input((4,))
+    model = keras.Model(inputs, keras.layers.Dense(2)(_NumpyOp()(inputs)))
+    with pytest.warns(RuntimeWarning, match="converting .* to ONNX failed"):
+        forward = GuardedForward(model, model, "onnxruntime")
+    assert forward.runtime == "keras"
+    x = np.ones((3, 4), np.float32)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no second warning per batch
+        np.testing.assert_allclose(predict_batches(forward, x, 2), model.predict_on_batch(x))

@@ -10,10 +10,10 @@ run by its interpreter (XNNPACK, 2 threads). Per round, each runtime runs 2 warm
 turns. The largest difference of each export's logits from the Keras model's is printed too,
 and how long each conversion took.
 
-With `--end-to-end 1000,4000`, whole `Run.predict_logits` calls instead, cold (a fresh `Run`
-each time, as a new `finetune predict` process), with `runtime="keras"` and
-`runtime="onnxruntime"` (conversion and parity check included): where `--runtime auto` should
-switch.
+With `--end-to-end 500,2000,5000`, whole `Run.predict_logits` calls instead, cold (a fresh
+`Run` each time, as a new `finetune predict` process), with `runtime="keras"` and
+`runtime="onnxruntime"`, converting (conversion and first-batch check included: where
+`--runtime auto` should switch) and with the conversion cached (a private cache folder).
 
 Usage: .venv/bin/python benchmarks/inference_runtimes.py [--sizes 64,128,224] [--steps 8]
     [--rounds 2] [--end-to-end 1000,4000]
@@ -22,6 +22,7 @@ Usage: .venv/bin/python benchmarks/inference_runtimes.py [--sizes 64,128,224] [-
 from __future__ import annotations
 
 import argparse
+import os
 import statistics
 import tempfile
 import time
@@ -100,16 +101,21 @@ def measure(size: int, steps: int, rounds: int) -> list[str]:
 
 
 def end_to_end(size: int, counts: list[int], rounds: int) -> list[str]:
-    """`Run.predict_logits` on N images, cold, with runtime="keras" and runtime="onnxruntime".
+    """`Run.predict_logits` on N images, cold, in Keras and in ONNX Runtime.
 
     Each call gets a fresh `Run` of the same model (as a new `finetune predict` or `evaluate`
-    process would): the Keras side includes folding and tracing, the ONNX side the conversion
-    and the parity check on the first batch. Runtimes take turns; seconds per call.
+    process would): the Keras side includes folding and tracing; "onnx, converting" includes
+    the conversion and the check on the first batch (the conversion cache emptied first);
+    "onnx, cached" loads the conversion the previous call kept. Runtimes take turns; seconds
+    per call, median over rounds.
     """
+    import shutil
+
     import keras
     import numpy as np
 
     from finetune.backbones.registry import get_backbone
+    from finetune.cache import cache_dir
     from finetune.config import Config
     from finetune.model import build_classifier
     from finetune.run import Run
@@ -117,23 +123,26 @@ def end_to_end(size: int, counts: list[int], rounds: int) -> list[str]:
     keras.utils.set_random_seed(0)
     model = build_classifier(get_backbone("efficientnet_lite0"), 10, image_size=size, weights=None)
     rows = []
+    calls = {"keras": "keras", "onnx, converting": "onnxruntime", "onnx, cached": "onnxruntime"}
     for n in counts:
         x = np.random.default_rng(n).integers(0, 256, (n, size, size, 3), dtype=np.uint8)
-        seconds: dict[str, list[float]] = {"keras": [], "onnxruntime": []}
+        seconds: dict[str, list[float]] = {k: [] for k in calls}
         outputs = {}
         for _ in range(rounds):
-            for runtime in seconds:
+            for label, runtime in calls.items():
+                if label == "onnx, converting":
+                    shutil.rmtree(cache_dir("onnx"))
                 run = Run(model=model, config=Config(), class_names=list("abcdefghij"),
                           image_size=size)  # fmt: skip
                 start = time.perf_counter()
-                outputs[runtime] = run.predict_logits(x, runtime=runtime)
-                seconds[runtime].append(time.perf_counter() - start)
+                outputs[label] = run.predict_logits(x, runtime=runtime)
+                seconds[label].append(time.perf_counter() - start)
                 assert run.last_runtime == runtime, run.last_runtime
-        k, o = (statistics.median(seconds[r]) for r in ("keras", "onnxruntime"))
-        diff = float(np.abs(outputs["keras"] - outputs["onnxruntime"]).max())
+        k, c, w = (statistics.median(seconds[label]) for label in calls)
+        diff = float(np.abs(outputs["keras"] - outputs["onnx, converting"]).max())
         rows.append(
-            f"| {size} | {n} | {k:.1f} ({n / k:.0f}/s) | {o:.1f} ({n / o:.0f}/s) | {k / o:.2f} "
-            f"| {diff:.1e} |"
+            f"| {size} | {n} | {k:.1f} ({n / k:.0f}/s) | {c:.1f} ({n / c:.0f}/s) | "
+            f"{w:.1f} ({n / w:.0f}/s) | {k / c:.2f} | {k / w:.2f} | {diff:.1e} |"
         )
     return rows
 
@@ -153,9 +162,10 @@ def main() -> None:
     sizes = [int(s) for s in args.sizes.split(",") if s]
     if args.end_to_end:
         counts = [int(n) for n in args.end_to_end.split(",") if n]
-        print("| px | images | keras, s | onnxruntime incl. conversion, s | keras / onnx "
-              "| max logit diff |")  # fmt: skip
-        print("|---|---|---|---|---|---|")
+        os.environ["FINETUNE_CACHE_DIR"] = tempfile.mkdtemp(prefix="inference-runtimes-cache-")
+        print("| px | images | keras, s | onnx, converting, s | onnx, cached, s "
+              "| keras / converting | keras / cached | max logit diff |")  # fmt: skip
+        print("|---|---|---|---|---|---|---|---|")
         for size in sizes:
             for row in end_to_end(size, counts, args.rounds):
                 print(row, flush=True)

@@ -17,6 +17,9 @@ from finetune.inference import (
     ENV_VAR,
     GuardedForward,
     OnnxForward,
+    conversion_file,
+    guarded_forward,
+    model_digest,
     predict_batches,
     resolve_runtime,
 )
@@ -97,16 +100,61 @@ def test_a_run_predicts_the_same_in_both_runtimes_tta_included():
 
 
 @pytest.mark.slow
-def test_outputs_that_disagree_with_keras_fall_back_to_keras_with_a_warning():
+def test_outputs_that_disagree_with_keras_fall_back_to_keras_with_a_warning(tmp_path):
     # ONNX Runtime is given another network than the Keras reference: the first batch shows it.
     fast = fold_batchnorm(classifier(0), frozen_only=False)
-    forward = GuardedForward(classifier(1), fast, "onnxruntime")
+    other = classifier(1)
+    cache = tmp_path / "other.onnx"
+    forward = GuardedForward(other, fast, "onnxruntime", cache)
     assert forward.runtime == "onnxruntime"
     x = images(24).astype(np.float32)
     with pytest.warns(RuntimeWarning, match="differ from Keras' by up to .*running it with Keras"):
         out = predict_batches(forward, x, batch_size=8)
     assert forward.runtime == "keras" and "differ" in forward.reason
     np.testing.assert_allclose(out, fast.predict_on_batch(x), atol=1e-5)
+    assert not cache.exists()  # a conversion that failed the check is not kept
+
+
+def test_the_digest_follows_architecture_and_weights():
+    a, b = classifier(0), classifier(0)
+    assert model_digest(a) == model_digest(b)
+    b.get_layer("logits").bias.assign(np.full(3, 1e-7, np.float32))
+    assert model_digest(a) != model_digest(b)
+    keras.utils.set_random_seed(0)
+    wider = build_classifier(SPEC, 4, image_size=SIZE, weights=None)
+    assert model_digest(wider) != model_digest(a)
+
+
+@pytest.mark.slow
+def test_a_verified_conversion_is_kept_and_reused(tmp_path, monkeypatch):
+    monkeypatch.setenv("FINETUNE_CACHE_DIR", str(tmp_path))
+    monkeypatch.delenv(ENV_VAR, raising=False)
+    model = classifier(0)
+    fast = fold_batchnorm(model, frozen_only=False)
+    x = images(16).astype(np.float32)
+    cache = conversion_file(model)
+    assert cache.parent == tmp_path / "onnx" and not cache.exists()
+
+    first = guarded_forward(model, fast, "onnxruntime", 16)
+    assert isinstance(first, GuardedForward) and not first.from_cache
+    assert not cache.exists()  # kept only once the first batch has passed the check
+    expected = first(x)
+    assert cache.is_file()
+
+    again = guarded_forward(model, fast, "onnxruntime", 16)
+    assert again.from_cache and again.runtime == "onnxruntime"
+    np.testing.assert_array_equal(again(x), expected)
+    # A cached conversion does not change what "auto" picks: below the threshold, Keras.
+    assert not isinstance(guarded_forward(model, fast, None, 16), GuardedForward)
+    # Another model's conversion is another file.
+    assert conversion_file(classifier(1)) != cache
+
+    # A damaged file is converted again and replaced.
+    cache.write_bytes(b"not an onnx model")
+    repaired = guarded_forward(model, fast, "onnxruntime", 16)
+    assert not repaired.from_cache and repaired.runtime == "onnxruntime"
+    np.testing.assert_allclose(repaired(x), expected, atol=1e-5)
+    assert guarded_forward(model, fast, "onnxruntime", 16).from_cache
 
 
 class _NumpyOp(keras.layers.Layer):

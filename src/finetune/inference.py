@@ -1,14 +1,15 @@
 """Batch inference in the fastest correct runtime: Keras, or ONNX Runtime for many images.
 
 `predict`, `evaluate` and the frozen phase's feature-cache fill call a Keras model on many
-images. Keras runs it with every BatchNorm folded into its convolution (`finetune.fold`);
-ONNX Runtime runs the same network 1.2-2.7x as fast again on a small CPU, but converting the
-model to ONNX first (tf2onnx) takes a few seconds, which pays back only over a few thousand
-images (benchmarks/inference_runtimes.py; figures in benchmarks/RESULTS.md).
+images. Keras runs it batch by batch with every BatchNorm folded into its convolution
+(`finetune.fold`); ONNX Runtime runs the same network 1.2-1.9x as fast again on a small CPU
+(EfficientNet-Lite0, 224 to 64 px), but converting the model to ONNX first (tf2onnx) takes
+3-5 s, which pays back only over several thousand images (benchmarks/inference_runtimes.py
+--end-to-end; figures in benchmarks/RESULTS.md).
 
 So the runtime is chosen per call:
 - `"keras"`: the folded Keras model.
-- `"onnxruntime"`: the model converted to ONNX once and run by ONNX Runtime.
+- `"onnxruntime"`: the model converted to ONNX (once: see below) and run by ONNX Runtime.
 - `"auto"` (the default): ONNX Runtime from `AUTO_MIN_IMAGES` images on, Keras below.
 
 The choice can be given per call (`runtime=`, `--runtime` on the command line) or for the
@@ -19,10 +20,19 @@ and if they differ by more than rounding (`TOLERANCE`), or the conversion fails,
 says so and Keras computes everything. The results of the two runtimes differ by rounding
 only (about 1e-5 in the logits), so a prediction's class never depends on the choice except
 for a near tie.
+
+A conversion that passed that check is kept in the user cache (`finetune.cache`, folder
+`onnx/`), named by a hash of the model's architecture and weights and of the converter's and
+runtime's versions. The same model converts only once: later calls (another `finetune predict`
+of the same run, the feature-cache fill of another run with the same backbone and image size)
+load the verified file in a fraction of a second. Whether a conversion is cached never changes
+which runtime is chosen: the same call gives the same numbers whatever ran before it.
 """
 
 from __future__ import annotations
 
+import hashlib
+import importlib.metadata
 import os
 import tempfile
 import warnings
@@ -36,9 +46,9 @@ from finetune.errors import ConfigError
 
 RUNTIMES = ("auto", "keras", "onnxruntime")
 ENV_VAR = "FINETUNE_RUNTIME"
-# Where converting pays: 3.4-3.8 s of conversion against 0.7-1.3 ms saved per image on this
-# 2-core machine (EfficientNet-Lite0, 64-224 px) breaks even at about 3,000-5,000 images.
-AUTO_MIN_IMAGES = 4000
+# Where converting pays, measured end to end on a 2-core Xeon (EfficientNet-Lite0): even at
+# 5,000 images at 224 px, 6,000 at 128 px and 8,500 at 64 px.
+AUTO_MIN_IMAGES = 8000
 # Largest allowed difference from Keras on the first batch, relative to the outputs' largest
 # magnitude (at least 1). Measured differences are below 1e-5.
 TOLERANCE = 1e-3
@@ -46,13 +56,11 @@ TOLERANCE = 1e-3
 Forward = Callable[[np.ndarray], np.ndarray]
 
 
-def resolve_runtime(runtime: str | None, num_images: int) -> str:
-    """The runtime to use for `num_images` images: "keras" or "onnxruntime".
+def requested_runtime(runtime: str | None) -> str:
+    """The runtime asked for: "auto", "keras" or "onnxruntime".
 
     Args:
-        runtime: "auto", "keras" or "onnxruntime"; None takes `FINETUNE_RUNTIME` from the
-            environment, or "auto".
-        num_images: how many images the call will run.
+        runtime: a name; None takes `FINETUNE_RUNTIME` from the environment, or "auto".
 
     Raises:
         ConfigError: an unknown runtime name.
@@ -66,6 +74,22 @@ def resolve_runtime(runtime: str | None, num_images: int) -> str:
             f"{where} is {runtime!r}; use one of {', '.join(RUNTIMES)} "
             f"(auto: ONNX Runtime from {AUTO_MIN_IMAGES} images on, Keras below)."
         )
+    return name
+
+
+def resolve_runtime(runtime: str | None, num_images: int) -> str:
+    """The runtime to use for `num_images` images: "keras" or "onnxruntime".
+
+    Args:
+        runtime: "auto", "keras" or "onnxruntime"; None takes `FINETUNE_RUNTIME` from the
+            environment, or "auto".
+        num_images: how many images the call will run. Only the request and this decide, not
+            whether a conversion is cached: the same call always gives the same numbers.
+
+    Raises:
+        ConfigError: an unknown runtime name.
+    """
+    name = requested_runtime(runtime)
     if name == "auto":
         return "onnxruntime" if num_images >= AUTO_MIN_IMAGES else "keras"
     return name
@@ -78,36 +102,70 @@ def _intra_op_threads() -> int:
         return os.cpu_count() or 1
 
 
+def model_digest(model: keras.Model) -> str:
+    """A hash of `model`'s architecture (its JSON) and of every weight's name, shape and values."""
+    h = hashlib.sha256(model.to_json().encode())
+    for variable in model.weights:
+        value = np.ascontiguousarray(keras.ops.convert_to_numpy(variable))
+        h.update(f"{variable.path}|{value.dtype}|{value.shape}".encode())
+        h.update(value.tobytes())
+    return h.hexdigest()
+
+
+def conversion_file(model: keras.Model) -> Path:
+    """Where a verified ONNX conversion of `model` is kept (the file may not exist yet)."""
+    from finetune.cache import cache_dir
+
+    versions = "|".join(
+        f"{p} {importlib.metadata.version(p)}" for p in ("keras", "tf2onnx", "onnxruntime")
+    )
+    key = hashlib.sha256(f"{model_digest(model)}|{versions}|v1".encode()).hexdigest()
+    return cache_dir("onnx") / f"{key[:40]}.onnx"
+
+
 class OnnxForward:
     """A Keras model converted to ONNX and run by ONNX Runtime on float32 batches.
 
     Args:
         model: a single-input, single-output Keras model (not modified).
+        cached: a verified conversion of this very model to load instead of converting, or
+            None. Defaults to None.
+
+    Attributes:
+        serialized: the ONNX model's bytes when converted here, None when loaded.
 
     Raises:
-        Exception: whatever tf2onnx or ONNX Runtime raise for a model they cannot convert.
+        Exception: whatever tf2onnx or ONNX Runtime raise for a model they cannot convert or a
+            file they cannot load.
     """
 
-    def __init__(self, model: keras.Model):
+    def __init__(self, model: keras.Model, cached: Path | None = None):
         import onnxruntime as ort
 
         from finetune.export.convert import _input_spec
 
-        with tempfile.TemporaryDirectory(prefix="finetune-onnx-") as folder:
-            path = Path(folder) / "model.onnx"
-            with warnings.catch_warnings():  # Keras' tf2onnx patch for NumPy 2 sets np.object
-                warnings.simplefilter("ignore", FutureWarning)
-                model.export(
-                    str(path), format="onnx", verbose=False, input_signature=[_input_spec(model)]
-                )
-            serialized = path.read_bytes()
+        self.serialized: bytes | None = None
+        if cached is not None:
+            source: bytes | str = str(cached)
+        else:
+            with tempfile.TemporaryDirectory(prefix="finetune-onnx-") as folder:
+                path = Path(folder) / "model.onnx"
+                with warnings.catch_warnings():  # Keras' tf2onnx patch for NumPy 2: np.object
+                    warnings.simplefilter("ignore", FutureWarning)
+                    model.export(
+                        str(path),
+                        format="onnx",
+                        verbose=False,
+                        input_signature=[_input_spec(model)],
+                    )
+                source = self.serialized = path.read_bytes()
         options = ort.SessionOptions()
         options.intra_op_num_threads = _intra_op_threads()
         options.inter_op_num_threads = 1
         # Worker threads sleep instead of spinning between calls, so they do not take the CPU
         # from TensorFlow when training goes on after a cache fill.
         options.add_session_config_entry("session.intra_op.allow_spinning", "0")
-        self.session = ort.InferenceSession(serialized, options, ["CPUExecutionProvider"])
+        self.session = ort.InferenceSession(source, options, ["CPUExecutionProvider"])
         self.input_name = self.session.get_inputs()[0].name
 
     def __call__(self, batch: np.ndarray) -> np.ndarray:
@@ -131,22 +189,37 @@ class GuardedForward:
         model: the Keras model to convert (the plain one; ONNX Runtime folds BatchNorm itself).
         fast: the Keras model to compare with and to fall back on (the folded one).
         runtime: "keras" or "onnxruntime" (see `resolve_runtime`).
+        cache: where the verified conversion of `model` is kept (`conversion_file(model)`):
+            loaded without a new check when it exists, written once the first batch has
+            passed the check otherwise; None converts every time. Defaults to None.
 
     Attributes:
         runtime: what computes the outputs now: "onnxruntime", or "keras" (asked for, or fallen
             back to; `reason` then says why).
+        from_cache: the ONNX model was loaded from the cache.
     """
 
-    def __init__(self, model: keras.Model, fast: keras.Model, runtime: str):
+    def __init__(
+        self, model: keras.Model, fast: keras.Model, runtime: str, cache: Path | None = None
+    ):
         self.keras = keras_forward(fast)
         self.runtime, self.reason = runtime, ""
         self.onnx: OnnxForward | None = None
+        self.cache, self.from_cache = cache, False
         self._checked = False
-        if runtime == "onnxruntime":
+        if runtime != "onnxruntime":
+            return
+        if cache is not None and cache.is_file():
             try:
-                self.onnx = OnnxForward(model)
-            except Exception as error:  # any conversion failure: Keras is always correct
-                self._fall_back(f"converting {model.name} to ONNX failed ({error})")
+                self.onnx = OnnxForward(model, cached=cache)
+                self.from_cache = self._checked = True  # it passed the check when written
+                return
+            except Exception:  # unreadable (damaged): convert again and replace it
+                cache.unlink(missing_ok=True)
+        try:
+            self.onnx = OnnxForward(model)
+        except Exception as error:  # any conversion failure: Keras is always correct
+            self._fall_back(f"converting {model.name} to ONNX failed ({error})")
 
     def _fall_back(self, reason: str) -> None:
         self.runtime, self.reason, self.onnx = "keras", reason, None
@@ -172,7 +245,26 @@ class GuardedForward:
                     f"first batch (allowed: {TOLERANCE * scale:.3g})"
                 )
                 return reference
+            self._keep()
         return out
+
+    def _keep(self) -> None:
+        """Writes the verified conversion to the cache; a cache that cannot be written costs
+        only time next call."""
+        if self.cache is None or self.onnx is None or self.onnx.serialized is None:
+            return
+        from finetune.atomic import DiskFullError, write_file_atomic
+
+        data = self.onnx.serialized
+        try:
+            write_file_atomic(self.cache, lambda tmp: tmp.write_bytes(data))
+        except (OSError, DiskFullError) as error:
+            warnings.warn(
+                f"could not keep the ONNX conversion in {self.cache} ({error}); it will be "
+                "converted again next time",
+                RuntimeWarning,
+                stacklevel=3,
+            )
 
 
 def predict_batches(
@@ -191,3 +283,23 @@ def predict_batches(
         if bar is not None:
             bar.add(len(batch))
     return np.concatenate(outs)
+
+
+def guarded_forward(
+    model: keras.Model, fast: keras.Model, runtime: str | None, num_images: int
+) -> Forward:
+    """The forward pass for `num_images` images of `model` in the runtime chosen for them.
+
+    Args:
+        model: the plain Keras model (what is converted, and what the cache is keyed on).
+        fast: the same function for Keras to run (its folded form).
+        runtime: "auto", "keras", "onnxruntime" or None (see `resolve_runtime`).
+        num_images: how many images will go through it.
+
+    Returns:
+        `keras_forward(fast)`, or a `GuardedForward` (with the conversion cache) when ONNX
+        Runtime is chosen; its `runtime` attribute says which one computes.
+    """
+    if resolve_runtime(runtime, num_images) == "keras":
+        return keras_forward(fast)
+    return GuardedForward(model, fast, "onnxruntime", conversion_file(model))

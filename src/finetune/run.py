@@ -188,8 +188,8 @@ class Run:
                 so repeatable). Defaults to 1 (no augmentation).
             temperature: divide the logits by this instead of the run's `temperature` (1.0
                 gives the uncalibrated probabilities). Defaults to None (the run's).
-            runtime: "keras", "onnxruntime" (the model converted to ONNX once per call, checked
-                against Keras on the first batch) or "auto" (ONNX Runtime from
+            runtime: "keras", "onnxruntime" (the model converted to ONNX, checked against
+                Keras on the first batch, and kept in the user cache) or "auto" (ONNX Runtime from
                 `finetune.inference.AUTO_MIN_IMAGES` images on); see `finetune.inference`.
                 Defaults to None (the environment variable `FINETUNE_RUNTIME`, or "auto").
                 `last_runtime` says which one computed the last call.
@@ -219,22 +219,13 @@ class Run:
         import tensorflow as tf
 
         from finetune.data.augment import build_augmentation
-        from finetune.inference import (
-            GuardedForward,
-            keras_forward,
-            predict_batches,
-            resolve_runtime,
-        )
+        from finetune.inference import guarded_forward, predict_batches
 
         if tta < 1:
             raise FinetuneError(f"tta must be 1 or more, got {tta}.")
-        chosen = resolve_runtime(runtime, len(images) * tta)
-        fast = self.inference_model()
         # Batch by batch, converted to float32 one batch at a time: faster than `predict` on the
         # whole array (which copies it into a dataset first) and no float copy of every image.
-        forward = (
-            keras_forward(fast) if chosen == "keras" else GuardedForward(self.model, fast, chosen)
-        )
+        forward = guarded_forward(self.model, self.inference_model(), runtime, len(images) * tta)
         views = [predict_batches(forward, images, batch_size, progress)]
         for copy in range(1, tta):
             augmentation = build_augmentation(self.config.augment, seed=self.config.seed + copy)

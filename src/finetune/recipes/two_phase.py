@@ -42,7 +42,7 @@ from finetune.data.pipeline import (
 )
 from finetune.errors import NonFiniteLossError
 from finetune.fold import fold_batchnorm
-from finetune.inference import GuardedForward, keras_forward, resolve_runtime
+from finetune.inference import guarded_forward
 from finetune.model import freeze_backbone, unfreeze_top_groups
 from finetune.recipes.averaging import WeightAveraging
 from finetune.recipes.discriminative import group_lr_multipliers
@@ -441,23 +441,17 @@ class _Features:
             d = self.data
             fast = fold_batchnorm(extractor, frozen_only=False)  # inference only
             total = len(d.train_images) + (len(d.val_images) if d.has_val else 0)
-            runtime = resolve_runtime(d.runtime, total)
-            forward = (
-                keras_forward(fast)
-                if runtime == "keras"
-                else GuardedForward(extractor, fast, runtime)
-            )
-            self.runtime = getattr(forward, "runtime", "keras")
-            extractor = fast
-            train = self.store.compute(extractor, d.train_images, d.batch_size, "train", forward)
+            forward = guarded_forward(extractor, fast, d.runtime, total)
+            train = self.store.compute(fast, d.train_images, d.batch_size, "train", forward)
             train_ds = feature_dataset(
                 train, d.train_labels, d.num_classes,
                 batch_size=d.batch_size, training=True, seed=d.seed, epoch=d.epoch,
             )  # fmt: skip
             val_ds = None
             if d.has_val:
-                val = self.store.compute(extractor, d.val_images, d.batch_size, "val", forward)
+                val = self.store.compute(fast, d.val_images, d.batch_size, "val", forward)
                 val_ds = feature_dataset(val, d.val_labels, d.num_classes, batch_size=d.batch_size)
+            self.runtime = getattr(forward, "runtime", "keras")
             self.datasets = (train_ds, val_ds)
         return head, *self.datasets
 

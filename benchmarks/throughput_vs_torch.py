@@ -28,7 +28,9 @@ PyTorch the BatchNorm modules in eval() with requires_grad False), `full_bn` (Ba
 too: `--train-batchnorm`; PyTorch's plain `model.train()`), `partial` (the top
 `--partial-groups` layer groups and the head train, BatchNorm frozen), `head` (frozen backbone,
 the step through it), `head_cached` (finetune only: the head's step on cached pooled features,
-plus `cache_fill`, the feature extraction that fills the cache once) and `infer`.
+plus `cache_fill`, the feature extraction that fills the cache once) and `infer` (for
+`finetune`, also the model converted by `finetune.inference.OnnxForward` and run by ONNX
+Runtime: what `predict` and `evaluate` run from 8,000 images on).
 
 Usage: .venv/bin/python benchmarks/throughput_vs_torch.py [--help]; prints markdown tables and
 writes benchmarks/out/throughput_vs_torch-<time>.json.
@@ -163,6 +165,13 @@ def finetune_child(args: argparse.Namespace, bf16: bool, fold: bool = True) -> d
         else:  # infer
             fast = folded(model, frozen_only=False)
             row = time_calls(lambda m=fast: m.predict_on_batch(x), args.warmup, args.steps)
+            if fold and not bf16:  # what predict/evaluate run from 8,000 images on
+                from finetune.inference import OnnxForward
+
+                start = time.perf_counter()
+                onnx = OnnxForward(model)
+                row["onnx_conversion_s"] = time.perf_counter() - start
+                row["onnxruntime"] = time_calls(lambda f=onnx: f(x), args.warmup, args.steps)
         if mode in ("full", "full_bn", "partial", "head"):
             row["trainable_weights"] = int(sum(np.prod(w.shape) for w in model.trainable_weights))
             row["finite_check_ms"] = finite_check_ms(model)
@@ -339,6 +348,12 @@ def summarise(report: dict) -> dict:
                     cell["ratio_amortised_5"] = cell["finetune_amortised_5"] / fp32[best]
                 if cell["finetune-bf16"]:
                     cell["ratio_bf16"] = cell["finetune-bf16"] / fp32[best]
+            run = runs.get(("finetune", size))
+            if mode == "infer" and run and run.get("status") == "ok":
+                onnx = run["modes"].get("infer", {}).get("onnxruntime")
+                if onnx and fp32:
+                    cell["finetune_onnx"] = onnx["images_per_s"]
+                    cell["ratio_onnx"] = onnx["images_per_s"] / cell["best_torch"]
             if cell["finetune"] and cell["finetune-unfolded"]:
                 cell["fold_gain"] = cell["finetune"] / cell["finetune-unfolded"]
             if cell["finetune"] and cell["finetune-bf16"]:
@@ -371,6 +386,10 @@ def markdown(report: dict) -> str:
                      f"| {fmt(c['torch-nchw'])} "
                      f"| {fmt(c['torch-cl'])} | {fmt(c['torch-compile'])} | {best} "
                      f"| {ratio} |")  # fmt: skip
+        if c.get("finetune_onnx"):
+            lines.append(f"| {c['size']} | infer, ONNX Runtime (predict/evaluate from 8,000 "
+                         f"images) | {fmt(c['finetune_onnx'])} | | | | | | {best} "
+                         f"| {fmt(c.get('ratio_onnx'), 2)} |")  # fmt: skip
     lines += ["", "| px | mode | finetune fp32 | finetune bf16 | bf16 / fp32 | bf16 / best torch "
               "fp32 | torch cl fp32 | torch cl bf16 autocast | torch bf16 / fp32 |",
               "|---" * 9 + "|"]  # fmt: skip

@@ -130,6 +130,9 @@ def test_run_directory_holds_the_record(digits, tmp_path):
     assert sum(run.info["counts"].values()) == 4 * 40
     metrics = json.loads((out / "metrics.json").read_text())
     assert set(metrics) >= {"accuracy", "macro_f1", "per_class", "confusion_matrix", "num_images"}
+    assert metrics["runtime"] == "keras"  # a few images: "auto" keeps Keras
+    history = json.loads((out / "history.json").read_text())
+    assert [r.get("features_runtime") for r in history if r["phase"] == "head"] == ["keras"]
     cm = np.asarray(metrics["confusion_matrix"])
     assert cm.shape == (4, 4) and cm.sum() == metrics["num_images"] > 0
     assert metrics["accuracy"] == pytest.approx(np.trace(cm) / cm.sum())

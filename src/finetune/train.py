@@ -671,6 +671,7 @@ def finish_run(
         probabilities = softmax(logits / run.temperature)
         run.metrics = classification_metrics(y, probabilities, data.class_names)
         run.metrics["data"] = f"{eval_split} split"
+        run.metrics["runtime"] = run.last_runtime
         if calibration is not None:
             measured_on = f"{eval_split} split"
             if eval_split == "val":

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import warnings
 
 import keras
@@ -21,6 +22,7 @@ from finetune.inference import (
     guarded_forward,
     model_digest,
     predict_batches,
+    prune_conversions,
     resolve_runtime,
 )
 from finetune.model import build_classifier
@@ -141,8 +143,10 @@ def test_a_verified_conversion_is_kept_and_reused(tmp_path, monkeypatch):
     expected = first(x)
     assert cache.is_file()
 
+    os.utime(cache, (1e9, 1e9))
     again = guarded_forward(model, fast, "onnxruntime", 16)
     assert again.from_cache and again.runtime == "onnxruntime"
+    assert cache.stat().st_mtime > 1e9  # used: the last to be evicted
     np.testing.assert_array_equal(again(x), expected)
     # A cached conversion does not change what "auto" picks: below the threshold, Keras.
     assert not isinstance(guarded_forward(model, fast, None, 16), GuardedForward)
@@ -179,3 +183,14 @@ def test_a_model_that_cannot_be_converted_runs_in_keras_with_a_warning():
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # no second warning per batch
         np.testing.assert_allclose(predict_batches(forward, x, 2), model.predict_on_batch(x))
+
+
+def test_only_the_most_recently_used_conversions_are_kept(tmp_path):
+    for age, name in enumerate(["newest", "middle", "old", "oldest"]):
+        f = tmp_path / f"{name}.onnx"
+        f.write_bytes(b"x")
+        os.utime(f, (1e9 - age * 100, 1e9 - age * 100))
+    (tmp_path / "notes.txt").write_text("not a conversion")
+    gone = prune_conversions(tmp_path, keep=2)
+    assert sorted(f.name for f in gone) == ["old.onnx", "oldest.onnx"]
+    assert sorted(f.name for f in tmp_path.iterdir()) == ["middle.onnx", "newest.onnx", "notes.txt"]

@@ -25,12 +25,14 @@ A conversion that passed that check is kept in the user cache (`finetune.cache`,
 `onnx/`), named by a hash of the model's architecture and weights and of the converter's and
 runtime's versions. The same model converts only once: later calls (another `finetune predict`
 of the same run, the feature-cache fill of another run with the same backbone and image size)
-load the verified file in a fraction of a second. Whether a conversion is cached never changes
+load the verified file in a fraction of a second. The `KEEP_CONVERSIONS` most recently used
+conversions are kept, older ones deleted. Whether a conversion is cached never changes
 which runtime is chosen: the same call gives the same numbers whatever ran before it.
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import importlib.metadata
 import os
@@ -52,6 +54,8 @@ AUTO_MIN_IMAGES = 8000
 # Largest allowed difference from Keras on the first batch, relative to the outputs' largest
 # magnitude (at least 1). Measured differences are below 1e-5.
 TOLERANCE = 1e-3
+# Conversions kept in the cache (the most recently used; about 13 MB each for Lite0).
+KEEP_CONVERSIONS = 16
 
 Forward = Callable[[np.ndarray], np.ndarray]
 
@@ -213,6 +217,7 @@ class GuardedForward:
             try:
                 self.onnx = OnnxForward(model, cached=cache)
                 self.from_cache = self._checked = True  # it passed the check when written
+                _touch(cache)
                 return
             except Exception:  # unreadable (damaged): convert again and replace it
                 cache.unlink(missing_ok=True)
@@ -265,6 +270,41 @@ class GuardedForward:
                 RuntimeWarning,
                 stacklevel=3,
             )
+            return
+        prune_conversions(self.cache.parent)
+
+
+def _touch(path: Path) -> None:
+    with contextlib.suppress(OSError):  # a read-only cache: it is only the eviction order
+        os.utime(path)
+
+
+def prune_conversions(folder: Path, keep: int | None = None) -> list[Path]:
+    """Deletes all but the `keep` most recently used conversions in `folder`.
+
+    Args:
+        folder: the conversion cache (`conversion_file(...).parent`).
+        keep: how many to keep. Defaults to `KEEP_CONVERSIONS`.
+
+    Returns:
+        The files deleted.
+    """
+    keep = KEEP_CONVERSIONS if keep is None else keep
+    files = []
+    for f in folder.glob("*.onnx"):
+        try:
+            files.append((f.stat().st_mtime, f))
+        except OSError:  # removed meanwhile by another process
+            continue
+    files.sort(reverse=True)
+    gone = []
+    for _, f in files[keep:]:
+        try:
+            f.unlink()
+            gone.append(f)
+        except OSError:
+            pass
+    return gone
 
 
 def predict_batches(

@@ -120,13 +120,17 @@ def test_fitting_the_folded_model_trains_the_original_like_fitting_it():
         for _ in range(3):
             fit_model.train_on_batch(x, y)
         trained.append([keras.ops.convert_to_numpy(v) for v in model.weights])
-    moved = max(
-        float(np.abs(a - b).max())
-        for a, b in zip(trained[0], [w.numpy() for w in _classifier(seed=3).weights], strict=True)
-    )
-    assert moved > 1e-3  # the steps did change the weights
-    for a, b in zip(*trained, strict=True):
-        _close(a, b, "weights after three SGD steps")
+    initial = [w.numpy() for w in _classifier(seed=3).weights]
+    moved = [float(np.abs(a - i).max()) for a, i in zip(trained[0], initial, strict=True)]
+    assert max(moved) > 1e-3  # the steps did change the weights
+    for a, b, step in zip(*trained, moved, strict=True):
+        # Rounding differences in the gradients grow with the steps taken: allow 0.1% of how
+        # far the weights moved on top of rounding (measured: 6e-6 at most, alone; a wrong
+        # gradient is off by a share of the whole step, 0.4 for the weight that moved most).
+        scale = max(1.0, float(np.abs(a).max()))
+        np.testing.assert_allclose(
+            a, b, rtol=0, atol=2e-5 * scale + 1e-3 * step, err_msg="weights after 3 SGD steps"
+        )
 
 
 def test_batchnorm_that_trains_is_not_folded_and_still_updates_its_statistics():

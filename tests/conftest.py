@@ -13,7 +13,9 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 def _offline_and_private_caches(tmp_path_factory):
     cache = tmp_path_factory.mktemp("finetune_cache")
     keras_home = tmp_path_factory.mktemp("keras_home")
-    saved = {k: os.environ.get(k) for k in ("FINETUNE_OFFLINE", "FINETUNE_CACHE_DIR", "KERAS_HOME")}
+    names = ("FINETUNE_OFFLINE", "FINETUNE_CACHE_DIR", "KERAS_HOME", "FINETUNE_RUNTIME")
+    saved = {k: os.environ.get(k) for k in names}
+    os.environ.pop("FINETUNE_RUNTIME", None)  # tests choose the runtime themselves
     os.environ["FINETUNE_OFFLINE"] = "1"
     os.environ["FINETUNE_CACHE_DIR"] = str(cache)
     os.environ["KERAS_HOME"] = str(keras_home)

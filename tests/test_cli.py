@@ -193,6 +193,15 @@ def test_the_runtime_option_of_evaluate_and_predict(trained, tmp_path):
             k["predictions"][0]["probability"], abs=1e-5
         )
 
+    # The API says which runtime ran.
+    import finetune
+
+    run = finetune.Run.load(out)
+    finetune.predict(run, [images], runtime="onnxruntime")
+    assert run.last_runtime == "onnxruntime"
+    finetune.predict(run, [images])
+    assert run.last_runtime == "keras"
+
     # (main() turns these errors into one line and exit status 2, as checked above.)
     from finetune.errors import FinetuneError
 

@@ -11,7 +11,7 @@ import pytest
 
 from finetune.backbones.registry import get_backbone
 from finetune.config import Config
-from finetune.errors import ConfigError
+from finetune.errors import ConfigError, FinetuneError
 from finetune.fold import fold_batchnorm
 from finetune.inference import (
     AUTO_MIN_IMAGES,
@@ -194,3 +194,64 @@ def test_only_the_most_recently_used_conversions_are_kept(tmp_path):
     gone = prune_conversions(tmp_path, keep=2)
     assert sorted(f.name for f in gone) == ["old.onnx", "oldest.onnx"]
     assert sorted(f.name for f in tmp_path.iterdir()) == ["middle.onnx", "newest.onnx", "notes.txt"]
+
+
+@pytest.mark.slow
+def test_onnx_runtime_failing_on_a_batch_falls_back_to_keras(tmp_path):
+    model = classifier(0)
+    fast = fold_batchnorm(model, frozen_only=False)
+    forward = GuardedForward(model, fast, "onnxruntime", tmp_path / "m.onnx")
+    x = images(8).astype(np.float32)
+    forward(x)  # checked, kept
+    assert (tmp_path / "m.onnx").is_file()
+
+    class Broken:  # an injected fault: the session fails at run time
+        def run(self, *args, **kwargs):
+            raise RuntimeError("injected failure")
+
+    forward.onnx.session = Broken()
+    with pytest.warns(RuntimeWarning, match="ONNX Runtime failed on a batch .*injected failure"):
+        out = forward(x)
+    assert forward.runtime == "keras"
+    np.testing.assert_allclose(out, fast.predict_on_batch(x), atol=1e-5)
+
+
+def test_no_usable_cache_folder_means_converting_every_time(tmp_path, monkeypatch):
+    monkeypatch.setenv("FINETUNE_CACHE_DIR", str(tmp_path / "file"))
+    (tmp_path / "file").write_text("a file where the cache folder would be")
+    model = classifier(0)
+    forward = guarded_forward(model, model, "keras", 10)  # Keras: the cache is not looked at
+    assert not isinstance(forward, GuardedForward)
+    with pytest.raises(OSError):
+        conversion_file(model)
+
+
+@pytest.mark.slow
+def test_no_usable_cache_folder_still_runs_onnx_runtime(tmp_path, monkeypatch):
+    monkeypatch.setenv("FINETUNE_CACHE_DIR", str(tmp_path / "file"))
+    (tmp_path / "file").write_text("a file where the cache folder would be")
+    model = classifier(0)
+    forward = guarded_forward(model, fold_batchnorm(model, frozen_only=False), "onnxruntime", 8)
+    assert isinstance(forward, GuardedForward) and forward.cache is None
+    x = images(8).astype(np.float32)
+    np.testing.assert_allclose(forward(x), model.predict_on_batch(x), atol=1e-4)
+    assert forward.runtime == "onnxruntime"
+
+
+def test_a_run_predicts_a_list_of_images_and_refuses_none():
+    run = Run(model=classifier(0), config=Config(), class_names=["a", "b", "c"], image_size=SIZE)
+    x = images(5)
+    np.testing.assert_allclose(
+        run.predict_logits(list(x), runtime="keras"), run.predict_logits(x, runtime="keras")
+    )
+    with pytest.raises(FinetuneError, match="no images to predict"):
+        run.predict_logits(x[:0], runtime="onnxruntime")
+
+
+def test_a_bad_runtime_in_the_environment_stops_train_before_any_work(tmp_path, monkeypatch):
+    import finetune
+
+    monkeypatch.setenv(ENV_VAR, "gpu")
+    with pytest.raises(ConfigError, match=f"{ENV_VAR} is 'gpu'"):
+        finetune.train(tmp_path / "photos", out=tmp_path / "run", progress=False)
+    assert not (tmp_path / "run").exists()

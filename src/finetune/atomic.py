@@ -13,6 +13,7 @@ import errno
 import json
 import os
 import tempfile
+import threading
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -117,7 +118,8 @@ def write_file_atomic(path: str | os.PathLike[str], write: Callable[[Path], Any]
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     ending = "".join(path.suffixes[-2:]) if path.name.endswith(".weights.h5") else path.suffix
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp{ending}")
+    # Unique per process and thread: two writers of the same file never share a temporary one.
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.{threading.get_ident()}.tmp{ending}")
     try:
         write(tmp)
         with open(tmp, "rb+") as handle:

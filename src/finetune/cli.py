@@ -357,11 +357,9 @@ def evaluate(
     """Evaluate a run's model; on its own test split, update metrics.json and report.html."""
     import finetune
     from finetune.atomic import write_json
+    from finetune.inference import requested_runtime
 
-    if runtime is not None:
-        from finetune.inference import resolve_runtime
-
-        resolve_runtime(runtime, 0)  # an unknown name fails before the model loads
+    requested_runtime(runtime)  # an unknown name (or FINETUNE_RUNTIME) fails before any work
     # Keras' progress bar writes to stdout: keep it out of JSON output.
     run = finetune.Run.load(run_dir)
     metrics, predictions = finetune.evaluate_with_predictions(
@@ -405,10 +403,9 @@ def predict(
 
     if fmt not in ("table", "json", "csv"):
         raise FinetuneError(f"--format {fmt!r} is not one of: table, json, csv.")
-    if runtime is not None:
-        from finetune.inference import resolve_runtime
+    from finetune.inference import requested_runtime
 
-        resolve_runtime(runtime, 0)  # an unknown name fails before the model loads
+    requested_runtime(runtime)  # an unknown name (or FINETUNE_RUNTIME) fails before any work
     results = finetune.predict(model, inputs, top_k=top_k, tta=tta, runtime=runtime)
     if fmt == "json":
         print(json.dumps([r.to_dict() for r in results], indent=2))

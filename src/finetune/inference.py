@@ -2,15 +2,16 @@
 
 `predict`, `evaluate` and the frozen phase's feature-cache fill call a Keras model on many
 images. Keras runs it batch by batch with every BatchNorm folded into its convolution
-(`finetune.fold`); ONNX Runtime runs the same network 1.2-1.9x as fast again on a small CPU
+(`finetune.fold`); ONNX Runtime runs the same network 1.2-2x as fast again on a small CPU
 (EfficientNet-Lite0, 224 to 64 px), but converting the model to ONNX first (tf2onnx) takes
-3-5 s, which pays back only over several thousand images (benchmarks/inference_runtimes.py
+3-7 s, which pays back only over several thousand images (benchmarks/inference_runtimes.py
 --end-to-end; figures in benchmarks/RESULTS.md).
 
 So the runtime is chosen per call:
 - `"keras"`: the folded Keras model.
 - `"onnxruntime"`: the model converted to ONNX (once: see below) and run by ONNX Runtime.
-- `"auto"` (the default): ONNX Runtime from `AUTO_MIN_IMAGES` images on, Keras below.
+- `"auto"` (the default): ONNX Runtime from `AUTO_MIN_IMAGES` images on (counting each
+  test-time augmentation view, and for training the images times the epochs), Keras below.
 
 The choice can be given per call (`runtime=`, `--runtime` on the command line) or for the
 whole process with the environment variable `FINETUNE_RUNTIME`.
@@ -25,9 +26,12 @@ A conversion that passed that check is kept in the user cache (`finetune.cache`,
 `onnx/`), named by a hash of the model's architecture and weights and of the converter's and
 runtime's versions. The same model converts only once: later calls (another `finetune predict`
 of the same run, the feature-cache fill of another run with the same backbone and image size)
-load the verified file in a fraction of a second. The `KEEP_CONVERSIONS` most recently used
-conversions are kept, older ones deleted. Whether a conversion is cached never changes
-which runtime is chosen: the same call gives the same numbers whatever ran before it.
+load the verified file in a fraction of a second, without checking it again (its name binds it
+to those exact weights and versions, finetune's included). The `KEEP_CONVERSIONS` most
+recently used conversions are kept, older ones deleted. A folder that cannot be written only
+means converting every time. Whether a conversion is cached never changes which runtime "auto"
+chooses, so results do not depend on what ran before (up to the rare fallback to Keras, which
+says so).
 """
 
 from __future__ import annotations
@@ -38,8 +42,9 @@ import importlib.metadata
 import os
 import tempfile
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from pathlib import Path
+from typing import Any
 
 import keras
 import numpy as np
@@ -116,13 +121,19 @@ def model_digest(model: keras.Model) -> str:
     return h.hexdigest()
 
 
+def _version(package: str) -> str:
+    try:
+        return importlib.metadata.version(package)
+    except importlib.metadata.PackageNotFoundError:
+        return "none"
+
+
 def conversion_file(model: keras.Model) -> Path:
     """Where a verified ONNX conversion of `model` is kept (the file may not exist yet)."""
     from finetune.cache import cache_dir
 
-    versions = "|".join(
-        f"{p} {importlib.metadata.version(p)}" for p in ("keras", "tf2onnx", "onnxruntime")
-    )
+    packages = ("keras-finetune", "keras", "tensorflow-cpu", "tf2onnx", "onnxruntime")
+    versions = "|".join(f"{p} {_version(p)}" for p in packages)
     key = hashlib.sha256(f"{model_digest(model)}|{versions}|v1".encode()).hexdigest()
     return cache_dir("onnx") / f"{key[:40]}.onnx"
 
@@ -233,7 +244,11 @@ class GuardedForward:
     def __call__(self, batch: np.ndarray) -> np.ndarray:
         if self.onnx is None:
             return self.keras(batch)
-        out = self.onnx(batch)
+        try:
+            out = self.onnx(batch)
+        except Exception as error:  # a model that converts but does not run: Keras runs it
+            self._fall_back(f"ONNX Runtime failed on a batch of shape {batch.shape} ({error})")
+            return self.keras(batch)
         if not self._checked:
             self._checked = True
             reference = self.keras(batch)
@@ -292,6 +307,8 @@ def prune_conversions(folder: Path, keep: int | None = None) -> list[Path]:
     keep = KEEP_CONVERSIONS if keep is None else keep
     files = []
     for f in folder.glob("*.onnx"):
+        if f.name.startswith("."):  # another writer's file, not renamed into place yet
+            continue
         try:
             files.append((f.stat().st_mtime, f))
         except OSError:  # removed meanwhile by another process
@@ -307,21 +324,45 @@ def prune_conversions(folder: Path, keep: int | None = None) -> list[Path]:
     return gone
 
 
-def predict_batches(
-    forward: Forward, images: np.ndarray, batch_size: int, progress: bool = False
-) -> np.ndarray:
-    """`forward` over `images` in batches of `batch_size` (converted to float32 per batch)."""
-    if len(images) == 0:
-        raise ValueError("no images to predict")
+def progress_bar(total: int) -> keras.utils.Progbar:
+    """Keras' progress bar over `total` images (live in a terminal, one line in logs)."""
     from finetune.run import keras_verbosity
 
-    bar = keras.utils.Progbar(len(images), verbose=keras_verbosity(True)) if progress else None
+    return keras.utils.Progbar(total, verbose=keras_verbosity(True))
+
+
+def predict_batches(
+    forward: Forward,
+    images: np.ndarray | Iterable[Any],
+    batch_size: int,
+    progress: bool = False,
+    bar: keras.utils.Progbar | None = None,
+) -> np.ndarray:
+    """`forward` over `images` in batches of `batch_size` (each converted to float32 alone).
+
+    Args:
+        forward: computes one float32 batch.
+        images: an array of images, or an iterable of batches (e.g. a `tf.data.Dataset`).
+        batch_size: images per call when `images` is an array.
+        progress: show a progress bar over these images. Defaults to False.
+        bar: a progress bar to advance instead (shared by several calls). Defaults to None.
+    """
+    if progress and bar is None:
+        bar = progress_bar(len(images))
+    if isinstance(images, np.ndarray | list | tuple):
+        if len(images) == 0:
+            raise ValueError("no images to predict")
+        batches: Iterable[Any] = (
+            images[start : start + batch_size] for start in range(0, len(images), batch_size)
+        )
+    else:
+        batches = images
     outs = []
-    for start in range(0, len(images), batch_size):
-        batch = np.asarray(images[start : start + batch_size], np.float32)
-        outs.append(forward(batch))
+    for batch in batches:
+        x = np.asarray(batch, np.float32)
+        outs.append(forward(x))
         if bar is not None:
-            bar.add(len(batch))
+            bar.add(len(x))
     return np.concatenate(outs)
 
 
@@ -342,4 +383,8 @@ def guarded_forward(
     """
     if resolve_runtime(runtime, num_images) == "keras":
         return keras_forward(fast)
-    return GuardedForward(model, fast, "onnxruntime", conversion_file(model))
+    try:
+        cache: Path | None = conversion_file(model)
+    except (OSError, RuntimeError):  # no usable cache folder (read-only, no home): no caching
+        cache = None
+    return GuardedForward(model, fast, "onnxruntime", cache)

@@ -140,7 +140,15 @@ def predict(
         >>> predict("efficientnet_lite0", ["cat.jpg"])[0].top[0]
         ('tabby', 0.41...)
     """
+    from finetune.inference import requested_runtime
+
+    requested_runtime(runtime)  # an unknown name fails before any work
     predictor = load_predictor(model)
+    if runtime is not None and not isinstance(predictor, Run):
+        raise FinetuneError(
+            "--runtime applies to a run directory; an exported model runs in its own runtime "
+            "and an ImageNet head in Keras."
+        )
     paths = expand_inputs(inputs)
     images, ok, bad = decode_images(paths, predictor.image_size, progress=len(paths) > 50)
     results = [Prediction(p) for p in paths]
@@ -148,11 +156,6 @@ def predict(
     failed = sorted(set(range(len(paths))) - set(ok))
     for i, b in zip(failed, bad, strict=True):
         results[i].error = b.reason
-    if runtime is not None and not isinstance(predictor, Run):
-        raise FinetuneError(
-            "--runtime applies to a run directory; an exported model runs in its own runtime "
-            "and an ImageNet head in Keras."
-        )
     if len(ok):
         if isinstance(predictor, Run):
             probabilities = predictor.predict_proba(images, tta=tta, runtime=runtime)

@@ -219,14 +219,13 @@ class Run:
         import tensorflow as tf
 
         from finetune.data.augment import build_augmentation
-        from finetune.inference import guarded_forward, predict_batches
+        from finetune.inference import guarded_forward, predict_batches, progress_bar
 
         if tta < 1:
             raise FinetuneError(f"tta must be 1 or more, got {tta}.")
-        # Batch by batch, converted to float32 one batch at a time: faster than `predict` on the
-        # whole array (which copies it into a dataset first) and no float copy of every image.
-        forward = guarded_forward(self.model, self.inference_model(), runtime, len(images) * tta)
-        views = [predict_batches(forward, images, batch_size, progress)]
+        if len(images) == 0:
+            raise FinetuneError("no images to predict.")
+        augmentations = []
         for copy in range(1, tta):
             augmentation = build_augmentation(self.config.augment, seed=self.config.seed + copy)
             if augmentation is None:
@@ -234,12 +233,19 @@ class Run:
                     "test-time augmentation uses the run's training augmentation, and this run "
                     "was trained without any: use tta=1 (--tta 1)."
                 )
+            augmentations.append(augmentation)
+        # Batch by batch, converted to float32 one batch at a time: faster than `predict` on the
+        # whole array (which copies it into a dataset first) and no float copy of every image.
+        forward = guarded_forward(self.model, self.inference_model(), runtime, len(images) * tta)
+        bar = progress_bar(len(images) * tta) if progress else None
+        views = [predict_batches(forward, images, batch_size, bar=bar)]
+        for augmentation in augmentations:
             batches = (
                 tf.data.Dataset.from_tensor_slices(images)
                 .batch(batch_size)
                 .map(lambda b, a=augmentation: a(tf.cast(b, tf.float32), training=True))
             )
-            views.append(np.concatenate([forward(b.numpy()) for b in batches]))
+            views.append(predict_batches(forward, batches, batch_size, bar=bar))
         self.last_runtime = getattr(forward, "runtime", "keras")
         return np.stack(views)
 

@@ -231,6 +231,9 @@ def train(
     )  # fmt: skip
     config = resolve_config(config, **options)
     _check_recipe_mode(recipe)
+    from finetune.inference import requested_runtime
+
+    requested_runtime(None)  # a bad FINETUNE_RUNTIME fails now, not at the feature-cache fill
     if resume and (out is None or overwrite):
         raise FinetuneError(
             "--resume goes on with the unfinished run in --out: give --out, and not --overwrite "

@@ -26,7 +26,14 @@ def digits(tmp_path_factory):
 
 
 def head_phase_run(
-    data, *, feature_cache: bool, max_gb: float = 2.0, run_dir=None, epochs=3, runtime=None
+    data,
+    *,
+    feature_cache: bool,
+    max_gb: float = 2.0,
+    run_dir=None,
+    epochs=3,
+    runtime=None,
+    augment=False,
 ):
     """One model, seeded the same way every time, through a 3-epoch frozen head phase."""
     seed_everything(3)
@@ -47,7 +54,7 @@ def head_phase_run(
         runtime=runtime,
     )
     recipe = RecipeConfig(early_stopping_patience=0)
-    phase = Phase("head", epochs=epochs, learning_rate=3e-3, augment=False)
+    phase = Phase("head", epochs=epochs, learning_rate=3e-3, augment=augment)
     records = fit_phases(model, SPEC, recipe, [phase], phase_data, run_dir=run_dir, verbose=0)
     return model, records
 
@@ -129,3 +136,34 @@ def test_features_computed_by_onnx_runtime_train_the_same_head(digits):
         np.testing.assert_allclose(a, b, atol=1e-4)
     for k, o in zip(keras_records, onnx_records, strict=True):
         assert o["val_loss"] == pytest.approx(k["val_loss"], abs=1e-4)
+
+
+@pytest.mark.slow
+def test_an_augmented_frozen_phase_streams_onnx_runtime_features_to_the_same_head(digits):
+    """`--head-augment` with ONNX Runtime chosen: the frozen backbone runs there, batch by
+    batch as the augmentation makes them, and the head trains as through the backbone."""
+    through, slow_records = head_phase_run(
+        digits, feature_cache=True, runtime="keras", augment=True
+    )
+    streamed, fast_records = head_phase_run(
+        digits, feature_cache=True, runtime="onnxruntime", augment=True
+    )
+    assert [r.get("features_streamed") for r in slow_records] == [None] * 3
+    assert [r["features_cached"] for r in slow_records] == [False] * 3
+    assert [r.get("features_streamed") for r in fast_records] == [True] * 3
+    assert [r["features_runtime"] for r in fast_records] == ["onnxruntime"] * 3
+    assert [r["features_cached"] for r in fast_records] == [False] * 3
+    for a, b in zip(head_weights(through), head_weights(streamed), strict=True):
+        np.testing.assert_allclose(a, b, atol=1e-4)
+    for slow, fast in zip(slow_records, fast_records, strict=True):
+        for key in ("loss", "accuracy", "val_loss", "val_accuracy"):
+            assert fast[key] == pytest.approx(slow[key], abs=1e-4), key
+    # The augmentation really ran: an unaugmented phase trains another head.
+    plain, _ = head_phase_run(digits, feature_cache=True, runtime="keras")
+    assert (
+        max(
+            np.abs(a - b).max()
+            for a, b in zip(head_weights(plain), head_weights(through), strict=True)
+        )
+        > 1e-3
+    )

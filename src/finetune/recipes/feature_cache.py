@@ -54,6 +54,51 @@ def split_at_pool(model: keras.Model) -> tuple[keras.Model, keras.Model]:
     return extractor, keras.Model(features, x, name="head")
 
 
+_RANDOM_LAYERS = (
+    keras.layers.Dropout,  # SpatialDropout1D/2D/3D too
+    keras.layers.GaussianNoise,
+    keras.layers.GaussianDropout,
+    keras.layers.AlphaDropout,
+)
+
+
+def has_random_layers(model: keras.Model) -> bool:
+    """Whether `model` (nested models included) has a layer that is random while training.
+
+    Such a layer stays active in `fit` even when frozen, so features computed in inference
+    mode are not what training through it would see.
+    """
+    stack = list(model.layers)
+    while stack:
+        layer = stack.pop()
+        if isinstance(layer, _RANDOM_LAYERS):
+            return True
+        stack.extend(getattr(layer, "layers", None) or [])
+    return False
+
+
+def streamed_features(
+    dataset: tf.data.Dataset, forward: Callable[[np.ndarray], np.ndarray], width: int
+) -> tf.data.Dataset:
+    """`dataset`'s (images, labels) batches as (features, labels), computed by `forward`.
+
+    For a frozen backbone under augmentation: every epoch's images differ, so nothing can be
+    cached, but the backbone's forward pass can run in a faster inference runtime than the
+    training step (`finetune.inference`) while the head trains on its output. The order, the
+    augmentation and the labels are `dataset`'s own.
+    """
+
+    def features(images: np.ndarray) -> np.ndarray:
+        return np.asarray(forward(images), np.float32).reshape(len(images), width)
+
+    def to_features(images, labels):
+        x = tf.numpy_function(features, [images], tf.float32, stateful=False)
+        x.set_shape((None, width))
+        return x, labels
+
+    return dataset.map(to_features).prefetch(tf.data.AUTOTUNE)
+
+
 def _batches(n: int, batch_size: int):
     for start in range(0, n, batch_size):
         yield slice(start, min(n, start + batch_size))

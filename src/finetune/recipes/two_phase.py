@@ -42,11 +42,17 @@ from finetune.data.pipeline import (
 )
 from finetune.errors import NonFiniteLossError
 from finetune.fold import fold_batchnorm
-from finetune.inference import guarded_forward
+from finetune.inference import conversion_file, guarded_forward
 from finetune.model import freeze_backbone, unfreeze_top_groups
 from finetune.recipes.averaging import WeightAveraging
 from finetune.recipes.discriminative import group_lr_multipliers
-from finetune.recipes.feature_cache import FeatureStore, feature_dataset, split_at_pool
+from finetune.recipes.feature_cache import (
+    FeatureStore,
+    feature_dataset,
+    has_random_layers,
+    split_at_pool,
+    streamed_features,
+)
 from finetune.recipes.optimizers import make_optimizer
 from finetune.recipes.resume import (
     STATE_FILE,
@@ -183,6 +189,18 @@ class PhaseData:
         """Whether `phase` takes the fast path (frozen backbone, no augmentation)."""
         augmented = phase.augment and (self.augmentation is not None or self.mixing is not None)
         return self.feature_cache and phase.unfreeze_groups is None and not augmented
+
+    def may_stream_features(self, phase: Phase) -> bool:
+        """Whether `phase` (frozen backbone, augmented) may compute the backbone's features in
+        ONNX Runtime while the head trains: ONNX Runtime is chosen for its forward passes
+        (`runtime`, and the training images times the epochs; see `finetune.inference`)."""
+        from finetune.inference import resolve_runtime
+
+        augmented = phase.augment and (self.augmentation is not None or self.mixing is not None)
+        if not (self.feature_cache and phase.unfreeze_groups is None and augmented):
+            return False
+        images = len(self.train_images) * phase.epochs
+        return resolve_runtime(self.runtime, images) == "onnxruntime"
 
 
 def two_phase_plan(recipe: RecipeConfig, num_groups: int | None = None) -> list[Phase]:
@@ -447,13 +465,37 @@ class _Features:
                 train, d.train_labels, d.num_classes,
                 batch_size=d.batch_size, training=True, seed=d.seed, epoch=d.epoch,
             )  # fmt: skip
-            val_ds = None
-            if d.has_val:
-                val = self.store.compute(fast, d.val_images, d.batch_size, "val", forward)
-                val_ds = feature_dataset(val, d.val_labels, d.num_classes, batch_size=d.batch_size)
             self.runtime = getattr(forward, "runtime", "keras")
-            self.datasets = (train_ds, val_ds)
+            self.datasets = (train_ds, self._val_features(fast, forward))
         return head, *self.datasets
+
+    def _val_features(self, fast: keras.Model, forward) -> tf.data.Dataset | None:
+        d = self.data
+        if not d.has_val:
+            return None
+        val = self.store.compute(fast, d.val_images, d.batch_size, "val", forward)
+        return feature_dataset(val, d.val_labels, d.num_classes, batch_size=d.batch_size)
+
+    def streamed(self, augment: bool):
+        """The head, augmented training batches turned into features by ONNX Runtime on the
+        fly, and the validation features (computed once); None when it cannot be done: the
+        backbone is random while training (dropout inside it), or ONNX Runtime fell back to
+        Keras (then training through the backbone is as fast and exact)."""
+        from finetune.inference import GuardedForward
+
+        extractor, head = split_at_pool(self.model)
+        if has_random_layers(extractor):
+            return None
+        d = self.data
+        fast = fold_batchnorm(extractor, frozen_only=False)
+        forward = GuardedForward(extractor, fast, "onnxruntime", conversion_file(extractor))
+        forward(np.asarray(d.train_images[: d.batch_size], np.float32))  # the check, here
+        if forward.runtime != "onnxruntime":
+            return None
+        width = int(np.prod(extractor.output.shape[1:]))
+        train_ds = streamed_features(d.train_dataset(augment), forward, width)
+        self.runtime = "onnxruntime"
+        return head, train_ds, self._val_features(fast, forward)
 
 
 def fit_phases(
@@ -557,8 +599,15 @@ def fit_phases(
                 if phase.lowest_group_lr != 1.0 and groups:
                     factors = group_lr_multipliers(model, spec, groups, phase.lowest_group_lr)
             cached = data.uses_feature_cache(phase)
+            streamed = None
+            if not cached and data.may_stream_features(phase):
+                streamed = features.streamed(phase.augment)
             if cached:
                 fit_model, train_ds, val_ds = features.head_and_datasets()
+            elif streamed is not None:
+                # Frozen backbone, augmented: its forward pass in ONNX Runtime, the head in
+                # Keras on its output (the same training up to rounding, faster).
+                fit_model, train_ds, val_ds = streamed
             else:
                 # The same layers and weights, with each frozen BatchNorm folded into the
                 # convolution before it: the same training, with a faster forward pass.
@@ -571,7 +620,7 @@ def fit_phases(
             # Trainability changed: compile again so the train step sees it.
             optimizer = make_optimizer(recipe, learning_rate, lr_multipliers=factors)
             compile_phase(fit_model, recipe, optimizer)
-            if fit_model is not model and not cached:
+            if fit_model is not model and not cached and streamed is None:
                 # The classifier itself, as a user gets it back: compiled like the model that
                 # trained it, with the same optimizer (whose state it saves).
                 compile_phase(model, recipe, optimizer)
@@ -588,11 +637,11 @@ def fit_phases(
                     optimizer.variables, resume.array_list("optimizer"), "optimizer", resume.path
                 )
             if verbose:
-                how = (
-                    f" (head on cached backbone features, computed by {features.runtime})"
-                    if cached
-                    else ""
-                )
+                how = ""
+                if cached:
+                    how = f" (head on cached backbone features, computed by {features.runtime})"
+                elif streamed is not None:
+                    how = " (head on backbone features computed by onnxruntime as it goes)"
                 again = f", going on after epoch {first_epoch}" if going_on else ""
                 print(
                     f"Phase '{phase.name}': up to {phase.epochs} epoch(s) at learning rate "
@@ -637,8 +686,10 @@ def fit_phases(
             for record in records:
                 if record["phase"] == phase.name:
                     record["features_cached"] = cached
-                    if cached:
+                    if cached or streamed is not None:
                         record["features_runtime"] = features.runtime
+                    if streamed is not None:
+                        record["features_streamed"] = True
                     ran += 1
             epoch = phase_start + ran
             if phase.budget is not None:

@@ -30,6 +30,26 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 
 
+def timed_rounds(data, rounds: int, variants: dict) -> tuple[dict, dict]:
+    """Times whole `fit_run` calls of each variant (name -> a function that sets it up and
+    returns the config), taking turns and reversing the order every other round."""
+    from finetune.train import fit_run
+
+    times: dict[str, list[float]] = {name: [] for name in variants}
+    accuracy: dict[str, float] = {}
+    for round_ in range(rounds):
+        names = list(variants) if round_ % 2 == 0 else list(reversed(variants))
+        for name in names:
+            config = variants[name]()
+            start = time.perf_counter()
+            run = fit_run(data, config, None, progress=False)
+            times[name].append(time.perf_counter() - start)
+            accuracy[name] = run.history[-1]["val_accuracy"]
+            how = {k: run.history[-1].get(k) for k in ("features_cached", "features_streamed")}
+            print(f"  round {round_ + 1}, {name} {how}: {times[name][-1]:.1f} s", flush=True)
+    return times, accuracy
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--image-size", type=int, default=64)
@@ -44,79 +64,51 @@ def main(argv: list[str] | None = None) -> None:
     )
     args = parser.parse_args(argv)
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-    if args.augmented:
-        augmented(args)
-        return
 
     from finetune.config import Config, DataConfig, RecipeConfig
-    from finetune.train import fit_run, prepare_data
+    from finetune.train import prepare_data
 
     base = Config(
         data=DataConfig(image_size=args.image_size, val_fraction=0.1, test_fraction=0.0),
-        recipe=RecipeConfig(head_epochs=args.epochs, finetune_epochs=0, early_stopping_patience=0),
-    )
-    data = prepare_data(REPO / "examples" / "data" / "fashion_mnist", base, progress=False)
-    print(f"{len(data.labels['train'])} training images at {args.image_size} px, "
-          f"{args.epochs} head epochs", flush=True)  # fmt: skip
-    times: dict[bool, list[float]] = {True: [], False: []}
-    accuracy: dict[bool, float] = {}
-    for round_ in range(args.rounds):
-        for cached in (True, False) if round_ % 2 == 0 else (False, True):
-            config = dataclasses.replace(
-                base, recipe=dataclasses.replace(base.recipe, feature_cache=cached)
-            )
-            start = time.perf_counter()
-            run = fit_run(data, config, None, progress=False)
-            times[cached].append(time.perf_counter() - start)
-            accuracy[cached] = run.history[-1]["val_accuracy"]
-            print(f"  round {round_ + 1}, cached={cached}: {times[cached][-1]:.1f} s", flush=True)
-    slow, fast = statistics.median(times[False]), statistics.median(times[True])
-    print(f"median through the frozen backbone: {slow:.1f} s")
-    print(f"median on cached features:          {fast:.1f} s")
-    print(f"speed-up: {slow / fast:.1f}x (same head: validation accuracy "
-          f"{accuracy[False]:.4f} vs {accuracy[True]:.4f})")  # fmt: skip
-    out = REPO / "benchmarks" / "out"
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "feature_cache.json").write_text(
-        json.dumps({"args": vars(args), "seconds": {str(k): v for k, v in times.items()}})
-    )
-
-
-def augmented(args: argparse.Namespace) -> None:
-    from finetune.config import Config, DataConfig, RecipeConfig
-    from finetune.train import fit_run, prepare_data
-
-    config = Config(
-        data=DataConfig(image_size=args.image_size, val_fraction=0.1, test_fraction=0.0),
         recipe=RecipeConfig(
             head_epochs=args.epochs, finetune_epochs=0, early_stopping_patience=0,
-            head_augment=True,
+            head_augment=args.augmented,
         ),
     )  # fmt: skip
-    data = prepare_data(REPO / "examples" / "data" / "fashion_mnist", config, progress=False)
+    data = prepare_data(REPO / "examples" / "data" / "fashion_mnist", base, progress=False)
+    what = "augmented head epochs" if args.augmented else "head epochs"
     print(f"{len(data.labels['train'])} training images at {args.image_size} px, "
-          f"{args.epochs} augmented head epochs", flush=True)  # fmt: skip
-    times: dict[str, list[float]] = {"keras": [], "onnxruntime": []}
-    accuracy: dict[str, float] = {}
-    for round_ in range(args.rounds):
-        order = ("onnxruntime", "keras") if round_ % 2 == 0 else ("keras", "onnxruntime")
-        for runtime in order:
+          f"{args.epochs} {what}", flush=True)  # fmt: skip
+
+    def with_cache(cached: bool):
+        return lambda: dataclasses.replace(
+            base, recipe=dataclasses.replace(base.recipe, feature_cache=cached)
+        )
+
+    def in_runtime(runtime: str):
+        def setup():
             os.environ["FINETUNE_RUNTIME"] = runtime
-            start = time.perf_counter()
-            run = fit_run(data, config, None, progress=False)
-            times[runtime].append(time.perf_counter() - start)
-            accuracy[runtime] = run.history[-1]["val_accuracy"]
-            streamed = run.history[-1].get("features_streamed", False)
-            print(f"  round {round_ + 1}, {runtime} (streamed={streamed}): "
-                  f"{times[runtime][-1]:.1f} s", flush=True)  # fmt: skip
-    slow, fast = statistics.median(times["keras"]), statistics.median(times["onnxruntime"])
-    print(f"median through the frozen backbone in Keras: {slow:.1f} s")
-    print(f"median on features streamed from ONNX Runtime: {fast:.1f} s")
-    print(f"speed-up: {slow / fast:.2f}x (validation accuracy {accuracy['keras']:.4f} vs "
-          f"{accuracy['onnxruntime']:.4f})")  # fmt: skip
+            return base
+
+        return setup
+
+    if args.augmented:
+        slow_name, fast_name = "Keras, through the frozen backbone", "ONNX Runtime, streamed"
+        variants = {fast_name: in_runtime("onnxruntime"), slow_name: in_runtime("keras")}
+        out_file = "feature_stream.json"
+    else:
+        slow_name, fast_name = "through the frozen backbone", "on cached features"
+        variants = {fast_name: with_cache(True), slow_name: with_cache(False)}
+        out_file = "feature_cache.json"
+    times, accuracy = timed_rounds(data, args.rounds, variants)
+    slow, fast = statistics.median(times[slow_name]), statistics.median(times[fast_name])
+    print(f"median {slow_name}: {slow:.1f} s")
+    print(f"median {fast_name}: {fast:.1f} s")
+    print(f"speed-up: {slow / fast:.2f}x (validation accuracy {accuracy[slow_name]:.4f} vs "
+          f"{accuracy[fast_name]:.4f})")  # fmt: skip
     out = REPO / "benchmarks" / "out"
     out.mkdir(parents=True, exist_ok=True)
-    (out / "feature_stream.json").write_text(json.dumps({"args": vars(args), "seconds": times}))
+    (out / out_file).write_text(json.dumps({"args": vars(args), "seconds": times}))
 
 
 if __name__ == "__main__":

@@ -24,6 +24,7 @@ from finetune.inference import (
     predict_batches,
     prune_conversions,
     resolve_runtime,
+    usable_conversion_file,
 )
 from finetune.model import build_classifier
 from finetune.run import Run
@@ -233,6 +234,7 @@ def test_no_usable_cache_folder_still_runs_onnx_runtime(tmp_path, monkeypatch):
     model = classifier(0)
     forward = guarded_forward(model, fold_batchnorm(model, frozen_only=False), "onnxruntime", 8)
     assert isinstance(forward, GuardedForward) and forward.cache is None
+    assert usable_conversion_file(model) is None
     x = images(8).astype(np.float32)
     np.testing.assert_allclose(forward(x), model.predict_on_batch(x), atol=1e-4)
     assert forward.runtime == "onnxruntime"

@@ -383,8 +383,13 @@ def guarded_forward(
     """
     if resolve_runtime(runtime, num_images) == "keras":
         return keras_forward(fast)
+    return GuardedForward(model, fast, "onnxruntime", usable_conversion_file(model))
+
+
+def usable_conversion_file(model: keras.Model) -> Path | None:
+    """`conversion_file(model)`, or None without a usable cache folder (read-only, no home):
+    then nothing is kept and every call converts."""
     try:
-        cache: Path | None = conversion_file(model)
-    except (OSError, RuntimeError):  # no usable cache folder (read-only, no home): no caching
-        cache = None
-    return GuardedForward(model, fast, "onnxruntime", cache)
+        return conversion_file(model)
+    except (OSError, RuntimeError):
+        return None

@@ -42,7 +42,7 @@ from finetune.data.pipeline import (
 )
 from finetune.errors import NonFiniteLossError
 from finetune.fold import fold_batchnorm
-from finetune.inference import conversion_file, guarded_forward
+from finetune.inference import guarded_forward, usable_conversion_file
 from finetune.model import freeze_backbone, unfreeze_top_groups
 from finetune.recipes.averaging import WeightAveraging
 from finetune.recipes.discriminative import group_lr_multipliers
@@ -488,7 +488,7 @@ class _Features:
             return None
         d = self.data
         fast = fold_batchnorm(extractor, frozen_only=False)
-        forward = GuardedForward(extractor, fast, "onnxruntime", conversion_file(extractor))
+        forward = GuardedForward(extractor, fast, "onnxruntime", usable_conversion_file(extractor))
         forward(np.asarray(d.train_images[: d.batch_size], np.float32))  # the check, here
         if forward.runtime != "onnxruntime":
             return None
@@ -539,7 +539,9 @@ def fit_phases(
     Returns:
         One dict per epoch: phase, epoch, loss, accuracy, val_loss, val_accuracy, learning_rate,
         and `features_cached` (True when the phase trained the head on cached features;
-        `features_runtime` then says whether Keras or ONNX Runtime computed them); with
+        `features_runtime` then says whether Keras or ONNX Runtime computed them, as it does
+        with `features_streamed`, True when an augmented frozen phase took its features from
+        ONNX Runtime batch by batch); with
         `recipe.average_last_epochs`, `averaged` on the epochs whose mean the final phase ends
         with (`finetune.recipes.averaging`; that phase then has no early stopping).
     """

@@ -157,7 +157,7 @@ class OnnxForward:
     def __init__(self, model: keras.Model, cached: Path | None = None):
         import onnxruntime as ort
 
-        from finetune.export.convert import _input_spec
+        from finetune.export.convert import export_onnx
 
         self.serialized: bytes | None = None
         if cached is not None:
@@ -165,14 +165,7 @@ class OnnxForward:
         else:
             with tempfile.TemporaryDirectory(prefix="finetune-onnx-") as folder:
                 path = Path(folder) / "model.onnx"
-                with warnings.catch_warnings():  # Keras' tf2onnx patch for NumPy 2: np.object
-                    warnings.simplefilter("ignore", FutureWarning)
-                    model.export(
-                        str(path),
-                        format="onnx",
-                        verbose=False,
-                        input_signature=[_input_spec(model)],
-                    )
+                export_onnx(model, path)
                 source = self.serialized = path.read_bytes()
         options = ort.SessionOptions()
         options.intra_op_num_threads = _intra_op_threads()

@@ -255,6 +255,15 @@ def _write_keras(model: keras.Model, path: Path, quantize: str) -> None:
     model.save(str(path))
 
 
+def export_onnx(model: keras.Model, path: Path) -> None:
+    """Keras' ONNX exporter (tf2onnx), float32 images of any batch size in."""
+    # The input signature is given: a model just loaded from disk has never been called, and
+    # Keras refuses to infer one then.
+    with warnings.catch_warnings():  # Keras' tf2onnx patch for NumPy 2 sets np.object
+        warnings.simplefilter("ignore", FutureWarning)
+        model.export(str(path), format="onnx", verbose=False, input_signature=[_input_spec(model)])
+
+
 def _write_onnx(
     model: keras.Model,
     path: Path,
@@ -274,11 +283,7 @@ def _write_onnx(
             "ONNX export needs the packages onnx, tf2onnx and onnxruntime: "
             "pip install onnx tf2onnx onnxruntime"
         ) from None
-    # The input signature is given: a model just loaded from disk has never been called, and
-    # Keras refuses to infer one then.
-    with warnings.catch_warnings():  # Keras' tf2onnx patch for NumPy 2 sets np.object
-        warnings.simplefilter("ignore", FutureWarning)
-        model.export(str(path), format="onnx", verbose=False, input_signature=[_input_spec(model)])
+    export_onnx(model, path)
     if representative is not None:
         _quantize_onnx(path, representative)
     proto = onnx.load(str(path))

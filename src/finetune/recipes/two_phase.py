@@ -185,10 +185,13 @@ class PhaseData:
             )
         return self._datasets["val"]
 
+    def augments(self, phase: Phase) -> bool:
+        """Whether `phase`'s training batches are augmented (or mixed)."""
+        return phase.augment and (self.augmentation is not None or self.mixing is not None)
+
     def uses_feature_cache(self, phase: Phase) -> bool:
         """Whether `phase` takes the fast path (frozen backbone, no augmentation)."""
-        augmented = phase.augment and (self.augmentation is not None or self.mixing is not None)
-        return self.feature_cache and phase.unfreeze_groups is None and not augmented
+        return self.feature_cache and phase.unfreeze_groups is None and not self.augments(phase)
 
     def may_stream_features(self, phase: Phase) -> bool:
         """Whether `phase` (frozen backbone, augmented) may compute the backbone's features in
@@ -196,8 +199,7 @@ class PhaseData:
         (`runtime`, and the training images times the epochs; see `finetune.inference`)."""
         from finetune.inference import resolve_runtime
 
-        augmented = phase.augment and (self.augmentation is not None or self.mixing is not None)
-        if not (self.feature_cache and phase.unfreeze_groups is None and augmented):
+        if not (self.feature_cache and phase.unfreeze_groups is None and self.augments(phase)):
             return False
         images = len(self.train_images) * phase.epochs
         return resolve_runtime(self.runtime, images) == "onnxruntime"

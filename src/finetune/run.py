@@ -218,7 +218,7 @@ class Run:
         """
         import tensorflow as tf
 
-        from finetune.data.augment import build_augmentation
+        from finetune.data.augment import augment, build_augmentation
         from finetune.inference import guarded_forward, predict_batches, progress_bar
 
         if tta < 1:
@@ -239,11 +239,20 @@ class Run:
         forward = guarded_forward(self.model, self.inference_model(), runtime, len(images) * tta)
         bar = progress_bar(len(images) * tta) if progress else None
         views = [predict_batches(forward, images, batch_size, bar=bar)]
-        for augmentation in augmentations:
+        for view, augmentation in enumerate(augmentations, start=1):
+            # Keyed by (seed + view, batch): repeatable, and a map tf.data runs in parallel.
+            stream = tf.constant(self.config.seed + view, tf.int64)
             batches = (
                 tf.data.Dataset.from_tensor_slices(images)
                 .batch(batch_size)
-                .map(lambda b, a=augmentation: a(tf.cast(b, tf.float32), training=True))
+                .enumerate()
+                .map(
+                    lambda index, b, a=augmentation, s=stream: augment(
+                        a, tf.cast(b, tf.float32), tf.stack([s, index])
+                    ),
+                    num_parallel_calls=tf.data.AUTOTUNE,
+                )
+                .prefetch(tf.data.AUTOTUNE)
             )
             views.append(predict_batches(forward, batches, batch_size, bar=bar))
         self.last_runtime = getattr(forward, "runtime", "keras")

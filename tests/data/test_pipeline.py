@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import keras
 import numpy as np
 import pytest
+import tensorflow as tf
+from tensorflow.python.framework import op_def_registry
 
-from finetune.config import AugmentConfig, load_config
-from finetune.data.augment import build_augmentation
-from finetune.data.pipeline import image_dataset, prepare_image_data
+from finetune.config import AugmentConfig, augment_preset, load_config
+from finetune.data.augment import augment, build_augmentation
+from finetune.data.pipeline import image_dataset, new_epoch_variable, prepare_image_data
 from tests.helpers import DIGITS, EXAMPLES, image_subset
 
 
@@ -137,11 +140,89 @@ def test_strong_preset_adds_randaugment_and_keeps_the_pixel_range(images):
     assert resolve_config(augment="strong").augment == augment_preset("strong")
     assert resolve_config(augment=False).augment.enabled is False
     strong = build_augmentation(augment_preset("strong"), seed=0)
-    assert type(strong.layers[-1]).__name__ == "RandAugment"
+    assert isinstance(strong.layers[-1], keras.layers.RandAugment)
     x, _ = images
     out = np.asarray(strong(x.astype(np.float32), training=True))
     assert out.shape == x.shape and out.min() >= 0 and out.max() <= 255
     assert not np.array_equal(out, x.astype(np.float32))
+
+
+def stateful_ops(fn, *specs) -> set[str]:
+    """The stateful ops of `fn` traced as a tf.function, its nested functions included."""
+    graph = tf.function(fn).get_concrete_function(*specs).graph.as_graph_def()
+    ops = [n.op for n in graph.node] + [n.op for f in graph.library.function for n in f.node_def]
+    return {op for op in ops if (d := op_def_registry.get(op)) is not None and d.is_stateful}
+
+
+@pytest.mark.parametrize("preset", ["light", "strong"])
+def test_keyed_augmentation_holds_no_state_so_tf_data_can_run_it_in_parallel(preset):
+    # Under op determinism tf.data runs a map holding a stateful op on one thread; the layers
+    # called the usual way read and write their seed generator's variable.
+    augmentation = build_augmentation(augment_preset(preset), seed=0)
+    spec = tf.TensorSpec([None, 16, 16, 3], tf.float32)
+    assert {"ReadVariableOp", "AssignVariableOp"} <= stateful_ops(
+        lambda x: augmentation(x, training=True), spec
+    )
+    keyed = stateful_ops(
+        lambda x, k: augment(augmentation, x, k), spec, tf.TensorSpec([2], tf.int64)
+    )
+    assert keyed == set()
+
+
+@pytest.mark.parametrize("preset", ["light", "strong"])
+def test_the_same_key_augments_the_same_way_and_another_key_otherwise(images, preset):
+    x = tf.constant(images[0], tf.float32)
+    augmentation = build_augmentation(augment_preset(preset), seed=0)
+
+    def run(key):
+        return np.asarray(augment(augmentation, x, tf.constant(key, tf.int64)))
+
+    first, again, other = run([1, 0]), run([1, 0]), run([2, 0])
+    np.testing.assert_array_equal(first, again)
+    assert not np.array_equal(first, other)
+    assert not np.array_equal(first, images[0].astype(np.float32))
+    assert first.min() >= 0 and first.max() <= 255
+
+
+def test_keyed_flips_mirror_some_images_and_keep_the_others(images):
+    # The keyed path keeps each layer's meaning: a flip layer mirrors an image or leaves it.
+    x = images[0].astype(np.float32)
+    flip = build_augmentation(
+        AugmentConfig(horizontal_flip=True, rotation=0, zoom=0, width_shift=0, height_shift=0)
+    )
+    out = np.asarray(augment(flip, tf.constant(x), tf.constant([3, 0], tf.int64)))
+    mirrored = [np.array_equal(o, i[:, ::-1]) for o, i in zip(out, x, strict=True)]
+    kept = [np.array_equal(o, i) for o, i in zip(out, x, strict=True)]
+    assert all(m or k for m, k in zip(mirrored, kept, strict=True))
+    assert any(mirrored) and any(kept)
+
+
+def test_an_epochs_augmentation_depends_on_the_seed_and_epoch_only(images):
+    # What lets a resumed run replay an epoch without saving any augmentation state: epoch 1
+    # of a fresh pipeline is epoch 1 of one that ran epoch 0 first.
+    x, y = images
+    augmentation = build_augmentation(AugmentConfig(rotation=30, zoom=0.2), seed=0)
+
+    def pipeline(seed=0):
+        epoch = new_epoch_variable()
+        ds = image_dataset(
+            x, y, 3, batch_size=4, training=True, augmentation=augmentation, seed=seed, epoch=epoch
+        )
+        return ds, epoch
+
+    def run(ds, epoch, number):
+        epoch.assign(number)
+        return np.concatenate([b[0] for b in batches(ds)])
+
+    ds, epoch = pipeline()
+    first = run(ds, epoch, 0)
+    second = run(ds, epoch, 1)
+    fresh, fresh_epoch = pipeline()
+    np.testing.assert_array_equal(run(fresh, fresh_epoch, 1), second)
+    np.testing.assert_array_equal(run(fresh, fresh_epoch, 0), first)
+    assert not np.array_equal(first, second)
+    other, other_epoch = pipeline(seed=5)
+    assert not np.array_equal(run(other, other_epoch, 0), first)
 
 
 def test_each_data_file_is_hashed_once_per_prepared_data(tmp_path):

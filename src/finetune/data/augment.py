@@ -5,6 +5,13 @@ so saved and exported models carry no augmentation. Every seed document's settin
 `rotation` is in degrees (Keras' `RandomRotation` takes a fraction of a full turn, 0.1 = 36
 degrees), shifts and zoom are fractions of the size, `fill_mode` as in Keras.
 
+`augment` runs the layers with every random draw keyed by a per-batch key instead of the layers'
+own seed generators. A layer called the usual way keeps its generator's state in a variable, a
+stateful op; with TensorFlow's op determinism on (finetune's default) tf.data then runs the whole
+map on one thread. Keyed, the map holds no state, runs in parallel, and a batch's augmentation
+depends on its key alone (the pipeline derives it from the seed, the epoch and the batch), so a
+resumed epoch replays it without saving any augmentation state.
+
 MixUp and CutMix mix pairs of images of a batch and their one-hot labels in the same proportion;
 `build_mixing` returns them as one batch-level step that runs after the per-image
 transformations. Both are written here with stateless random ops keyed by a seeded stream, so
@@ -17,10 +24,12 @@ paper's Beta alpha; here the label share is the exact share of pasted pixels.
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Callable
 
 import keras
 import tensorflow as tf
+from keras.src.random.seed_generator import SeedGenerator
 
 from finetune.config import AugmentConfig
 
@@ -65,10 +74,68 @@ def build_augmentation(config: AugmentConfig, seed: int = 0) -> keras.Sequential
     if config.zoom:
         layers.append(keras.layers.RandomZoom(config.zoom, fill_mode=fill, seed=seed + 5))
     if config.randaugment:
-        layers.append(keras.layers.RandAugment(value_range=(0, 255), seed=seed + 6))
+        layers.append(KeyedRandAugment(value_range=(0, 255), seed=seed + 6))
     if not layers:
         return None
     return keras.Sequential(layers, name="augmentation")
+
+
+class _KeyedSeeds(SeedGenerator):
+    """Seeds for the random draws of one call, all derived from one key, held in no variable.
+
+    Keras' random functions take a `SeedGenerator` and call its `next()` once per draw; these
+    come from `stateless_fold_in(key, n)` for the n-th draw, so the draws of a call are
+    independent of each other and the same for the same key.
+    """
+
+    def __init__(self, key: tf.Tensor):  # no SeedGenerator.__init__: it makes the state variable
+        self._key = key
+        self._drawn = 0
+
+    def next(self, ordered: bool = True) -> tf.Tensor:
+        self._drawn += 1
+        return tf.random.experimental.stateless_fold_in(self._key, self._drawn)
+
+
+_keyed = threading.local()  # the seeds of the RandAugment call being traced, on this thread
+
+
+class KeyedRandAugment(keras.layers.RandAugment):
+    """Keras' RandAugment, drawing from the `seed` given to `get_random_transformation`.
+
+    Keras' own (3.15) ignores that argument and always draws from its generator's state.
+    """
+
+    def get_random_transformation(self, data, training=True, seed=None):
+        _keyed.seeds = seed
+        try:
+            return super().get_random_transformation(data, training=training)
+        finally:
+            _keyed.seeds = None
+
+    def _get_seed_generator(self, backend=None):
+        seeds = getattr(_keyed, "seeds", None)
+        return seeds if seeds is not None else super()._get_seed_generator(backend)
+
+
+def augment(augmentation: keras.Sequential, images: tf.Tensor, key: tf.Tensor) -> tf.Tensor:
+    """Applies `augmentation` to a batch with every random draw derived from `key`.
+
+    Args:
+        augmentation: layers from `build_augmentation`.
+        images: float (N, H, W, C) in the 0-255 range.
+        key: int32 or int64 (2,) stateless seed; the same key gives the same output.
+
+    Returns:
+        The transformed batch, as the layers called with `training=True` would give it.
+    """
+    seeds = _KeyedSeeds(key)
+    for layer in augmentation.layers:
+        if not layer.built:
+            layer.build(images.shape)
+        transformation = layer.get_random_transformation(images, training=True, seed=seeds)
+        images = layer.transform_images(images, transformation, training=True)
+    return images
 
 
 def build_mixing(config: AugmentConfig, seed: int = 0) -> Mixing | None:

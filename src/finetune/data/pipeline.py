@@ -7,9 +7,9 @@ turns one split into batches: shuffled and augmented for training, plain for eva
 prefetched, so the pipeline is never what the training waits on.
 
 Given an epoch variable (`TrainingEpoch` sets it at the start of every epoch of a `fit`), the
-training order and the MixUp/CutMix draws of an epoch depend only on (seed, epoch), not on how
-many epochs the process ran before: `epoch_permutation` gives the order again (which files a
-batch held, for an error message), and a resumed run replays an epoch exactly.
+training order, the augmentation and the MixUp/CutMix draws of an epoch depend only on (seed,
+epoch), not on how many epochs the process ran before: `epoch_permutation` gives the order again
+(which files a batch held, for an error message), and a resumed run replays an epoch exactly.
 
 Size and interpolation come from the backbone's registry entry; normalisation is the model's
 first layer.
@@ -26,7 +26,7 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-from finetune.data.augment import Mixing
+from finetune.data.augment import Mixing, augment
 from finetune.data.decode import BadFile, decode_images
 from finetune.data.scan import IgnoredFile, Sample, check_classes, scan_image_folder
 from finetune.data.split import complete_splits
@@ -193,8 +193,9 @@ def image_dataset(
             `finetune.data.augment.build_mixing`). Defaults to None.
         seed: shuffle seed. Defaults to 0.
         epoch: an int64 variable holding the epoch about to run (see `TrainingEpoch`): each
-            epoch's order is `epoch_permutation(N, seed, epoch)` and its mixing draws depend on
-            (seed, epoch) only. Defaults to None (tf.data's own reshuffle on every iteration).
+            epoch's order is `epoch_permutation(N, seed, epoch)` and its augmentation and
+            mixing draws depend on (seed, epoch) only. Defaults to None (tf.data's own reshuffle
+            and draws on every iteration).
 
     Returns:
         A prefetched `tf.data.Dataset`.
@@ -213,18 +214,25 @@ def image_dataset(
     def to_model_input(x, y):
         return tf.cast(x, tf.float32), tf.one_hot(y, num_classes)
 
+    def batch_draws(offset: int) -> tf.data.Dataset:
+        """One seeded int64 per batch: of (seed, epoch) only when there is an epoch."""
+        if epoch is not None:
+            return epoch_coins(-(-len(images) // batch_size), seed + offset, epoch)
+        return tf.data.Dataset.random(seed=seed + offset, rerandomize_each_iteration=True)
+
     ds = ds.map(to_model_input, num_parallel_calls=tf.data.AUTOTUNE)
     if training and augmentation is not None:
-        ds = ds.map(
-            lambda x, y: (augmentation(x, training=True), y),
-            num_parallel_calls=tf.data.AUTOTUNE,
+        # Keyed by a draw per batch, the map holds no state and runs in parallel even under
+        # op determinism (see `finetune.data.augment.augment`).
+        def augmented(batch, draw):
+            key = tf.stack([draw, tf.constant(0, tf.int64)])
+            return augment(augmentation, batch[0], key), batch[1]
+
+        ds = tf.data.Dataset.zip(ds, batch_draws(10)).map(
+            augmented, num_parallel_calls=tf.data.AUTOTUNE
         )
     if training and mixing is not None:
-        if epoch is not None:
-            coins = epoch_coins(-(-len(images) // batch_size), seed + 9, epoch)
-        else:
-            coins = tf.data.Dataset.random(seed=seed + 9, rerandomize_each_iteration=True)
-        ds = tf.data.Dataset.zip(ds, coins).map(
+        ds = tf.data.Dataset.zip(ds, batch_draws(9)).map(
             lambda batch, coin: mixing(*batch, coin), num_parallel_calls=tf.data.AUTOTUNE
         )
     return ds.prefetch(tf.data.AUTOTUNE)

@@ -9,8 +9,8 @@ epoch (after every callback has seen it) and again at the end of each phase:
 - every variable of the classifier (weights, BatchNorm statistics, dropout's random state) and
   of the phase's optimizer (its step, hence the learning-rate schedule's position, the learning
   rate a plateau schedule lowered, the moments);
-- the random state of the augmentation layers; the training order and the MixUp/CutMix draws
-  need none, being functions of (seed, epoch) (`finetune.data.pipeline`);
+- nothing of the input pipeline: the training order, the augmentation and the MixUp/CutMix
+  draws are functions of (seed, epoch) (`finetune.data.pipeline`);
 - the state of the callbacks: early stopping (counter, best value, best weights), the
   best-weights checkpoint's best value, the plateau schedule, weight averaging's running mean;
 - a fingerprint of the config and the data, so a resume with anything changed is refused with
@@ -34,7 +34,9 @@ from finetune.checkpoint import save_checkpoint, usable_checkpoint
 from finetune.errors import FinetuneError
 
 STATE_FILE = "resume.npz"
-FORMAT = 1
+# 2: augmentation keyed by (seed, epoch, batch) and no longer saved; a format-1 state would
+# replay its epoch with other augmentation draws, so it is refused.
+FORMAT = 2
 
 # Callback attributes that carry state from epoch to epoch (reset by `on_train_begin`).
 _FIELDS = {
@@ -58,7 +60,7 @@ class ResumeState:
     Attributes:
         meta: JSON values: phase_index, phase_name, phase_start, epoch (epochs done),
             phase_done, stop_training, budgets, records, callbacks, fingerprint.
-        arrays: model/i, optimizer/i, augment/i and callback arrays, by name.
+        arrays: model/i, optimizer/i and callback arrays, by name.
         path: the file it was read from.
     """
 

@@ -555,22 +555,17 @@ def fit_phases(
         if p.budget is not None:
             budgets[p.budget] = max(budgets.get(p.budget, 0), p.epochs)
     state_path = run_dir / "checkpoints" / STATE_FILE if run_dir is not None else None
-    augmentation_variables = list(data.augmentation.variables) if data.augmentation else []
     if resume is not None:
         records = [dict(r) for r in resume.meta["records"]]
         epoch = int(resume.meta["epoch"])
         budgets = {k: int(v) for k, v in resume.meta["budgets"].items()}
         assign_all(model.variables, resume.array_list("model"), "model", resume.path)
-        assign_all(
-            augmentation_variables, resume.array_list("augment"), "augmentation", resume.path
-        )
 
     def save(meta: dict[str, Any], fit_model: keras.Model, callbacks=None) -> None:
         if state_path is None:
             return
         lists = {
             "model": [keras.ops.convert_to_numpy(v) for v in model.variables],
-            "augment": [keras.ops.convert_to_numpy(v) for v in augmentation_variables],
         }
         states: list[dict[str, Any]] = []
         if callbacks is not None:

@@ -43,6 +43,8 @@ def test_a_partial_file_keeps_defaults(tmp_path):
         ({"recipe": {"optimizer": "lion"}}, "recipe.optimizer = 'lion' is not one of"),
         ({"data": {"val_fraction": 0.6, "test_fraction": 0.5}}, "must stay below 1"),
         ({"augment": {"enabled": "yes"}}, "augment.enabled must be true or false"),
+        ({"augment": {"zoom": 1.5}}, "augment.zoom = 1.5 is outside [0.0, 0.9]"),
+        ({"augment": {"rotation": -10}}, "augment.rotation = -10.0 is outside [0.0, 180.0]"),
         ({"model": {"pooling": "mean"}}, "model.pooling = 'mean'"),
     ],
 )

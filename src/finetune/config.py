@@ -341,6 +341,11 @@ class Config:
         if r.plateau_patience < 0:
             raise ConfigError("recipe.plateau_patience must be 0 or more.")
         _range("model.dropout", m.dropout, 0.0, 0.99)
+        _range("augment.rotation", a.rotation, 0.0, 180.0)
+        _range("augment.zoom", a.zoom, 0.0, 0.9)
+        _range("augment.width_shift", a.width_shift, 0.0, 1.0)
+        _range("augment.height_shift", a.height_shift, 0.0, 1.0)
+        _range("augment.shear", a.shear, 0.0, 1.0)
         _range("augment.mixup", a.mixup, 0.0, 10.0)
         _range("augment.cutmix", a.cutmix, 0.0, 10.0)
         if (a.mixup or a.cutmix) and not a.enabled:

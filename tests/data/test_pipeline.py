@@ -9,7 +9,7 @@ import tensorflow as tf
 from tensorflow.python.framework import op_def_registry
 
 from finetune.config import AugmentConfig, augment_preset, load_config
-from finetune.data.augment import augment, build_augmentation
+from finetune.data.augment import RandomGeometry, augment, build_augmentation
 from finetune.data.pipeline import image_dataset, new_epoch_variable, prepare_image_data
 from tests.helpers import DIGITS, EXAMPLES, image_subset
 
@@ -83,22 +83,69 @@ def test_augmentation_off_or_empty_gives_none():
 
 def test_seed_augmentations_are_expressible():
     seed000 = build_augmentation(load_config(EXAMPLES / "seed000_resnet50_augment.toml").augment)
-    names = [type(layer).__name__ for layer in seed000.layers]
-    assert names == ["RandomFlip", "RandomRotation", "RandomZoom"]
-    assert seed000.layers[0].mode == "horizontal_and_vertical"
-    assert seed000.layers[1].factor == pytest.approx((-0.1, 0.1))  # RandomRotation(0.1)
+    (geometry,) = seed000.layers
+    assert isinstance(geometry, RandomGeometry)
+    assert (geometry.horizontal_flip, geometry.vertical_flip) == (True, True)
+    assert geometry.rotation == 36.0  # RandomRotation(0.1): a tenth of a turn
+    assert (geometry.zoom, geometry.width_shift, geometry.shear) == (0.1, 0.0, 0.0)
     seed001 = build_augmentation(
         load_config(EXAMPLES / "seed001_freeze_then_unfreeze.toml").augment
     )
-    names = [type(layer).__name__ for layer in seed001.layers]
-    assert names == [
-        "RandomFlip",
-        "RandomRotation",
-        "RandomTranslation",
-        "RandomShear",
-        "RandomZoom",
-    ]
-    assert all(getattr(layer, "fill_mode", "nearest") == "nearest" for layer in seed001.layers)
+    (geometry,) = seed001.layers
+    assert (geometry.rotation, geometry.width_shift, geometry.height_shift) == (40, 0.2, 0.2)
+    assert (geometry.shear, geometry.zoom, geometry.fill_mode) == (0.2, 0.2, "nearest")
+
+
+def blob(size: int, centre: tuple[float, float], sigma: float) -> np.ndarray:
+    rows, cols = np.mgrid[0:size, 0:size].astype(np.float32)
+    spot = np.exp(-((rows - centre[0]) ** 2 + (cols - centre[1]) ** 2) / (2 * sigma**2))
+    return np.repeat((255 * spot)[None, :, :, None], 3, axis=-1)
+
+
+def moments(images: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Centre of mass (row, column) and spread of each image's first channel."""
+    mass = images[..., 0]
+    rows, cols = np.mgrid[0 : mass.shape[1], 0 : mass.shape[2]]
+    total = mass.sum(axis=(1, 2))
+    row = (mass * rows).sum(axis=(1, 2)) / total
+    col = (mass * cols).sum(axis=(1, 2)) / total
+    spread = (mass * ((rows - row[:, None, None]) ** 2 + (cols - col[:, None, None]) ** 2)).sum(
+        axis=(1, 2)
+    ) / total
+    return row, col, np.sqrt(spread)
+
+
+def geometry_of(images: np.ndarray, **bounds) -> np.ndarray:
+    layer = RandomGeometry(fill_mode="constant", **bounds)
+    return np.asarray(layer.transform(tf.constant(images), tf.constant([4, 2], tf.int64)))
+
+
+def test_geometry_shifts_and_zooms_about_the_centre_within_the_bounds():
+    size, n = 48, 64
+    images = np.repeat(blob(size, (23.5, 23.5), 3.0), n, axis=0)
+    row, col, spread = moments(images)
+    shifted_row, shifted_col, shifted_spread = moments(geometry_of(images, width_shift=0.125))
+    np.testing.assert_allclose(shifted_row, row, atol=1e-3)  # horizontal only
+    moved = shifted_col - col
+    assert np.abs(moved).max() <= 0.125 * size + 1e-3
+    assert moved.min() < -2 and moved.max() > 2  # both ways
+    np.testing.assert_allclose(shifted_spread, spread, rtol=0.02)  # moved, not resized
+    zoom_row, zoom_col, zoom_spread = moments(geometry_of(images, zoom=0.25))
+    np.testing.assert_allclose(zoom_row, row, atol=1e-2)  # about the centre
+    np.testing.assert_allclose(zoom_col, col, atol=1e-2)
+    ratio = zoom_spread / spread  # scale s samples the input s times wider: 1/s the size
+    assert ratio.min() >= 1 / 1.25 - 0.02 and ratio.max() <= 1 / 0.75 + 0.02
+    assert ratio.min() < 0.9 and ratio.max() > 1.1
+
+
+def test_geometry_rotates_about_the_centre_within_the_bound():
+    size, n = 48, 64
+    images = np.repeat(blob(size, (23.5, 35.5), 2.5), n, axis=0)  # 12 px right of the centre
+    row, col, _ = moments(geometry_of(images, rotation=30.0))
+    angle = np.degrees(np.arctan2(row - 23.5, col - 23.5))
+    np.testing.assert_allclose(np.hypot(row - 23.5, col - 23.5), 12.0, atol=0.1)
+    assert np.abs(angle).max() <= 30.0 + 0.5
+    assert angle.min() < -10 and angle.max() > 10
 
 
 def test_prepare_image_data_splits_and_decodes_at_the_size(tmp_path):

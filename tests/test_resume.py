@@ -162,3 +162,22 @@ def test_a_run_killed_three_times_ends_as_the_uninterrupted_run(digits, tmp_path
         for key, value in want.items():
             assert got[key] == pytest.approx(value, abs=1e-6), key
     assert resumed.metrics["confusion_matrix"] == reference.metrics["confusion_matrix"]
+
+
+def test_a_state_of_another_format_is_refused_by_name(tmp_path, monkeypatch):
+    # A format-1 state saved the augmentation's random state; replayed with keyed augmentation
+    # its epoch would differ from the uninterrupted run, so it is refused, not half-resumed.
+    from finetune.recipes import resume
+
+    meta = {"phase_name": "finetune", "epoch": 3, "phase_done": False}
+    path = tmp_path / "checkpoints" / resume.STATE_FILE
+    path.parent.mkdir()
+    resume.save_state(path, meta, {"model": [np.zeros(2)]})
+    assert load_state(tmp_path).meta["epoch"] == 3
+    with monkeypatch.context() as patch:
+        patch.setattr(resume, "FORMAT", 1)
+        resume.save_state(path, meta, {"model": [np.zeros(2)]})
+    saved = path.read_bytes()
+    with pytest.raises(ResumeError, match=r"resume\.npz was written by another version .*format 1"):
+        load_state(tmp_path)
+    assert path.read_bytes() == saved  # refused, left as it was

@@ -6,9 +6,10 @@ images, batch 32, the chosen preset, no model) in four ways, each in a child pro
 
 - `keras`: Keras' RandomFlip, RandomRotation, RandomTranslation, RandomZoom (and RandomShear)
   called the usual way in the map, as finetune did before: each layer's seed generator is a
-  variable, and with op determinism on tf.data runs a map holding one on a single thread;
+  variable, and with op determinism on tf.data then runs every map of the pipeline on one
+  thread and drops its prefetching (so did the epoch variable finetune's pipeline read);
 - `keras-keyed`: the same layers run by `finetune.data.augment.augment`, every draw keyed by
-  (seed, epoch, batch): no state, so the map runs in parallel;
+  (seed, epoch, batch): no state, so the maps run in parallel;
 - `geometry`: `image_dataset` as it is: the keyed map with `RandomGeometry`, the same
   transformations composed and resampled once;
 - `geometry-nondet`: the same without op determinism, for reference.
@@ -66,7 +67,7 @@ def child(mode: str, size: int, images: int, preset: str) -> None:
 
     from finetune.config import augment_preset
     from finetune.data.augment import build_augmentation
-    from finetune.data.pipeline import image_dataset, new_epoch_variable
+    from finetune.data.pipeline import image_dataset
     from finetune.train import seed_everything
 
     seed_everything(0, deterministic=mode != "geometry-nondet")
@@ -78,22 +79,21 @@ def child(mode: str, size: int, images: int, preset: str) -> None:
         augmentation = keras_layers(config)
     else:
         augmentation = build_augmentation(config, seed=0)
-    epoch = new_epoch_variable()
+    ds = image_dataset(
+        x, y, 10, batch_size=32, training=True, first_epoch=0,
+        augmentation=None if mode == "keras" else augmentation,
+    )  # fmt: skip
     if mode == "keras":
-        ds = image_dataset(x, y, 10, batch_size=32, training=True, epoch=epoch)
         ds = ds.map(
             lambda b, label: (augmentation(b, training=True), label),
             num_parallel_calls=tf.data.AUTOTUNE,
         ).prefetch(tf.data.AUTOTUNE)
-    else:
-        ds = image_dataset(
-            x, y, 10, batch_size=32, training=True, augmentation=augmentation, epoch=epoch
-        )
+    steps = -(-images // 32)
+    batches = iter(ds)  # one iterator through the epochs, as `fit` with steps_per_epoch
     speeds = []
-    for number in range(3):  # the first epoch traces and warms up
-        epoch.assign(number)
+    for _ in range(3):  # the first epoch traces and warms up
         start = time.perf_counter()
-        seen = sum(int(batch.shape[0]) for batch, _ in ds)
+        seen = sum(int(next(batches)[0].shape[0]) for _ in range(steps))
         speeds.append(seen / (time.perf_counter() - start))
     print(json.dumps({"images_per_s": statistics.median(speeds[1:])}))
 

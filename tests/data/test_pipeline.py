@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import threading
+import time
+
 import keras
 import numpy as np
 import pytest
@@ -9,8 +12,8 @@ import tensorflow as tf
 from tensorflow.python.framework import op_def_registry
 
 from finetune.config import AugmentConfig, augment_preset, load_config
-from finetune.data.augment import RandomGeometry, augment, build_augmentation
-from finetune.data.pipeline import image_dataset, new_epoch_variable, prepare_image_data
+from finetune.data.augment import RandomGeometry, augment, build_augmentation, build_mixing
+from finetune.data.pipeline import image_dataset, prepare_image_data
 from tests.helpers import DIGITS, EXAMPLES, image_subset
 
 
@@ -246,30 +249,63 @@ def test_keyed_flips_mirror_some_images_and_keep_the_others(images):
 
 def test_an_epochs_augmentation_depends_on_the_seed_and_epoch_only(images):
     # What lets a resumed run replay an epoch without saving any augmentation state: epoch 1
-    # of a fresh pipeline is epoch 1 of one that ran epoch 0 first.
+    # of a stream that starts there is epoch 1 of one that ran epoch 0 first.
     x, y = images
     augmentation = build_augmentation(AugmentConfig(rotation=30, zoom=0.2), seed=0)
 
-    def pipeline(seed=0):
-        epoch = new_epoch_variable()
+    def epochs(first_epoch, count, seed=0):
         ds = image_dataset(
-            x, y, 3, batch_size=4, training=True, augmentation=augmentation, seed=seed, epoch=epoch
-        )
-        return ds, epoch
+            x, y, 3, batch_size=4, training=True, augmentation=augmentation, seed=seed,
+            first_epoch=first_epoch,
+        )  # fmt: skip
+        return np.split(np.concatenate([b[0] for b in batches(ds.take(3 * count))]), count)
 
-    def run(ds, epoch, number):
-        epoch.assign(number)
-        return np.concatenate([b[0] for b in batches(ds)])
-
-    ds, epoch = pipeline()
-    first = run(ds, epoch, 0)
-    second = run(ds, epoch, 1)
-    fresh, fresh_epoch = pipeline()
-    np.testing.assert_array_equal(run(fresh, fresh_epoch, 1), second)
-    np.testing.assert_array_equal(run(fresh, fresh_epoch, 0), first)
+    first, second = epochs(0, 2)
+    np.testing.assert_array_equal(epochs(1, 1)[0], second)
+    np.testing.assert_array_equal(epochs(0, 1)[0], first)
     assert not np.array_equal(first, second)
-    other, other_epoch = pipeline(seed=5)
-    assert not np.array_equal(run(other, other_epoch, 0), first)
+    assert not np.array_equal(epochs(0, 1, seed=5)[0], first)
+
+
+def map_concurrency(ds: tf.data.Dataset) -> int:
+    """The most calls of a parallel map appended to `ds` that ran at once (each takes 20 ms)."""
+    lock, running, most = threading.Lock(), [0], [0]
+
+    def note(x):
+        with lock:
+            running[0] += 1
+            most[0] = max(most[0], running[0])
+        time.sleep(0.02)
+        with lock:
+            running[0] -= 1
+        return x
+
+    def probe(x, *rest):
+        return (tf.numpy_function(note, [x], x.dtype, stateful=False), *rest)
+
+    for _ in ds.take(8).map(probe, num_parallel_calls=4):
+        pass
+    return most[0]
+
+
+def test_the_epoch_ordered_pipeline_keeps_its_parallelism_under_op_determinism(images):
+    # With op determinism on (finetune's default), tf.data's make_deterministic rewrite runs
+    # every map of a pipeline that reads a variable on one thread and drops its prefetching.
+    # The epoch-ordered training pipeline reads none, so its maps stay parallel.
+    tf.config.experimental.enable_op_determinism()  # process-wide, as `finetune train` does
+    x, y = images
+    epoch = tf.Variable(0, dtype=tf.int64)
+    reads_a_variable = tf.data.Dataset.range(1).flat_map(
+        lambda _: tf.data.Dataset.from_tensor_slices(tf.range(16, dtype=tf.int64) + epoch)
+    )
+    assert map_concurrency(reads_a_variable) == 1  # the rewrite, as measured
+    augmentation = build_augmentation(augment_preset("strong"), seed=0)
+    mix = build_mixing(AugmentConfig(mixup=0.2, cutmix=1.0))
+    ds = image_dataset(
+        x, y, 3, batch_size=2, training=True, augmentation=augmentation, mixing=mix,
+        first_epoch=2,
+    )  # fmt: skip
+    assert map_concurrency(ds) > 1
 
 
 def test_each_data_file_is_hashed_once_per_prepared_data(tmp_path):

@@ -267,8 +267,8 @@ def prune_phase(
             "shorten exclude."
         )
     unfreeze_top_groups(model, spec, -1, train_batchnorm=config.train_batchnorm)
-    train_ds = data.train_dataset(augment=True)
-    steps = max(int(train_ds.cardinality()), 1)
+    train_ds = data.train_dataset(augment=True, first_epoch=first_epoch)
+    steps = data.steps_per_epoch
     pruning = MagnitudePruning(
         choice.pruned,
         config.sparsity,
@@ -293,10 +293,11 @@ def prune_phase(
     try:
         model.fit(
             train_ds,
+            steps_per_epoch=steps,
             validation_data=val_ds,
             initial_epoch=first_epoch,
             epochs=first_epoch + config.epochs,
-            callbacks=[data.epoch_callback(), pruning, PhaseLogger("prune", records)]
+            callbacks=[pruning, PhaseLogger("prune", records)]
             + schedule_callbacks(recipe, val_ds is not None),
             shuffle=False,
             verbose=verbose,
@@ -307,7 +308,9 @@ def prune_phase(
     if config.train_batchnorm:
         # The moving statistics lag behind weights that changed this much in a short phase:
         # set them from one pass over the training images with the final pruned weights.
-        batchnorm = recompute_batchnorm_statistics(model, data.train_dataset(augment=False))
+        batchnorm = recompute_batchnorm_statistics(
+            model, data.one_epoch(augment=False, epoch=first_epoch)
+        )
     settings = {
         "target_sparsity": config.sparsity,
         "epochs": config.epochs,

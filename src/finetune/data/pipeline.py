@@ -6,10 +6,11 @@ with a seeded stratified split, and keeps the decoded uint8 images in memory. `i
 turns one split into batches: shuffled and augmented for training, plain for evaluation, always
 prefetched, so the pipeline is never what the training waits on.
 
-Given an epoch variable (`TrainingEpoch` sets it at the start of every epoch of a `fit`), the
-training order, the augmentation and the MixUp/CutMix draws of an epoch depend only on (seed,
-epoch), not on how many epochs the process ran before: `epoch_permutation` gives the order again
-(which files a batch held, for an error message), and a resumed run replays an epoch exactly.
+Given a first epoch, a training dataset runs through the epochs from it on (`fit` with
+`steps_per_epoch`), and the training order, the augmentation and the MixUp/CutMix draws of an
+epoch depend only on (seed, epoch), not on how many epochs the process ran before:
+`epoch_permutation` gives the order again (which files a batch held, for an error message), and
+a resumed run replays an epoch exactly.
 
 Size and interpolation come from the backbone's registry entry; normalisation is the model's
 first layer.
@@ -178,64 +179,74 @@ def image_dataset(
     augmentation: keras.Sequential | None = None,
     mixing: Mixing | None = None,
     seed: int = 0,
-    epoch: tf.Variable | None = None,
+    first_epoch: int | None = None,
 ) -> tf.data.Dataset:
     """Batches of (float32 pixels in [0, 255], one-hot labels).
 
     Args:
-        images: uint8 array (N, H, W, 3).
+        images: uint8 array (N, H, W, 3) (or a tensor of one).
         labels: int array (N,).
         num_classes: width of the one-hot labels.
         batch_size: images per batch.
         training: shuffle every epoch (seeded) and apply `augmentation`. Defaults to False.
-        augmentation: layers applied to training batches. Defaults to None.
+        augmentation: layers applied to training batches (keyed, see
+            `finetune.data.augment.augment`). Defaults to None.
         mixing: MixUp/CutMix step applied to training batches after `augmentation` (see
             `finetune.data.augment.build_mixing`). Defaults to None.
         seed: shuffle seed. Defaults to 0.
-        epoch: an int64 variable holding the epoch about to run (see `TrainingEpoch`): each
-            epoch's order is `epoch_permutation(N, seed, epoch)` and its augmentation and
-            mixing draws depend on (seed, epoch) only. Defaults to None (tf.data's own reshuffle
-            and draws on every iteration).
+        first_epoch: with `training`, the batches of epochs `first_epoch`, `first_epoch + 1`,
+            ... without end (see `epoch_batches`): each epoch's order is
+            `epoch_permutation(N, seed, epoch)` and its augmentation and mixing draws depend on
+            (seed, epoch) only. `fit` it with `steps_per_epoch=steps_per_epoch(N,
+            batch_size)` and `initial_epoch=first_epoch`. Defaults to None (one epoch per
+            iteration, with tf.data's own reshuffle and draws every time).
 
     Returns:
         A prefetched `tf.data.Dataset`.
     """
-    if training and epoch is not None:
-        pixels, classes = tf.constant(images), tf.constant(labels)
-        ds = epoch_index_batches(len(images), batch_size, seed, epoch).map(
-            lambda index: (tf.gather(pixels, index), tf.gather(classes, index))
-        )
+    if training and first_epoch is not None:
+        pixels, classes = tf.convert_to_tensor(images), tf.convert_to_tensor(labels)
+        ds = epoch_batches(len(labels), batch_size, seed, first_epoch).map(
+            lambda index, coin, draw: (
+                tf.gather(pixels, index), tf.gather(classes, index), coin, draw
+            ),
+            num_parallel_calls=tf.data.AUTOTUNE,
+        )  # fmt: skip
     else:
         ds = tf.data.Dataset.from_tensor_slices((images, labels))
         if training:
-            ds = ds.shuffle(len(images), seed=seed, reshuffle_each_iteration=True)
+            ds = ds.shuffle(len(labels), seed=seed, reshuffle_each_iteration=True)
         ds = ds.batch(batch_size)
+        if training:
+            draws = [
+                tf.data.Dataset.random(seed=seed + offset, rerandomize_each_iteration=True)
+                for offset in _DRAW_OFFSETS
+            ]
+            ds = tf.data.Dataset.zip(ds, *draws).map(lambda batch, coin, draw: (*batch, coin, draw))
+        else:
+            ds = ds.map(lambda x, y: (x, y, tf.constant(0, tf.int64), tf.constant(0, tf.int64)))
 
-    def to_model_input(x, y):
-        return tf.cast(x, tf.float32), tf.one_hot(y, num_classes)
+    def to_model_input(x, y, coin, draw):
+        x, y = tf.cast(x, tf.float32), tf.one_hot(y, num_classes)
+        if training and augmentation is not None:
+            # Keyed by the batch's draw: no state in the map, which runs in parallel even
+            # under op determinism (see `finetune.data.augment.augment`).
+            x = augment(augmentation, x, tf.stack([draw, tf.constant(0, tf.int64)]))
+        if training and mixing is not None:
+            x, y = mixing(x, y, coin)
+        return x, y
 
-    def batch_draws(offset: int) -> tf.data.Dataset:
-        """One seeded int64 per batch: of (seed, epoch) only when there is an epoch."""
-        if epoch is not None:
-            return epoch_coins(-(-len(images) // batch_size), seed + offset, epoch)
-        return tf.data.Dataset.random(seed=seed + offset, rerandomize_each_iteration=True)
+    return ds.map(to_model_input, num_parallel_calls=tf.data.AUTOTUNE).prefetch(tf.data.AUTOTUNE)
 
-    ds = ds.map(to_model_input, num_parallel_calls=tf.data.AUTOTUNE)
-    if training and augmentation is not None:
-        # Keyed by a draw per batch, the map holds no state and runs in parallel even under
-        # op determinism (see `finetune.data.augment.augment`).
-        def augmented(batch, draw):
-            key = tf.stack([draw, tf.constant(0, tf.int64)])
-            return augment(augmentation, batch[0], key), batch[1]
 
-        ds = tf.data.Dataset.zip(ds, batch_draws(10)).map(
-            augmented, num_parallel_calls=tf.data.AUTOTUNE
-        )
-    if training and mixing is not None:
-        ds = tf.data.Dataset.zip(ds, batch_draws(9)).map(
-            lambda batch, coin: mixing(*batch, coin), num_parallel_calls=tf.data.AUTOTUNE
-        )
-    return ds.prefetch(tf.data.AUTOTUNE)
+# The seed offsets of the per-batch draws: MixUp/CutMix's coin, the augmentation's key.
+_DRAW_OFFSETS = (9, 10)
+_ENDLESS = 2**62
+
+
+def steps_per_epoch(n: int, batch_size: int) -> int:
+    """Batches in an epoch of `n` samples (the last one may be smaller)."""
+    return -(-n // batch_size)
 
 
 def _permutation(n: int, seed: int, epoch: tf.Tensor) -> tf.Tensor:
@@ -246,56 +257,38 @@ def _permutation(n: int, seed: int, epoch: tf.Tensor) -> tf.Tensor:
 def epoch_permutation(n: int, seed: int, epoch: int) -> np.ndarray:
     """The order in which epoch `epoch` (0-based) visits `n` training samples, given `seed`.
 
-    It is the order of `image_dataset(..., epoch=...)` and of the cached-feature datasets
+    It is the order of `image_dataset(..., first_epoch=...)` and of the cached-feature datasets
     (`finetune.recipes.feature_cache`): batch k of the epoch holds samples
     `epoch_permutation(n, seed, epoch)[k * batch_size:(k + 1) * batch_size]`.
     """
     return _permutation(n, seed, tf.constant(epoch, tf.int64)).numpy()
 
 
-def epoch_index_batches(n: int, batch_size: int, seed: int, epoch: tf.Variable) -> tf.data.Dataset:
-    """Batches of sample indices in the order of the epoch `epoch` holds when iteration starts."""
+def epoch_batches(n: int, batch_size: int, seed: int, first_epoch: int) -> tf.data.Dataset:
+    """(sample indices, mixing coin, augmentation draw) of every batch of the epochs
+    `first_epoch`, `first_epoch + 1`, ... without end.
 
-    def one_epoch(_):
-        return tf.data.Dataset.from_tensor_slices(_permutation(n, seed, epoch.read_value()))
+    Batch k of epoch e holds `epoch_permutation(n, seed, e)[k * batch_size:(k + 1) *
+    batch_size]`, and its two int64 draws depend on (seed, e, k) only. Nothing here reads a
+    variable: with op determinism on, tf.data would otherwise run every map of the pipeline on
+    one thread and drop its prefetching (its `make_deterministic` rewrite), so the epoch is a
+    number in the stream and `fit` goes through it with `steps_per_epoch` (Keras then keeps
+    one iterator for all the epochs of a `fit`).
+    """
+    steps = steps_per_epoch(n, batch_size)
 
-    ds = tf.data.Dataset.range(1).flat_map(one_epoch)
-    return ds.apply(tf.data.experimental.assert_cardinality(n)).batch(batch_size)
-
-
-def epoch_coins(steps: int, seed: int, epoch: tf.Variable) -> tf.data.Dataset:
-    """One int64 per batch of the epoch `epoch` holds, for `Mixing` (MixUp or CutMix, and how)."""
-
-    def one_epoch(_):
-        key = tf.stack([tf.constant(seed, tf.int64), tf.cast(epoch.read_value(), tf.int64)])
-        draws = tf.random.stateless_uniform(
+    def draws(offset: int, key: tf.Tensor) -> tf.data.Dataset:
+        key = tf.stack([tf.constant(seed + offset, tf.int64), key])
+        values = tf.random.stateless_uniform(
             [steps], seed=key, minval=None, maxval=None, dtype=tf.int64
         )
-        return tf.data.Dataset.from_tensor_slices(draws)
+        return tf.data.Dataset.from_tensor_slices(values)
 
-    ds = tf.data.Dataset.range(1).flat_map(one_epoch)
-    return ds.apply(tf.data.experimental.assert_cardinality(steps))
+    def one_epoch(epoch):
+        order = tf.data.Dataset.from_tensor_slices(_permutation(n, seed, epoch)).batch(batch_size)
+        return tf.data.Dataset.zip(order, *(draws(offset, epoch) for offset in _DRAW_OFFSETS))
 
-
-def new_epoch_variable() -> tf.Variable:
-    """The variable an epoch-ordered pipeline reads (set by `TrainingEpoch`)."""
-    return tf.Variable(0, dtype=tf.int64, trainable=False, name="training_epoch")
-
-
-class TrainingEpoch(keras.callbacks.Callback):
-    """Sets a pipeline's epoch variable as each epoch of `fit` begins.
-
-    Keras makes a new iterator over the training dataset for every epoch, after
-    `on_epoch_begin`, so the epoch's order and mixing draws are those of `epoch_permutation`
-    for that epoch number, however many epochs ran before in this process.
-    """
-
-    def __init__(self, variable: tf.Variable):
-        super().__init__()
-        self.variable = variable
-
-    def on_epoch_begin(self, epoch, logs=None):
-        self.variable.assign(epoch)
+    return tf.data.Dataset.range(first_epoch, _ENDLESS).flat_map(one_epoch)
 
 
 def with_class_weights(

@@ -29,7 +29,7 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-from finetune.data.pipeline import epoch_index_batches
+from finetune.data.pipeline import epoch_batches
 from finetune.inference import keras_forward
 
 POOL_LAYER = "pool"
@@ -172,26 +172,30 @@ def feature_dataset(
     batch_size: int,
     training: bool = False,
     seed: int = 0,
-    epoch: tf.Variable | None = None,
+    first_epoch: int | None = None,
 ) -> tf.data.Dataset:
     """Batches of (features, one-hot labels), ordered exactly as `image_dataset` orders images.
 
-    The shuffle is the same seeded shuffle of the same number of elements as
-    `finetune.data.pipeline.image_dataset` (with the same `epoch` variable: the order of
-    `epoch_permutation`), so epoch k visits the samples in the same order.
+    With `training` and `first_epoch`, the batches of epochs `first_epoch`, `first_epoch + 1`,
+    ... without end, in the order of `epoch_permutation` (`epoch_batches`, as
+    `finetune.data.pipeline.image_dataset` with the same `first_epoch`), so epoch k visits the
+    samples in the same order; `fit` it with `steps_per_epoch`. Otherwise one epoch per
+    iteration, shuffled by tf.data when `training`.
     Memory-mapped features are read batch by batch instead of being copied into the graph.
     """
-    if training and epoch is not None and not isinstance(features, np.memmap):
+    if training and first_epoch is not None and not isinstance(features, np.memmap):
         values, classes = tf.constant(features), tf.constant(labels)
 
-        def gather_rows(index):
+        def gather_rows(index, *_):
             return tf.gather(values, index), tf.one_hot(tf.gather(classes, index), num_classes)
 
-        ds = epoch_index_batches(len(labels), batch_size, seed, epoch).map(gather_rows)
+        ds = epoch_batches(len(labels), batch_size, seed, first_epoch).map(gather_rows)
         return ds.prefetch(tf.data.AUTOTUNE)
     if isinstance(features, np.memmap):
-        if training and epoch is not None:
-            ds = epoch_index_batches(len(labels), batch_size, seed, epoch)
+        if training and first_epoch is not None:
+            ds = epoch_batches(len(labels), batch_size, seed, first_epoch).map(
+                lambda index, *_: index
+            )
         else:
             ds = tf.data.Dataset.from_tensor_slices(np.arange(len(labels), dtype=np.int64))
             if training:
@@ -203,7 +207,8 @@ def feature_dataset(
             return np.asarray(features[index])
 
         def gather(index):
-            x = tf.numpy_function(rows, [index], tf.float32)
+            # Reading rows changes nothing: stateless, so tf.data may still prefetch.
+            x = tf.numpy_function(rows, [index], tf.float32, stateful=False)
             x.set_shape((None, width))
             y = tf.gather(tf.constant(labels), index)
             return x, tf.one_hot(y, num_classes)

@@ -14,6 +14,7 @@ A phase that trains the head on a frozen backbone without augmentation takes the
 from __future__ import annotations
 
 import dataclasses
+import functools
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -34,10 +35,9 @@ from finetune.checkpoint import (
 from finetune.config import RecipeConfig
 from finetune.data.augment import Mixing
 from finetune.data.pipeline import (
-    TrainingEpoch,
     epoch_permutation,
     image_dataset,
-    new_epoch_variable,
+    steps_per_epoch,
     with_class_weights,
 )
 from finetune.errors import NonFiniteLossError
@@ -120,10 +120,6 @@ class PhaseData:
             loss is not finite. Defaults to None.
         runtime: what computes the cached features: "keras", "onnxruntime" or "auto" (see
             `finetune.inference`). Defaults to None (`FINETUNE_RUNTIME`, or "auto").
-
-    Attributes:
-        epoch: the epoch the training datasets order their batches for; `epoch_callback()`
-            sets it as each epoch of a `fit` begins (see `finetune.data.pipeline`).
     """
 
     train_images: np.ndarray
@@ -140,32 +136,41 @@ class PhaseData:
     train_paths: list[str] | None = None
     runtime: str | None = None
     _datasets: dict[Any, tf.data.Dataset] = dataclasses.field(default_factory=dict, repr=False)
-    epoch: tf.Variable = dataclasses.field(default_factory=new_epoch_variable, repr=False)
+    _pixels: tf.Tensor | None = dataclasses.field(default=None, repr=False)
 
     @property
     def has_val(self) -> bool:
         return self.val_labels is not None and len(self.val_labels) > 0
 
-    def train_dataset(self, augment: bool = True) -> tf.data.Dataset:
-        """Shuffled training batches, augmented if `augment` and there is an augmentation."""
-        augment = augment and (self.augmentation is not None or self.mixing is not None)
-        if ("train", augment) not in self._datasets:
-            self._datasets[("train", augment)] = image_dataset(
-                self.train_images,
-                self.train_labels,
-                self.num_classes,
-                batch_size=self.batch_size,
-                training=True,
-                augmentation=self.augmentation if augment else None,
-                mixing=self.mixing if augment else None,
-                seed=self.seed,
-                epoch=self.epoch,
-            )
-        return self._datasets[("train", augment)]
+    @property
+    def steps_per_epoch(self) -> int:
+        """Training batches per epoch: what `fit` on `train_dataset` needs as `steps_per_epoch`."""
+        return steps_per_epoch(len(self.train_labels), self.batch_size)
 
-    def epoch_callback(self) -> keras.callbacks.Callback:
-        """The callback every `fit` on these training datasets needs (sets `epoch`)."""
-        return TrainingEpoch(self.epoch)
+    def train_dataset(self, augment: bool = True, first_epoch: int = 0) -> tf.data.Dataset:
+        """Shuffled training batches of the epochs from `first_epoch` on, without end,
+        augmented if `augment` and there is an augmentation (see `image_dataset`).
+
+        `fit` it with `steps_per_epoch=self.steps_per_epoch` and `initial_epoch=first_epoch`.
+        """
+        augment = augment and (self.augmentation is not None or self.mixing is not None)
+        if self._pixels is None:  # one copy of the images in the graph, shared by every fit
+            self._pixels = tf.convert_to_tensor(self.train_images)
+        return image_dataset(
+            self._pixels,
+            self.train_labels,
+            self.num_classes,
+            batch_size=self.batch_size,
+            training=True,
+            augmentation=self.augmentation if augment else None,
+            mixing=self.mixing if augment else None,
+            seed=self.seed,
+            first_epoch=first_epoch,
+        )
+
+    def one_epoch(self, augment: bool = False, epoch: int = 0) -> tf.data.Dataset:
+        """The training batches of epoch `epoch` alone (e.g. to recompute BatchNorm)."""
+        return self.train_dataset(augment, epoch).take(self.steps_per_epoch)
 
     def batch_files(self, epoch: int, step: int) -> list[str]:
         """The training files of batch `step` (0-based) of epoch `epoch` (0-based)."""
@@ -447,7 +452,9 @@ class _Features:
     def __init__(self, model: keras.Model, data: PhaseData, spill_dir: Path | None):
         self.model, self.data = model, data
         self.store = FeatureStore(int(data.feature_cache_max_memory_gb * 1024**3), spill_dir)
-        self.datasets: tuple[tf.data.Dataset, tf.data.Dataset | None] | None = None
+        # The training batches from a first epoch on, and the validation batches.
+        self.datasets: tuple[Callable[[int], tf.data.Dataset], tf.data.Dataset | None] | None
+        self.datasets = None
         self.runtime = ""  # what computed the features: "keras" or "onnxruntime"
 
     def forget(self) -> None:
@@ -463,12 +470,15 @@ class _Features:
             total = len(d.train_images) + (len(d.val_images) if d.has_val else 0)
             forward = guarded_forward(extractor, fast, d.runtime, total)
             train = self.store.compute(fast, d.train_images, d.batch_size, "train", forward)
-            train_ds = feature_dataset(
-                train, d.train_labels, d.num_classes,
-                batch_size=d.batch_size, training=True, seed=d.seed, epoch=d.epoch,
-            )  # fmt: skip
+
+            def train_from(first_epoch: int, train=train) -> tf.data.Dataset:
+                return feature_dataset(
+                    train, d.train_labels, d.num_classes, batch_size=d.batch_size,
+                    training=True, seed=d.seed, first_epoch=first_epoch,
+                )  # fmt: skip
+
             self.runtime = getattr(forward, "runtime", "keras")
-            self.datasets = (train_ds, self._val_features(fast, forward))
+            self.datasets = (train_from, self._val_features(fast, forward))
         return head, *self.datasets
 
     def _val_features(self, fast: keras.Model, forward) -> tf.data.Dataset | None:
@@ -495,9 +505,12 @@ class _Features:
         if forward.runtime != "onnxruntime":
             return None
         width = int(np.prod(extractor.output.shape[1:]))
-        train_ds = streamed_features(d.train_dataset(augment), forward, width)
+
+        def train_from(first_epoch: int) -> tf.data.Dataset:
+            return streamed_features(d.train_dataset(augment, first_epoch), forward, width)
+
         self.runtime = "onnxruntime"
-        return head, train_ds, self._val_features(fast, forward)
+        return head, train_from, self._val_features(fast, forward)
 
 
 def fit_phases(
@@ -602,17 +615,18 @@ def fit_phases(
             if not cached and data.may_stream_features(phase):
                 streamed = features.streamed(phase.augment)
             if cached:
-                fit_model, train_ds, val_ds = features.head_and_datasets()
+                fit_model, train_from, val_ds = features.head_and_datasets()
             elif streamed is not None:
                 # Frozen backbone, augmented: its forward pass in ONNX Runtime, the head in
                 # Keras on its output (the same training up to rounding, faster).
-                fit_model, train_ds, val_ds = streamed
+                fit_model, train_from, val_ds = streamed
             else:
                 # The same layers and weights, with each frozen BatchNorm folded into the
                 # convolution before it: the same training, with a faster forward pass.
-                fit_model, train_ds = fold_batchnorm(model), data.train_dataset(phase.augment)
+                fit_model = fold_batchnorm(model)
+                train_from = functools.partial(data.train_dataset, phase.augment)
                 val_ds = data.val_dataset()
-            steps = int(train_ds.cardinality())
+            steps = data.steps_per_epoch
             learning_rate = phase_learning_rate(
                 recipe, phase.learning_rate, max(steps, 1), phase.epochs
             )
@@ -647,10 +661,11 @@ def fit_phases(
                     f"{phase.learning_rate:g}{how}{again}",
                     flush=True,
                 )
+            train_ds = train_from(first_epoch)
             if class_weight:
                 train_ds = with_class_weights(train_ds, class_weight, data.num_classes)
             callbacks = (
-                [data.epoch_callback(), StopOnNonFinite(phase.name, data, run_dir)]
+                [StopOnNonFinite(phase.name, data, run_dir)]
                 + _callbacks(
                     phase,
                     recipe,
@@ -659,7 +674,7 @@ def fit_phases(
                     run_dir,
                     model,
                     recipe.average_last_epochs if index == len(phases) - 1 else 0,
-                    lambda: data.train_dataset(augment=False),
+                    lambda at=first_epoch: data.one_epoch(augment=False, epoch=at),
                 )
                 + (extra_callbacks(phase) if extra_callbacks else [])
             )
@@ -674,6 +689,7 @@ def fit_phases(
             callbacks.append(_AfterEpoch(after_epoch))
             fit_model.fit(
                 train_ds,
+                steps_per_epoch=steps,
                 validation_data=val_ds,
                 initial_epoch=first_epoch,
                 epochs=last_epoch,

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import signal
 import statistics
 import subprocess
 import sys
@@ -44,6 +45,7 @@ def main() -> None:
     if not command:
         parser.error("give the command to time after --")
     times: dict[str, list[float]] = {args.base: [], args.head: []}
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # still remove the worktrees
     with tempfile.TemporaryDirectory(prefix="compare-") as scratch:
         parent = Path(scratch)
         trees = {commit: worktree(commit, parent) for commit in times}

@@ -51,6 +51,7 @@ def trained(tmp_path_factory):
         "5",
         "--augment",
         "strong",
+        "--head-augment",
     )
     return data, out, output
 
@@ -61,6 +62,9 @@ def test_train_prints_metrics_and_writes_the_run(trained):
     assert "accuracy" in output and str(out) in output
     assert (out / "model.keras").is_file()
     assert finetune_config(out).augment.randaugment  # --augment strong reached the run
+    assert finetune_config(out).recipe.head_augment  # and --head-augment: phase 1 augmented
+    history = json.loads((out / "history.json").read_text())
+    assert [r["features_cached"] for r in history if r["phase"] == "head"] == [False]
 
 
 @pytest.mark.slow

@@ -175,6 +175,13 @@ def train(
             help="Let unfrozen BatchNorm layers train (default: inference mode).",
         ),
     ] = None,
+    head_augment: Annotated[
+        bool | None,
+        typer.Option(
+            "--head-augment/--no-head-augment",
+            help="Augment phase 1 too (through the frozen backbone; default: cached features).",
+        ),
+    ] = None,
     recipe: Annotated[
         str,
         typer.Option(
@@ -250,6 +257,7 @@ def train(
             mixup=mixup,
             cutmix=cutmix,
             train_batchnorm=train_batchnorm,
+            head_augment=head_augment,
             calibrate=calibrate,
             check_data=check_data,
             average_last_epochs=average_last_epochs,

@@ -48,8 +48,10 @@ def main() -> None:
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # still remove the worktrees
     with tempfile.TemporaryDirectory(prefix="compare-") as scratch:
         parent = Path(scratch)
-        trees = {commit: worktree(commit, parent) for commit in times}
+        trees: dict[str, Path] = {}
         try:
+            for commit in times:
+                trees[commit] = worktree(commit, parent)
             for round_ in range(args.rounds):
                 order = list(times) if round_ % 2 == 0 else list(reversed(times))
                 for commit in order:

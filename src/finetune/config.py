@@ -92,7 +92,8 @@ class AugmentConfig:
         zoom: maximum zoom in or out, as a fraction of the size. Defaults to 0.1.
         width_shift: maximum horizontal shift, as a fraction of the width. Defaults to 0.1.
         height_shift: maximum vertical shift, as a fraction of the height. Defaults to 0.1.
-        shear: maximum shear, as a fraction (Keras `RandomShear` factor). Defaults to 0.
+        shear: maximum shear along each axis, as a slope (0.2: a pixel 10 px from the centre
+            moves up to 2 px across). Defaults to 0.
         fill_mode: how pixels outside the image are filled: "reflect", "wrap", "constant" or
             "nearest". Defaults to "reflect".
         randaugment: add Keras' `RandAugment` (2 random colour/geometry operations per image,

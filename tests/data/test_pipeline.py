@@ -127,12 +127,13 @@ def test_geometry_shifts_and_zooms_about_the_centre_within_the_bounds():
     size, n = 48, 64
     images = np.repeat(blob(size, (23.5, 23.5), 3.0), n, axis=0)
     row, col, spread = moments(images)
-    shifted_row, shifted_col, shifted_spread = moments(geometry_of(images, width_shift=0.125))
-    np.testing.assert_allclose(shifted_row, row, atol=1e-3)  # horizontal only
-    moved = shifted_col - col
-    assert np.abs(moved).max() <= 0.125 * size + 1e-3
-    assert moved.min() < -2 and moved.max() > 2  # both ways
-    np.testing.assert_allclose(shifted_spread, spread, rtol=0.02)  # moved, not resized
+    for across, along in (("width_shift", 1), ("height_shift", 0)):
+        shifted = moments(geometry_of(images, **{across: 0.125}))
+        np.testing.assert_allclose(shifted[1 - along], (row, col)[1 - along], atol=1e-3)
+        moved = shifted[along] - (row, col)[along]  # along its own axis only
+        assert np.abs(moved).max() <= 0.125 * size + 1e-3
+        assert moved.min() < -2 and moved.max() > 2  # both ways
+        np.testing.assert_allclose(shifted[2], spread, rtol=0.02)  # moved, not resized
     zoom_row, zoom_col, zoom_spread = moments(geometry_of(images, zoom=0.25))
     np.testing.assert_allclose(zoom_row, row, atol=1e-2)  # about the centre
     np.testing.assert_allclose(zoom_col, col, atol=1e-2)
@@ -149,6 +150,34 @@ def test_geometry_rotates_about_the_centre_within_the_bound():
     np.testing.assert_allclose(np.hypot(row - 23.5, col - 23.5), 12.0, atol=0.1)
     assert np.abs(angle).max() <= 30.0 + 0.5
     assert angle.min() < -10 and angle.max() > 10
+
+
+def test_geometry_shears_about_the_centre_within_the_bound():
+    size, n, bound = 48, 64, 0.25
+    centred = np.repeat(blob(size, (23.5, 23.5), 2.5), n, axis=0)
+    row, col, _ = moments(geometry_of(centred, shear=bound))
+    np.testing.assert_allclose(row, 23.5, atol=0.05)  # the centre stays
+    np.testing.assert_allclose(col, 23.5, atol=0.05)
+    right = np.repeat(blob(size, (23.5, 35.5), 2.5), n, axis=0)  # 12 px right of the centre
+    row, col, _ = moments(geometry_of(right, shear=bound))
+    # Sampling at centre + [[1, sx], [sy, 1]] (p - centre): the spot moves across by about
+    # -sy times its distance, never more than the bound allows.
+    across = row - 23.5
+    assert np.abs(across).max() <= bound * 12 / (1 - bound**2) + 0.1
+    assert across.min() < -1 and across.max() > 1
+
+
+def test_geometry_flips_mirror_exactly_and_the_layer_round_trips_its_config(images):
+    x = images[0].astype(np.float32)
+    for flip, mirror in (("horizontal_flip", x[:, :, ::-1]), ("vertical_flip", x[:, ::-1])):
+        out = geometry_of(x, **{flip: True})
+        mirrored = [np.array_equal(o, m) for o, m in zip(out, mirror, strict=True)]
+        kept = [np.array_equal(o, i) for o, i in zip(out, x, strict=True)]
+        assert all(m or k for m, k in zip(mirrored, kept, strict=True))
+        assert any(mirrored) and any(kept)
+    layer = RandomGeometry(rotation=12.0, shear=0.1, fill_mode="wrap", seed=3)
+    again = RandomGeometry.from_config(layer.get_config())
+    assert again.get_config() == layer.get_config()
 
 
 def test_prepare_image_data_splits_and_decodes_at_the_size(tmp_path):
@@ -286,6 +315,24 @@ def map_concurrency(ds: tf.data.Dataset) -> int:
     for _ in ds.take(8).map(probe, num_parallel_calls=4):
         pass
     return most[0]
+
+
+def test_the_augmentation_key_changes_with_the_epoch_and_the_seed():
+    # Ten copies of one image: the order cannot tell epochs apart, only the augmentation can.
+    x = np.repeat(np.random.default_rng(1).integers(0, 256, (1, 16, 16, 3), np.uint8), 10, 0)
+    y = np.zeros(10, int)
+    augmentation = build_augmentation(AugmentConfig(rotation=30, zoom=0.2), seed=0)
+
+    def epoch(first_epoch, seed=0):
+        ds = image_dataset(
+            x, y, 3, batch_size=10, training=True, augmentation=augmentation, seed=seed,
+            first_epoch=first_epoch,
+        )  # fmt: skip
+        return np.asarray(next(iter(ds))[0])
+
+    np.testing.assert_array_equal(epoch(1), epoch(1))
+    assert not np.array_equal(epoch(0), epoch(1))
+    assert not np.array_equal(epoch(0), epoch(0, seed=5))
 
 
 def test_the_epoch_ordered_pipeline_keeps_its_parallelism_under_op_determinism(images):

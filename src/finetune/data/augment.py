@@ -91,7 +91,9 @@ class RandomGeometry(keras.layers.Layer):
         height_shift: maximum vertical shift, a fraction of the height. Defaults to 0.
         zoom: maximum zoom in or out, a fraction (0.1: the image shows 90-110% of the
             original's side). Defaults to 0.
-        shear: maximum shear along each axis, as a slope. Defaults to 0.
+        shear: maximum shear along each axis, as a slope, about the centre (Keras'
+            RandomShear pivots on the top-left corner and gives both axes one sign).
+            Defaults to 0.
         fill_mode: "reflect", "wrap", "constant" (zeros) or "nearest". Defaults to "reflect".
         seed: seed of the generator `call` draws from (`transform` takes a key instead).
     """
@@ -109,6 +111,7 @@ class RandomGeometry(keras.layers.Layer):
         seed: int | None = None,
         **kwargs,
     ):
+        kwargs.pop("dtype", None)  # always float32 pixels, whatever the global policy
         super().__init__(dtype="float32", **kwargs)
         self.horizontal_flip = horizontal_flip
         self.vertical_flip = vertical_flip
@@ -134,7 +137,7 @@ class RandomGeometry(keras.layers.Layer):
 
     def transform(self, images: tf.Tensor, key: tf.Tensor) -> tf.Tensor:
         """The batch `images` (N, H, W, C) transformed with draws from the stateless `key`."""
-        images = tf.convert_to_tensor(images, tf.float32)
+        images = tf.cast(images, tf.float32)
         shape = tf.shape(images)
         n, height, width = shape[0], tf.cast(shape[1], tf.float32), tf.cast(shape[2], tf.float32)
         keys = tf.random.experimental.stateless_split(key, 7)

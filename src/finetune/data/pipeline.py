@@ -275,6 +275,8 @@ def epoch_batches(n: int, batch_size: int, seed: int, first_epoch: int) -> tf.da
     number in the stream and `fit` goes through it with `steps_per_epoch` (Keras then keeps
     one iterator for all the epochs of a `fit`).
     """
+    if n < 1:
+        raise ValueError("no training samples: an epoch of none would never end")
     steps = steps_per_epoch(n, batch_size)
 
     def draws(offset: int, key: tf.Tensor) -> tf.data.Dataset:

@@ -32,7 +32,6 @@ from collections.abc import Callable
 
 import keras
 import tensorflow as tf
-from keras.src.random.seed_generator import SeedGenerator
 
 from finetune.config import AugmentConfig
 
@@ -186,7 +185,7 @@ class RandomGeometry(keras.layers.Layer):
         }
 
 
-class _KeyedSeeds(SeedGenerator):
+class _KeyedSeeds(keras.random.SeedGenerator):
     """Seeds for the random draws of one call, all derived from one key, held in no variable.
 
     Keras' random functions take a `SeedGenerator` and call its `next()` once per draw; these
@@ -233,7 +232,8 @@ def augment(augmentation: keras.Sequential, images: tf.Tensor, key: tf.Tensor) -
         key: int32 or int64 (2,) stateless seed; the same key gives the same output.
 
     Returns:
-        The transformed batch, as the layers called with `training=True` would give it.
+        The batch transformed by the layers in turn, each drawing from `key` instead of its
+        own seed generator.
     """
     seeds = _KeyedSeeds(key)
     for layer in augmentation.layers:

@@ -204,7 +204,14 @@ def image_dataset(
     Returns:
         A prefetched `tf.data.Dataset`.
     """
-    if training and first_epoch is not None:
+    if not training:  # evaluation: the batches in order, as they are
+        ds = tf.data.Dataset.from_tensor_slices((images, labels)).batch(batch_size)
+        ds = ds.map(
+            lambda x, y: (tf.cast(x, tf.float32), tf.one_hot(y, num_classes)),
+            num_parallel_calls=tf.data.AUTOTUNE,
+        )
+        return ds.prefetch(tf.data.AUTOTUNE)
+    if first_epoch is not None:
         pixels, classes = tf.convert_to_tensor(images), tf.convert_to_tensor(labels)
         ds = epoch_batches(len(labels), batch_size, seed, first_epoch).map(
             lambda index, coin, draw: (
@@ -214,25 +221,20 @@ def image_dataset(
         )  # fmt: skip
     else:
         ds = tf.data.Dataset.from_tensor_slices((images, labels))
-        if training:
-            ds = ds.shuffle(len(labels), seed=seed, reshuffle_each_iteration=True)
-        ds = ds.batch(batch_size)
-        if training:
-            draws = [
-                tf.data.Dataset.random(seed=seed + offset, rerandomize_each_iteration=True)
-                for offset in _DRAW_OFFSETS
-            ]
-            ds = tf.data.Dataset.zip(ds, *draws).map(lambda batch, coin, draw: (*batch, coin, draw))
-        else:
-            ds = ds.map(lambda x, y: (x, y, tf.constant(0, tf.int64), tf.constant(0, tf.int64)))
+        ds = ds.shuffle(len(labels), seed=seed, reshuffle_each_iteration=True).batch(batch_size)
+        draws = [
+            tf.data.Dataset.random(seed=seed + offset, rerandomize_each_iteration=True)
+            for offset in _DRAW_OFFSETS
+        ]
+        ds = tf.data.Dataset.zip(ds, *draws).map(lambda batch, coin, draw: (*batch, coin, draw))
 
     def to_model_input(x, y, coin, draw):
         x, y = tf.cast(x, tf.float32), tf.one_hot(y, num_classes)
-        if training and augmentation is not None:
+        if augmentation is not None:
             # Keyed by the batch's draw: no state in the map, which runs in parallel even
             # under op determinism (see `finetune.data.augment.augment`).
             x = augment(augmentation, x, tf.stack([draw, tf.constant(0, tf.int64)]))
-        if training and mixing is not None:
+        if mixing is not None:
             x, y = mixing(x, y, coin)
         return x, y
 

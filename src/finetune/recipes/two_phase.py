@@ -153,7 +153,7 @@ class PhaseData:
 
         `fit` it with `steps_per_epoch=self.steps_per_epoch` and `initial_epoch=first_epoch`.
         """
-        augment = augment and (self.augmentation is not None or self.mixing is not None)
+        augment = augment and self._has_augmentation
         if self._pixels is None:  # one copy of the images in the graph, shared by every fit
             self._pixels = tf.convert_to_tensor(self.train_images)
         return image_dataset(
@@ -190,9 +190,13 @@ class PhaseData:
             )
         return self._datasets["val"]
 
+    @property
+    def _has_augmentation(self) -> bool:
+        return self.augmentation is not None or self.mixing is not None
+
     def augments(self, phase: Phase) -> bool:
         """Whether `phase`'s training batches are augmented (or mixed)."""
-        return phase.augment and (self.augmentation is not None or self.mixing is not None)
+        return phase.augment and self._has_augmentation
 
     def uses_feature_cache(self, phase: Phase) -> bool:
         """Whether `phase` takes the fast path (frozen backbone, no augmentation)."""

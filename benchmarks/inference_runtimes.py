@@ -15,8 +15,13 @@ With `--end-to-end 500,2000,5000`, whole `Run.predict_logits` calls instead, col
 `runtime="onnxruntime"`, converting (conversion and first-batch check included: where
 `--runtime auto` should switch) and with the conversion cached (a private cache folder).
 
+With `--spin N`, whole `Run.predict_view_logits` calls on N images in ONNX Runtime (conversion
+kept), with 1 and 3 test-time augmentation views, its worker threads spinning between batches
+(what `predict` and `evaluate` do) or sleeping (what the cache fill and a streamed phase do),
+taking turns.
+
 Usage: .venv/bin/python benchmarks/inference_runtimes.py [--sizes 64,128,224] [--steps 8]
-    [--rounds 2] [--end-to-end 1000,4000]
+    [--rounds 2] [--end-to-end 1000,4000] [--spin 5000]
 """
 
 from __future__ import annotations
@@ -147,6 +152,51 @@ def end_to_end(size: int, counts: list[int], rounds: int) -> list[str]:
     return rows
 
 
+def spin_compare(size: int, n: int, rounds: int, tta: int) -> list[str]:
+    """`Run.predict_view_logits` on N images in ONNX Runtime (conversion kept), threads spinning
+    between batches (what `predict` and `evaluate` do) or sleeping (what the cache fill and a
+    streamed phase do), taking turns; seconds per call, median over rounds."""
+    import keras
+    import numpy as np
+
+    import finetune.inference as inference
+    from finetune.backbones.registry import get_backbone
+    from finetune.config import AugmentConfig, Config
+    from finetune.model import build_classifier
+    from finetune.run import Run
+
+    keras.utils.set_random_seed(0)
+    model = build_classifier(get_backbone("efficientnet_lite0"), 10, image_size=size, weights=None)
+    x = np.random.default_rng(n).integers(0, 256, (n, size, size, 3), dtype=np.uint8)
+    config = Config(augment=AugmentConfig())  # enabled: the TTA views use it
+    original = inference.guarded_forward
+
+    def forcing(spin: bool):  # whatever the caller asks for
+        return lambda *args, **kwargs: original(*args, **{**kwargs, "spin": spin})
+
+    seconds: dict[bool, list[float]] = {True: [], False: []}
+    outputs = {}
+    try:
+        for r in range(rounds + 1):  # round 0 converts and keeps the conversion: not timed
+            for spin in (True, False):
+                inference.guarded_forward = forcing(spin)
+                run = Run(model=model, config=config, class_names=list("abcdefghij"),
+                          image_size=size)  # fmt: skip
+                start = time.perf_counter()
+                outputs[spin] = run.predict_view_logits(x, runtime="onnxruntime", tta=tta)
+                if r:
+                    seconds[spin].append(time.perf_counter() - start)
+    finally:
+        inference.guarded_forward = original
+    on, off = (statistics.median(seconds[spin]) for spin in (True, False))
+    same = np.array_equal(outputs[True], outputs[False])
+    images = n * tta
+    return [
+        f"| {size} | {n} | {tta} | {on:.2f} ({images / on:.0f}/s) "
+        f"| {off:.2f} ({images / off:.0f}/s) | {off / on:.2f} | {same} |"
+    ]
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--sizes", default="64,128,224", help="input sizes, px")
@@ -158,8 +208,24 @@ def main() -> None:
         help="instead: image counts N (e.g. 1000,4000) for whole `Run.predict_logits` calls, "
         "cold, Keras against ONNX Runtime with its conversion (what `--runtime auto` decides)",
     )
+    parser.add_argument(
+        "--spin",
+        type=int,
+        default=0,
+        help="instead: N images through `Run.predict_logits` in ONNX Runtime with its threads "
+        "spinning or sleeping between batches, with and without test-time augmentation",
+    )
     args = parser.parse_args()
     sizes = [int(s) for s in args.sizes.split(",") if s]
+    if args.spin:
+        os.environ["FINETUNE_CACHE_DIR"] = tempfile.mkdtemp(prefix="inference-runtimes-cache-")
+        print("| px | images | tta | spinning, s | sleeping, s | sleeping / spinning | same |")
+        print("|---|---|---|---|---|---|---|")
+        for size in sizes:
+            for tta in (1, 3):
+                for row in spin_compare(size, args.spin, args.rounds, tta):
+                    print(row, flush=True)
+        return
     if args.end_to_end:
         counts = [int(n) for n in args.end_to_end.split(",") if n]
         os.environ["FINETUNE_CACHE_DIR"] = tempfile.mkdtemp(prefix="inference-runtimes-cache-")

@@ -26,11 +26,17 @@ eager NCHW (`torch-nchw`), eager channels_last (`torch-cl`), `torch.compile` of 
 Modes: `full` (every layer trains, BatchNorm frozen in inference mode: finetune's default; in
 PyTorch the BatchNorm modules in eval() with requires_grad False), `full_bn` (BatchNorm trains
 too: `--train-batchnorm`; PyTorch's plain `model.train()`), `partial` (the top
-`--partial-groups` layer groups and the head train, BatchNorm frozen), `head` (frozen backbone,
-the step through it), `head_cached` (finetune only: the head's step on cached pooled features,
+`--partial-groups` layer groups and the head train, BatchNorm frozen; for `finetune`, also
+`cached`: the top's step on the frozen groups' output computed once, with `cache_fill`, what
+an unaugmented partial phase runs, and `streamed`: the frozen groups in ONNX Runtime then the
+top's step, what an augmented one runs from 8,000 image-epochs on), `head` (frozen backbone,
+the step through it; for `finetune`, also `streamed`: the frozen backbone in ONNX Runtime then
+the head's step on its output, one after the other, what `--head-augment` runs from 8,000
+image-epochs on), `head_cached` (finetune only: the head's step on cached pooled features,
 plus `cache_fill`, the feature extraction that fills the cache once) and `infer` (for
 `finetune`, also the model converted by `finetune.inference.OnnxForward` and run by ONNX
-Runtime: what `predict` and `evaluate` run from 8,000 images on).
+Runtime: what `predict` and `evaluate` run from 8,000 images on, its threads spinning between
+calls; and with its threads sleeping between calls, as the cache fill runs it).
 
 Usage: .venv/bin/python benchmarks/throughput_vs_torch.py [--help]; prints markdown tables and
 writes benchmarks/out/throughput_vs_torch-<time>.json.
@@ -94,7 +100,7 @@ def finetune_child(args: argparse.Namespace, bf16: bool, fold: bool = True) -> d
     from finetune.fold import fold_batchnorm
     from finetune.model import build_classifier, freeze_backbone, unfreeze_top_groups
     from finetune.recipes.discriminative import group_lr_multipliers
-    from finetune.recipes.feature_cache import split_at_pool
+    from finetune.recipes.feature_cache import cut_layer, split_at_cut, split_at_pool
     from finetune.recipes.optimizers import make_optimizer
     from finetune.recipes.schedules import phase_learning_rate
     from finetune.recipes.two_phase import _finite_check, compile_phase
@@ -144,11 +150,48 @@ def finetune_child(args: argparse.Namespace, bf16: bool, fold: bool = True) -> d
             compile_for(fit_model, groups)
             row = time_calls(lambda m=fit_model: m.train_on_batch(x, y), args.warmup, args.steps)
             row["unfrozen_groups"] = groups
+            cut = cut_layer(model, spec, groups, size * size * 3) if mode == "partial" else None
+            if cut is not None and fold and not bf16:  # as `fit_phases` trains the top groups
+                from finetune.inference import OnnxForward
+
+                lower, top = split_at_cut(model, cut)
+                top = folded(top)
+                compile_for(top, groups)
+                below = folded(lower, frozen_only=False)
+                row["cut_layer"] = cut
+                # Unaugmented: the frozen groups' output computed once, the top trains on it.
+                row["cache_fill"] = time_calls(
+                    lambda f=below: f.predict_on_batch(x), args.warmup, args.steps
+                )
+                acts = np.asarray(below.predict_on_batch(x), "float32").reshape(len(x), -1)
+                row["cached"] = time_calls(
+                    lambda t=top, a=acts: t.train_on_batch(a, y), args.warmup, args.steps
+                )
+                # Augmented, ONNX Runtime chosen: the frozen groups in ONNX Runtime, then the
+                # top's step (one after the other here; in training the pipeline overlaps them).
+                onnx = OnnxForward(lower)
+
+                def streamed_step(t=top, f=onnx):
+                    return t.train_on_batch(f(x).reshape(len(x), -1), y)
+
+                row["streamed"] = time_calls(streamed_step, args.warmup, args.steps)
         elif mode == "head":
             freeze_backbone(model)
             fit_model = folded(model)
             compile_for(fit_model)
             row = time_calls(lambda m=fit_model: m.train_on_batch(x, y), args.warmup, args.steps)
+            if fold and not bf16:  # `--head-augment` from 8,000 image-epochs on
+                from finetune.inference import OnnxForward
+
+                extractor, head = split_at_pool(model)
+                onnx = OnnxForward(extractor)  # as streamed: threads sleep between calls
+                compile_for(head)
+
+                def streamed_step(h=head, f=onnx):
+                    return h.train_on_batch(f(x).reshape(len(x), -1), y)
+
+                # One after the other here; in training the pipeline overlaps them.
+                row["streamed"] = time_calls(streamed_step, args.warmup, args.steps)
         elif mode == "head_cached":
             freeze_backbone(model)
             extractor, head = split_at_pool(model)
@@ -169,9 +212,13 @@ def finetune_child(args: argparse.Namespace, bf16: bool, fold: bool = True) -> d
                 from finetune.inference import OnnxForward
 
                 start = time.perf_counter()
-                onnx = OnnxForward(model)
+                onnx = OnnxForward(model, spin=True)  # as `predict` and `evaluate` run it
                 row["onnx_conversion_s"] = time.perf_counter() - start
                 row["onnxruntime"] = time_calls(lambda f=onnx: f(x), args.warmup, args.steps)
+                asleep = OnnxForward(model)  # as the cache fill runs it
+                row["onnxruntime_sleeping"] = time_calls(
+                    lambda f=asleep: f(x), args.warmup, args.steps
+                )
         if mode in ("full", "full_bn", "partial", "head"):
             row["trainable_weights"] = int(sum(np.prod(w.shape) for w in model.trainable_weights))
             row["finite_check_ms"] = finite_check_ms(model)
@@ -354,6 +401,21 @@ def summarise(report: dict) -> dict:
                 if onnx and fp32:
                     cell["finetune_onnx"] = onnx["images_per_s"]
                     cell["ratio_onnx"] = onnx["images_per_s"] / cell["best_torch"]
+                asleep = run["modes"].get("infer", {}).get("onnxruntime_sleeping")
+                if asleep and fp32:
+                    cell["finetune_onnx_sleeping"] = asleep["images_per_s"]
+                    cell["ratio_onnx_sleeping"] = asleep["images_per_s"] / cell["best_torch"]
+            if mode in ("head", "partial") and run and run.get("status") == "ok":
+                streamed = run["modes"].get(mode, {}).get("streamed")
+                if streamed and fp32:
+                    cell["finetune_streamed"] = streamed["images_per_s"]
+                    cell["ratio_streamed"] = streamed["images_per_s"] / cell["best_torch"]
+                cached = run["modes"].get(mode, {}).get("cached")
+                if mode == "partial" and cached and fp32:
+                    fill = run["modes"][mode]["cache_fill"]["images_per_s"]
+                    cell["finetune_cached"] = cached["images_per_s"]
+                    cell["finetune_cached_5"] = 5 / (1 / fill + 5 / cached["images_per_s"])
+                    cell["ratio_cached_5"] = cell["finetune_cached_5"] / cell["best_torch"]
             if cell["finetune"] and cell["finetune-unfolded"]:
                 cell["fold_gain"] = cell["finetune"] / cell["finetune-unfolded"]
             if cell["finetune"] and cell["finetune-bf16"]:
@@ -386,10 +448,26 @@ def markdown(report: dict) -> str:
                      f"| {fmt(c['torch-nchw'])} "
                      f"| {fmt(c['torch-cl'])} | {fmt(c['torch-compile'])} | {best} "
                      f"| {ratio} |")  # fmt: skip
+        if c.get("finetune_cached"):
+            lines.append(f"| {c['size']} | partial, unaugmented: step on cached activations "
+                         f"(5 epochs + fill) | {fmt(c['finetune_cached'])} "
+                         f"({fmt(c['finetune_cached_5'])}) | | | | | | {best} "
+                         f"| {fmt(c.get('ratio_cached_5'), 2)} |")  # fmt: skip
+        if c.get("finetune_streamed"):
+            what = ("head, streamed: ONNX Runtime features + head step (--head-augment"
+                    if c["mode"] == "head" else "partial, streamed: ONNX Runtime below the cut "
+                    "+ top step (augmented")  # fmt: skip
+            lines.append(f"| {c['size']} | {what} from 8,000 image-epochs) "
+                         f"| {fmt(c['finetune_streamed'])} | | | | | | {best} "
+                         f"| {fmt(c.get('ratio_streamed'), 2)} |")  # fmt: skip
         if c.get("finetune_onnx"):
             lines.append(f"| {c['size']} | infer, ONNX Runtime (predict/evaluate from 8,000 "
                          f"images) | {fmt(c['finetune_onnx'])} | | | | | | {best} "
                          f"| {fmt(c.get('ratio_onnx'), 2)} |")  # fmt: skip
+        if c.get("finetune_onnx_sleeping"):
+            lines.append(f"| {c['size']} | infer, ONNX Runtime, threads sleeping (the cache "
+                         f"fill) | {fmt(c['finetune_onnx_sleeping'])} | | | | | | {best} "
+                         f"| {fmt(c.get('ratio_onnx_sleeping'), 2)} |")  # fmt: skip
     lines += ["", "| px | mode | finetune fp32 | finetune bf16 | bf16 / fp32 | bf16 / best torch "
               "fp32 | torch cl fp32 | torch cl bf16 autocast | torch bf16 / fp32 |",
               "|---" * 9 + "|"]  # fmt: skip

@@ -167,3 +167,110 @@ def test_an_augmented_frozen_phase_streams_onnx_runtime_features_to_the_same_hea
         )
         > 1e-3
     )
+
+
+def partial_phase_run(data, *, feature_cache: bool, runtime=None, augment=False, groups=3):
+    """One model, seeded the same way every time, through 3 epochs with the top `groups`
+    layer groups unfrozen (BatchNorm frozen, as by default) and discriminative rates."""
+    seed_everything(5)
+    model = build_classifier(SPEC, data.num_classes, image_size=SIZE, head=ModelConfig())
+    phase_data = PhaseData(
+        train_images=data.images["train"],
+        train_labels=data.labels["train"],
+        num_classes=data.num_classes,
+        batch_size=16,
+        val_images=data.images["val"],
+        val_labels=data.labels["val"],
+        augmentation=build_augmentation(AugmentConfig(), seed=5),
+        seed=5,
+        feature_cache=feature_cache,
+        runtime=runtime,
+    )
+    recipe = RecipeConfig(early_stopping_patience=0)
+    phase = Phase(
+        "finetune", epochs=3, learning_rate=1e-3, unfreeze_groups=groups, lowest_group_lr=0.1,
+        augment=augment,
+    )  # fmt: skip
+    records = fit_phases(model, SPEC, recipe, [phase], phase_data, verbose=0)
+    return model, records
+
+
+def weights_by_group(model) -> dict[str, list[np.ndarray]]:
+    grouped: dict[str, list[np.ndarray]] = {}
+    for layer in model.get_layer("backbone").layers:
+        group = SPEC.group_of(layer.name) or "none"
+        if layer.weights:
+            grouped.setdefault(group, []).extend(w.numpy() for w in layer.weights)
+    grouped["head"] = [w.numpy() for w in model.get_layer("logits").weights]
+    return grouped
+
+
+def test_a_partial_phase_trains_the_same_top_groups_on_cached_activations(digits):
+    """No augmentation, top 3 groups unfrozen: the groups below run once, the top groups and
+    the head train on their stored output exactly as through the whole network."""
+    through, slow_records = partial_phase_run(digits, feature_cache=False)
+    cached, fast_records = partial_phase_run(digits, feature_cache=True)
+
+    assert [r["features_cached"] for r in slow_records] == [False] * 3
+    assert [r["features_cached"] for r in fast_records] == [True] * 3
+    assert [r["features_layer"] for r in fast_records] == ["block5c_add"] * 3
+    seed_everything(5)
+    initial = weights_by_group(build_classifier(SPEC, 4, image_size=SIZE, head=ModelConfig()))
+    slow, fast = weights_by_group(through), weights_by_group(cached)
+    for group in initial:
+        moved = max(np.abs(a - b).max() for a, b in zip(slow[group], initial[group], strict=True))
+        if group in ("block6", "block7", "top", "head"):
+            assert moved > 1e-4, group  # trained
+        else:
+            assert moved == 0, group  # frozen
+        for a, b in zip(slow[group], fast[group], strict=True):
+            np.testing.assert_allclose(a, b, atol=1e-5, err_msg=group)
+    for s, f in zip(slow_records, fast_records, strict=True):
+        for key in ("loss", "accuracy", "val_loss", "val_accuracy"):
+            assert f[key] == pytest.approx(s[key], abs=1e-5), key
+
+
+def test_the_cut_is_below_the_trained_groups_where_one_tensor_crosses():
+    from dataclasses import replace
+
+    from finetune.recipes.feature_cache import cut_layer, split_at_cut
+
+    model = build_classifier(SPEC, 4, image_size=SIZE, weights=None)
+    assert cut_layer(model, SPEC, ["block6", "block7", "top"]) == "block5c_add"
+    assert cut_layer(model, SPEC, ["block7", "top"]) == "block6d_add"
+    assert cut_layer(model, SPEC, SPEC.group_names) is None  # nothing below
+    # block5c_add's output (2 x 2 x 112 at 32 px) against a limit below it: no cut.
+    assert cut_layer(model, SPEC, ["block6", "block7", "top"], max_values=447) is None
+    assert cut_layer(model, SPEC, ["block6", "block7", "top"], max_values=448) == "block5c_add"
+    # Groups that split a block: its residual connection crosses the cut.
+    inside = replace(SPEC, layer_groups=(("low", "stem_|block[1-4]|block5[ab]|block5c_expand"),
+                                         ("high", "block5c|block[67]|top_")))  # fmt: skip
+    assert cut_layer(model, inside, ["high"]) is None
+    # The two parts compose to the classifier.
+    lower, top = split_at_cut(model, "block5c_add")
+    x = np.random.default_rng(0).uniform(0, 255, (5, SIZE, SIZE, 3)).astype(np.float32)
+    features = np.asarray(lower.predict_on_batch(x)).reshape(5, -1)
+    np.testing.assert_allclose(
+        top.predict_on_batch(features), model.predict_on_batch(x), rtol=1e-5, atol=1e-5
+    )
+
+
+@pytest.mark.slow
+def test_an_augmented_partial_phase_streams_the_frozen_groups_from_onnx_runtime(digits):
+    """Augmented, ONNX Runtime chosen: the frozen groups run there on each augmented batch and
+    the top groups train as through the whole network."""
+    through, slow_records = partial_phase_run(
+        digits, feature_cache=True, runtime="keras", augment=True
+    )
+    streamed, fast_records = partial_phase_run(
+        digits, feature_cache=True, runtime="onnxruntime", augment=True
+    )
+    assert [r.get("features_streamed") for r in slow_records] == [None] * 3
+    assert [r.get("features_streamed") for r in fast_records] == [True] * 3
+    assert [r["features_layer"] for r in fast_records] == ["block5c_add"] * 3
+    slow, fast = weights_by_group(through), weights_by_group(streamed)
+    for group in slow:
+        for a, b in zip(slow[group], fast[group], strict=True):
+            np.testing.assert_allclose(a, b, atol=1e-4, err_msg=group)
+    for s, f in zip(slow_records, fast_records, strict=True):
+        assert f["val_loss"] == pytest.approx(s["val_loss"], abs=1e-4)

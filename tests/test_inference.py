@@ -162,6 +162,36 @@ def test_a_verified_conversion_is_kept_and_reused(tmp_path, monkeypatch):
     assert guarded_forward(model, fast, "onnxruntime", 16).from_cache
 
 
+def _spinning(forward: GuardedForward) -> str:
+    options = forward.onnx.session.get_session_options()
+    return options.get_session_config_entry("session.intra_op.allow_spinning")
+
+
+@pytest.mark.slow
+def test_predict_lets_onnx_runtimes_threads_spin_and_training_does_not(tmp_path, monkeypatch):
+    # Spinning between batches is faster when nothing else computes (predict, evaluate); it
+    # would take the CPU from TensorFlow in training (the cache fill, a streamed phase).
+    monkeypatch.setenv("FINETUNE_CACHE_DIR", str(tmp_path))
+    made: list[OnnxForward] = []
+    original = OnnxForward.__init__
+
+    def recording(self, *args, **kwargs):
+        original(self, *args, **kwargs)
+        made.append(self)
+
+    monkeypatch.setattr(OnnxForward, "__init__", recording)
+    model = classifier(0)
+    run = Run(model=model, config=Config(), class_names=["a", "b", "c"], image_size=SIZE)
+    run.predict_logits(images(8), runtime="onnxruntime")  # converts and keeps it
+    run.predict_logits(images(8), runtime="onnxruntime")  # loads the kept conversion
+    spins = [f.session.get_session_options().get_session_config_entry(
+        "session.intra_op.allow_spinning") for f in made]  # fmt: skip
+    assert spins == ["1", "1"]
+    fast = fold_batchnorm(model, frozen_only=False)
+    assert _spinning(guarded_forward(model, fast, "onnxruntime", 8)) == "0"  # training's call
+    assert _spinning(GuardedForward(model, fast, "onnxruntime")) == "0"  # the streamed phase's
+
+
 class _NumpyOp(keras.layers.Layer):
     """A layer whose op (a Python function) no ONNX converter can express."""
 

@@ -236,7 +236,10 @@ class Run:
             augmentations.append(augmentation)
         # Batch by batch, converted to float32 one batch at a time: faster than `predict` on the
         # whole array (which copies it into a dataset first) and no float copy of every image.
-        forward = guarded_forward(self.model, self.inference_model(), runtime, len(images) * tta)
+        # ONNX Runtime's threads may spin between batches: nothing else computes meanwhile.
+        forward = guarded_forward(
+            self.model, self.inference_model(), runtime, len(images) * tta, spin=True
+        )
         bar = progress_bar(len(images) * tta) if progress else None
         views = [predict_batches(forward, images, batch_size, bar=bar)]
         for view, augmentation in enumerate(augmentations, start=1):

@@ -29,8 +29,10 @@ import keras
 import numpy as np
 import tensorflow as tf
 
+from finetune.backbones.registry import BackboneSpec
 from finetune.data.pipeline import epoch_batches
 from finetune.inference import keras_forward
+from finetune.model import BACKBONE_LAYER, backbone_of
 
 POOL_LAYER = "pool"
 
@@ -52,6 +54,74 @@ def split_at_pool(model: keras.Model) -> tuple[keras.Model, keras.Model]:
     for layer in model.layers[names.index(POOL_LAYER) + 1 :]:
         x = layer(x)
     return extractor, keras.Model(features, x, name="head")
+
+
+def cut_layer(
+    model: keras.Model,
+    spec: BackboneSpec,
+    trained_groups: list[str],
+    max_values: int | None = None,
+) -> str | None:
+    """The backbone layer below which nothing trains, when the backbone can be cut after it.
+
+    Args:
+        model: a classifier made by `build_classifier`.
+        spec: its backbone's registry entry (which defines the groups).
+        trained_groups: the groups that train (`unfreeze_top_groups`' answer).
+        max_values: the most values per image the layer's output may have, or None. Defaults
+            to None. (A cut low in the network saves little computation and its output is
+            large: larger than the image itself after EfficientNet's stem.)
+
+    Returns:
+        The name of the last backbone layer before the first layer of `trained_groups`, or
+        None when there is nothing below them, a layer of another group comes after it, its
+        output is larger than `max_values`, or more than its output crosses from below to
+        above (a skip connection over the cut).
+    """
+    layers = backbone_of(model).layers
+    chosen = set(trained_groups)
+    first = next((i for i, layer in enumerate(layers) if spec.group_of(layer.name) in chosen), None)
+    if first is None or first < 2:  # nothing to cut off above the input layer
+        return None
+    if any(spec.group_of(layer.name) not in chosen for layer in layers[first:]):
+        return None
+    name = layers[first - 1].name
+    shape = backbone_of(model).get_layer(name).output.shape[1:]
+    if max_values is not None and int(np.prod(shape)) > max_values:
+        return None
+    try:
+        keras.Model(backbone_of(model).get_layer(name).output, backbone_of(model).outputs)
+    except ValueError:  # "graph disconnected": the top needs a tensor from below the cut
+        return None
+    return name
+
+
+def split_at_cut(model: keras.Model, layer_name: str) -> tuple[keras.Model, keras.Model]:
+    """Splits a classifier made by `build_classifier` after backbone layer `layer_name`.
+
+    The generalisation of `split_at_pool` to a partly trained backbone (see `cut_layer`).
+
+    Returns:
+        (lower part: pixels -> that layer's output, top: that output flattened -> logits). The
+        top reuses the classifier's own layers (shared weights), so fitting it trains them.
+    """
+    backbone = backbone_of(model)
+    cut = backbone.get_layer(layer_name).output
+    upper = keras.Model(cut, backbone.output, name="backbone_top")
+    names = [layer.name for layer in model.layers]
+    at = names.index(BACKBONE_LAYER)
+    x = model.inputs[0]
+    for layer in model.layers[1:at]:  # the classifier's own preprocessing, e.g. normalize
+        x = layer(x)
+    lower = keras.Model(
+        model.inputs, keras.Model(backbone.inputs, cut, name="backbone_bottom")(x), name="features"
+    )
+    width = int(np.prod(cut.shape[1:]))
+    features = keras.Input(shape=(width,), name="features")
+    x = upper(keras.layers.Reshape(tuple(cut.shape[1:]), name="unflatten")(features))
+    for layer in model.layers[at + 1 :]:
+        x = layer(x)
+    return lower, keras.Model(features, x, name="top")
 
 
 _RANDOM_LAYERS = (

@@ -47,9 +47,12 @@ from finetune.model import freeze_backbone, unfreeze_top_groups
 from finetune.recipes.averaging import WeightAveraging
 from finetune.recipes.discriminative import group_lr_multipliers
 from finetune.recipes.feature_cache import (
+    POOL_LAYER,
     FeatureStore,
+    cut_layer,
     feature_dataset,
     has_random_layers,
+    split_at_cut,
     split_at_pool,
     streamed_features,
 )
@@ -112,8 +115,10 @@ class PhaseData:
             Defaults to None.
         mixing: MixUp/CutMix step of phases that augment, or None. Defaults to None.
         seed: shuffle seed. Defaults to 0.
-        feature_cache: let frozen phases without augmentation train the head on cached
-            backbone features. Defaults to True.
+        feature_cache: let phases without augmentation train what trains on cached
+            activations of what does not: the head on the frozen backbone's features, the top
+            groups of a partly unfrozen backbone on the output of the frozen ones below.
+            Defaults to True.
         feature_cache_max_memory_gb: cached features above this size go to a temporary file.
             Defaults to 2.
         train_paths: the file of each training image, to name the images of a batch whose
@@ -141,6 +146,11 @@ class PhaseData:
     @property
     def has_val(self) -> bool:
         return self.val_labels is not None and len(self.val_labels) > 0
+
+    @property
+    def image_values(self) -> int:
+        """Values per training image (height x width x channels)."""
+        return int(np.prod(self.train_images.shape[1:]))
 
     @property
     def steps_per_epoch(self) -> int:
@@ -199,16 +209,19 @@ class PhaseData:
         return phase.augment and self._has_augmentation
 
     def uses_feature_cache(self, phase: Phase) -> bool:
-        """Whether `phase` takes the fast path (frozen backbone, no augmentation)."""
-        return self.feature_cache and phase.unfreeze_groups is None and not self.augments(phase)
+        """Whether `phase` may take the fast path: no augmentation, so the frozen part of the
+        network (the backbone, or its groups below the trained ones) sees the same images every
+        epoch and its output can be computed once (where the backbone can be cut: `fit_phases`)."""
+        return self.feature_cache and not self.augments(phase)
 
     def may_stream_features(self, phase: Phase) -> bool:
-        """Whether `phase` (frozen backbone, augmented) may compute the backbone's features in
-        ONNX Runtime while the head trains: ONNX Runtime is chosen for its forward passes
-        (`runtime`, and the training images times the epochs; see `finetune.inference`)."""
+        """Whether `phase` (augmented) may compute the frozen part's output (see
+        `uses_feature_cache`) in ONNX Runtime while the rest trains: ONNX Runtime is chosen for
+        its forward passes (`runtime`, and the training images times the epochs; see
+        `finetune.inference`)."""
         from finetune.inference import resolve_runtime
 
-        if not (self.feature_cache and phase.unfreeze_groups is None and self.augments(phase)):
+        if not (self.feature_cache and self.augments(phase)):
             return False
         images = len(self.train_images) * phase.epochs
         return resolve_runtime(self.runtime, images) == "onnxruntime"
@@ -451,7 +464,9 @@ def compile_phase(model: keras.Model, recipe: RecipeConfig, optimizer) -> None:
 
 
 class _Features:
-    """Backbone features of the training and validation images, computed on first use."""
+    """The output of the frozen part of the classifier (the backbone up to its pooling layer, or
+    up to the cut below its trained groups) for the training and validation images, computed
+    on first use."""
 
     def __init__(self, model: keras.Model, data: PhaseData, spill_dir: Path | None):
         self.model, self.data = model, data
@@ -459,15 +474,37 @@ class _Features:
         # The training batches from a first epoch on, and the validation batches.
         self.datasets: tuple[Callable[[int], tf.data.Dataset], tf.data.Dataset | None] | None
         self.datasets = None
+        self.layer: str | None = None  # whose output `datasets` holds
         self.runtime = ""  # what computed the features: "keras" or "onnxruntime"
 
     def forget(self) -> None:
         """Drops the features (the backbone is about to change, or they are no longer needed)."""
-        self.datasets = None
+        self.datasets, self.layer = None, None
         self.store.close()
 
-    def head_and_datasets(self):
-        extractor, head = split_at_pool(self.model)
+    def split(self, layer: str) -> tuple[keras.Model, keras.Model] | None:
+        """(frozen part, trained part) of the classifier cut after `layer` (`POOL_LAYER`, or a
+        backbone layer from `cut_layer`); None when the frozen part has a layer that is random
+        while training (then computing its output once is not the same training)."""
+        if layer == POOL_LAYER:
+            # A backbone with dropout inside: cached anyway, the head then trains on clean
+            # features (see finetune.recipes.feature_cache).
+            return split_at_pool(self.model)
+        lower, top = split_at_cut(self.model, layer)
+        if has_random_layers(lower):
+            return None
+        # The top's frozen BatchNorm layers folded, as `fold_batchnorm(model)` trains it.
+        return lower, fold_batchnorm(top)
+
+    def head_and_datasets(self, layer: str = POOL_LAYER):
+        """(what trains, its training batches from a first epoch on, its validation batches)
+        on cached outputs of `layer`, or None (see `split`)."""
+        parts = self.split(layer)
+        if parts is None:
+            return None
+        extractor, head = parts
+        if self.layer != layer:
+            self.forget()
         if self.datasets is None:
             d = self.data
             fast = fold_batchnorm(extractor, frozen_only=False)  # inference only
@@ -483,6 +520,7 @@ class _Features:
 
             self.runtime = getattr(forward, "runtime", "keras")
             self.datasets = (train_from, self._val_features(fast, forward))
+            self.layer = layer
         return head, *self.datasets
 
     def _val_features(self, fast: keras.Model, forward) -> tf.data.Dataset | None:
@@ -492,16 +530,20 @@ class _Features:
         val = self.store.compute(fast, d.val_images, d.batch_size, "val", forward)
         return feature_dataset(val, d.val_labels, d.num_classes, batch_size=d.batch_size)
 
-    def streamed(self, augment: bool):
-        """The head, augmented training batches turned into features by ONNX Runtime on the
-        fly, and the validation features (computed once); None when it cannot be done: the
-        backbone is random while training (dropout inside it), or ONNX Runtime fell back to
-        Keras (then training through the backbone is as fast and exact)."""
+    def streamed(self, augment: bool, layer: str = POOL_LAYER):
+        """What trains, augmented training batches turned into the outputs of `layer` by ONNX
+        Runtime on the fly, and the validation ones (computed once); None when it cannot be
+        done: the frozen part is random while training (dropout inside it), or ONNX Runtime
+        fell back to Keras (then training through the backbone is as fast and exact)."""
         from finetune.inference import GuardedForward
 
-        extractor, head = split_at_pool(self.model)
+        parts = self.split(layer)
+        if parts is None:
+            return None
+        extractor, head = parts
         if has_random_layers(extractor):
             return None
+        self.forget()  # other features, if any, are not needed any more
         d = self.data
         fast = fold_batchnorm(extractor, frozen_only=False)
         forward = GuardedForward(extractor, fast, "onnxruntime", usable_conversion_file(extractor))
@@ -606,6 +648,9 @@ def fit_phases(
                 if phase.epochs <= 0:
                     continue
             factors = None
+            # Below `cut` nothing trains: its output may be computed once (no augmentation) or
+            # by ONNX Runtime (augmented), and only what is above it trained on that.
+            cut: str | None = POOL_LAYER
             if phase.unfreeze_groups is None:
                 freeze_backbone(model)
             else:
@@ -614,14 +659,17 @@ def fit_phases(
                 )
                 if phase.lowest_group_lr != 1.0 and groups:
                     factors = group_lr_multipliers(model, spec, groups, phase.lowest_group_lr)
-            cached = data.uses_feature_cache(phase)
-            streamed = None
-            if not cached and data.may_stream_features(phase):
-                streamed = features.streamed(phase.augment)
-            if cached:
-                fit_model, train_from, val_ds = features.head_and_datasets()
+                cut = cut_layer(model, spec, groups, data.image_values)
+            split = streamed = None
+            if cut is not None and data.uses_feature_cache(phase):
+                split = features.head_and_datasets(cut)
+            elif cut is not None and data.may_stream_features(phase):
+                streamed = features.streamed(phase.augment, cut)
+            cached = split is not None
+            if split is not None:
+                fit_model, train_from, val_ds = split
             elif streamed is not None:
-                # Frozen backbone, augmented: its forward pass in ONNX Runtime, the head in
+                # The frozen part augmented: its forward pass in ONNX Runtime, the rest in
                 # Keras on its output (the same training up to rounding, faster).
                 fit_model, train_from, val_ds = streamed
             else:
@@ -654,11 +702,11 @@ def fit_phases(
                     optimizer.variables, resume.array_list("optimizer"), "optimizer", resume.path
                 )
             if verbose:
-                how = ""
+                how, what = "", "head" if cut == POOL_LAYER else f"top groups (above {cut})"
                 if cached:
-                    how = f" (head on cached backbone features, computed by {features.runtime})"
+                    how = f" ({what} on cached features, computed by {features.runtime})"
                 elif streamed is not None:
-                    how = " (head on backbone features computed by onnxruntime as it goes)"
+                    how = f" ({what} on features computed by onnxruntime as it goes)"
                 again = f", going on after epoch {first_epoch}" if going_on else ""
                 print(
                     f"Phase '{phase.name}': up to {phase.epochs} epoch(s) at learning rate "
@@ -707,6 +755,7 @@ def fit_phases(
                     record["features_cached"] = cached
                     if cached or streamed is not None:
                         record["features_runtime"] = features.runtime
+                        record["features_layer"] = cut
                     if streamed is not None:
                         record["features_streamed"] = True
                     ran += 1
@@ -714,7 +763,8 @@ def fit_phases(
             if phase.budget is not None:
                 budgets[phase.budget] -= ran
             if not cached:
-                # Unfrozen layers have changed: cached features would be stale.
+                # Layers below the cut may have changed: cached features would be stale. (A
+                # cached phase trained only above its cut: its features stay valid.)
                 features.forget()
             save(position | {"epoch": epoch, "phase_done": True, "stop_training": False}, model)
     finally:

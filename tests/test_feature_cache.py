@@ -255,22 +255,10 @@ def test_the_cut_is_below_the_trained_groups_where_one_tensor_crosses():
     )
 
 
-@pytest.mark.slow
-def test_an_augmented_partial_phase_streams_the_frozen_groups_from_onnx_runtime(digits):
-    """Augmented, ONNX Runtime chosen: the frozen groups run there on each augmented batch and
-    the top groups train as through the whole network."""
-    through, slow_records = partial_phase_run(
-        digits, feature_cache=True, runtime="keras", augment=True
-    )
-    streamed, fast_records = partial_phase_run(
-        digits, feature_cache=True, runtime="onnxruntime", augment=True
-    )
-    assert [r.get("features_streamed") for r in slow_records] == [None] * 3
-    assert [r.get("features_streamed") for r in fast_records] == [True] * 3
-    assert [r["features_layer"] for r in fast_records] == ["block5c_add"] * 3
-    slow, fast = weights_by_group(through), weights_by_group(streamed)
-    for group in slow:
-        for a, b in zip(slow[group], fast[group], strict=True):
-            np.testing.assert_allclose(a, b, atol=1e-4, err_msg=group)
-    for s, f in zip(slow_records, fast_records, strict=True):
-        assert f["val_loss"] == pytest.approx(s["val_loss"], abs=1e-4)
+def test_an_augmented_partial_phase_trains_through_the_whole_network(digits):
+    """Streaming the frozen groups from ONNX Runtime was measured not to pay (RESULTS.md): an
+    augmented partial phase trains through the network even when ONNX Runtime is chosen."""
+    _, records = partial_phase_run(digits, feature_cache=True, runtime="onnxruntime", augment=True)
+    assert [r["features_cached"] for r in records] == [False] * 3
+    assert [r.get("features_streamed") for r in records] == [None] * 3
+    assert [r.get("features_layer") for r in records] == [None] * 3

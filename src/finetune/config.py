@@ -209,9 +209,12 @@ class RecipeConfig:
         head_augment: augment the training images in phase 1 too. Defaults to False: phase 1
             then trains the head on backbone features computed once (`feature_cache`), which
             is many times faster; phase 2 always augments when augmentation is enabled.
-        feature_cache: train frozen-backbone phases without augmentation on cached backbone
-            features; the head ends up the same as training through the frozen backbone.
-            Defaults to True.
+        feature_cache: in a phase without augmentation, compute the output of what is
+            frozen once and train the rest on it (the head on the backbone's features; the top
+            groups of a partly unfrozen backbone on the output of the groups below); in an
+            augmented frozen phase, let ONNX Runtime compute the features batch by batch when
+            it is chosen (`finetune.inference`). The weights end up the same as training
+            through the whole network. Defaults to True.
         calibrate: after training, fit a temperature on the validation split so the
             probabilities say how sure the model really is (`finetune.calibration`); the run
             stores it and `predict` / `evaluate` apply it. Needs a validation split.

@@ -215,13 +215,12 @@ class PhaseData:
         return self.feature_cache and not self.augments(phase)
 
     def may_stream_features(self, phase: Phase) -> bool:
-        """Whether `phase` (augmented) may compute the frozen part's output (see
-        `uses_feature_cache`) in ONNX Runtime while the rest trains: ONNX Runtime is chosen for
-        its forward passes (`runtime`, and the training images times the epochs; see
-        `finetune.inference`)."""
+        """Whether `phase` (frozen backbone, augmented) may compute the backbone's features in
+        ONNX Runtime while the head trains: ONNX Runtime is chosen for its forward passes
+        (`runtime`, and the training images times the epochs; see `finetune.inference`)."""
         from finetune.inference import resolve_runtime
 
-        if not (self.feature_cache and self.augments(phase)):
+        if not (self.feature_cache and phase.unfreeze_groups is None and self.augments(phase)):
             return False
         images = len(self.train_images) * phase.epochs
         return resolve_runtime(self.runtime, images) == "onnxruntime"
@@ -530,17 +529,14 @@ class _Features:
         val = self.store.compute(fast, d.val_images, d.batch_size, "val", forward)
         return feature_dataset(val, d.val_labels, d.num_classes, batch_size=d.batch_size)
 
-    def streamed(self, augment: bool, layer: str = POOL_LAYER):
-        """What trains, augmented training batches turned into the outputs of `layer` by ONNX
-        Runtime on the fly, and the validation ones (computed once); None when it cannot be
-        done: the frozen part is random while training (dropout inside it), or ONNX Runtime
-        fell back to Keras (then training through the backbone is as fast and exact)."""
+    def streamed(self, augment: bool):
+        """The head, augmented training batches turned into features by ONNX Runtime on the
+        fly, and the validation features (computed once); None when it cannot be done: the
+        backbone is random while training (dropout inside it), or ONNX Runtime fell back to
+        Keras (then training through the backbone is as fast and exact)."""
         from finetune.inference import GuardedForward
 
-        parts = self.split(layer)
-        if parts is None:
-            return None
-        extractor, head = parts
+        extractor, head = split_at_pool(self.model)
         if has_random_layers(extractor):
             return None
         self.forget()  # other features, if any, are not needed any more
@@ -648,8 +644,11 @@ def fit_phases(
                 if phase.epochs <= 0:
                     continue
             factors = None
-            # Below `cut` nothing trains: its output may be computed once (no augmentation) or
-            # by ONNX Runtime (augmented), and only what is above it trained on that.
+            # Below `cut` nothing trains: its output may be computed once (no augmentation),
+            # and only what is above it trained on that. An augmented frozen backbone may run
+            # in ONNX Runtime as the head trains; an augmented cut does not (measured: 1.08x,
+            # and one round in three 1.4x slower, ONNX Runtime and TensorFlow taking turns
+            # with a heavy step on 2 cores; benchmarks/RESULTS.md).
             cut: str | None = POOL_LAYER
             if phase.unfreeze_groups is None:
                 freeze_backbone(model)
@@ -663,13 +662,13 @@ def fit_phases(
             split = streamed = None
             if cut is not None and data.uses_feature_cache(phase):
                 split = features.head_and_datasets(cut)
-            elif cut is not None and data.may_stream_features(phase):
-                streamed = features.streamed(phase.augment, cut)
+            elif data.may_stream_features(phase):
+                streamed = features.streamed(phase.augment)
             cached = split is not None
             if split is not None:
                 fit_model, train_from, val_ds = split
             elif streamed is not None:
-                # The frozen part augmented: its forward pass in ONNX Runtime, the rest in
+                # Frozen backbone, augmented: its forward pass in ONNX Runtime, the head in
                 # Keras on its output (the same training up to rounding, faster).
                 fit_model, train_from, val_ds = streamed
             else:
@@ -706,7 +705,7 @@ def fit_phases(
                 if cached:
                     how = f" ({what} on cached features, computed by {features.runtime})"
                 elif streamed is not None:
-                    how = f" ({what} on features computed by onnxruntime as it goes)"
+                    how = " (head on backbone features computed by onnxruntime as it goes)"
                 again = f", going on after epoch {first_epoch}" if going_on else ""
                 print(
                     f"Phase '{phase.name}': up to {phase.epochs} epoch(s) at learning rate "

@@ -29,7 +29,7 @@ too: `--train-batchnorm`; PyTorch's plain `model.train()`), `partial` (the top
 `--partial-groups` layer groups and the head train, BatchNorm frozen; for `finetune`, also
 `cached`: the top's step on the frozen groups' output computed once, with `cache_fill`, what
 an unaugmented partial phase runs, and `streamed`: the frozen groups in ONNX Runtime then the
-top's step, what an augmented one runs from 8,000 image-epochs on), `head` (frozen backbone,
+top's step, measured and not used: RESULTS.md, fifth slice), `head` (frozen backbone,
 the step through it; for `finetune`, also `streamed`: the frozen backbone in ONNX Runtime then
 the head's step on its output, one after the other, what `--head-augment` runs from 8,000
 image-epochs on), `head_cached` (finetune only: the head's step on cached pooled features,
@@ -455,8 +455,8 @@ def markdown(report: dict) -> str:
                          f"| {fmt(c.get('ratio_cached_5'), 2)} |")  # fmt: skip
         if c.get("finetune_streamed"):
             what = ("head, streamed: ONNX Runtime features + head step (--head-augment"
-                    if c["mode"] == "head" else "partial, streamed: ONNX Runtime below the cut "
-                    "+ top step (augmented")  # fmt: skip
+                    if c["mode"] == "head" else "partial: ONNX Runtime below the cut + top "
+                    "step (measured, not used; would be augmented")  # fmt: skip
             lines.append(f"| {c['size']} | {what} from 8,000 image-epochs) "
                          f"| {fmt(c['finetune_streamed'])} | | | | | | {best} "
                          f"| {fmt(c.get('ratio_streamed'), 2)} |")  # fmt: skip

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import keras
 import numpy as np
 import pytest
 
@@ -169,9 +170,12 @@ def test_an_augmented_frozen_phase_streams_onnx_runtime_features_to_the_same_hea
     )
 
 
-def partial_phase_run(data, *, feature_cache: bool, runtime=None, augment=False, groups=3):
-    """One model, seeded the same way every time, through 3 epochs with the top `groups`
-    layer groups unfrozen (BatchNorm frozen, as by default) and discriminative rates."""
+def partial_phase_run(
+    data, *, feature_cache: bool, runtime=None, augment=False, train_batchnorm=False, average=0
+):
+    """One model, seeded the same way every time, through 3 epochs with the top 3 layer groups
+    unfrozen (BatchNorm frozen, as by default, unless `train_batchnorm`) and discriminative
+    rates, the last `average` epochs averaged."""
     seed_everything(5)
     model = build_classifier(SPEC, data.num_classes, image_size=SIZE, head=ModelConfig())
     phase_data = PhaseData(
@@ -186,10 +190,10 @@ def partial_phase_run(data, *, feature_cache: bool, runtime=None, augment=False,
         feature_cache=feature_cache,
         runtime=runtime,
     )
-    recipe = RecipeConfig(early_stopping_patience=0)
+    recipe = RecipeConfig(early_stopping_patience=0, average_last_epochs=average)
     phase = Phase(
-        "finetune", epochs=3, learning_rate=1e-3, unfreeze_groups=groups, lowest_group_lr=0.1,
-        augment=augment,
+        "finetune", epochs=3, learning_rate=1e-3, unfreeze_groups=3, lowest_group_lr=0.1,
+        augment=augment, train_batchnorm=train_batchnorm,
     )  # fmt: skip
     records = fit_phases(model, SPEC, recipe, [phase], phase_data, verbose=0)
     return model, records
@@ -228,6 +232,28 @@ def test_a_partial_phase_trains_the_same_top_groups_on_cached_activations(digits
     for s, f in zip(slow_records, fast_records, strict=True):
         for key in ("loss", "accuracy", "val_loss", "val_accuracy"):
             assert f[key] == pytest.approx(s[key], abs=1e-5), key
+    assert cached.optimizer is not None  # the classifier compiled as what trained it
+
+
+def test_cached_top_groups_with_trained_batchnorm_and_averaging_end_as_through_the_network(
+    digits,
+):
+    """BatchNorm training in the top groups, the last 2 epochs averaged: the statistics are
+    recomputed for the average from the cached features, as through the network from images."""
+    through, _ = partial_phase_run(digits, feature_cache=False, train_batchnorm=True, average=2)
+    cached, records = partial_phase_run(digits, feature_cache=True, train_batchnorm=True, average=2)
+    assert [r["features_cached"] for r in records] == [True] * 3
+    top_bn = [
+        layer
+        for layer in cached.get_layer("backbone").layers
+        if isinstance(layer, keras.layers.BatchNormalization) and layer.trainable
+    ]
+    assert top_bn  # BatchNorm layers of the top groups trained, and were recomputed
+    slow, fast = weights_by_group(through), weights_by_group(cached)
+    for group in slow:
+        for a, b in zip(slow[group], fast[group], strict=True):
+            # Moving variances reach ~100 here: 1e-5 of them is rounding.
+            np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5, err_msg=group)
 
 
 def test_the_cut_is_below_the_trained_groups_where_one_tensor_crosses():
@@ -239,9 +265,9 @@ def test_the_cut_is_below_the_trained_groups_where_one_tensor_crosses():
     assert cut_layer(model, SPEC, ["block6", "block7", "top"]) == "block5c_add"
     assert cut_layer(model, SPEC, ["block7", "top"]) == "block6d_add"
     assert cut_layer(model, SPEC, SPEC.group_names) is None  # nothing below
-    # block5c_add's output (2 x 2 x 112 at 32 px) against a limit below it: no cut.
-    assert cut_layer(model, SPEC, ["block6", "block7", "top"], max_values=447) is None
-    assert cut_layer(model, SPEC, ["block6", "block7", "top"], max_values=448) == "block5c_add"
+    # block5c_add's output (2 x 2 x 112 float32 at 32 px: 1,792 bytes) against a limit below it.
+    assert cut_layer(model, SPEC, ["block6", "block7", "top"], max_bytes=1791) is None
+    assert cut_layer(model, SPEC, ["block6", "block7", "top"], max_bytes=1792) == "block5c_add"
     # Groups that split a block: its residual connection crosses the cut.
     inside = replace(SPEC, layer_groups=(("low", "stem_|block[1-4]|block5[ab]|block5c_expand"),
                                          ("high", "block5c|block[67]|top_")))  # fmt: skip
@@ -252,6 +278,16 @@ def test_the_cut_is_below_the_trained_groups_where_one_tensor_crosses():
     features = np.asarray(lower.predict_on_batch(x)).reshape(5, -1)
     np.testing.assert_allclose(
         top.predict_on_batch(features), model.predict_on_batch(x), rtol=1e-5, atol=1e-5
+    )
+    # A Keras Applications backbone cuts at its own group boundary too.
+    mobilenet = get_backbone("mobilenet_v2")
+    other = build_classifier(mobilenet, 4, image_size=SIZE, weights=None)
+    name = cut_layer(other, mobilenet, mobilenet.group_names[-2:])
+    assert name is not None
+    lower, top = split_at_cut(other, name)
+    features = np.asarray(lower.predict_on_batch(x)).reshape(5, -1)
+    np.testing.assert_allclose(
+        top.predict_on_batch(features), other.predict_on_batch(x), rtol=1e-4, atol=1e-4
     )
 
 

@@ -239,6 +239,7 @@ def test_fit_phases_trains_the_folded_model_and_run_predicts_with_one(tmp_path):
         num_classes=data.num_classes,
         batch_size=8,
         seed=0,
+        feature_cache=False,  # through the whole folded model, not the top on cached features
     )
     seen: list = []
     phase = Phase("finetune", 1, 1e-3, unfreeze_groups=2, augment=False)

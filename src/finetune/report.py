@@ -210,7 +210,9 @@ def _config(run: Run, path: Path) -> str:
             end - start,
             _lr(h[start].get("learning_rate")),
             _lr(h[end - 1].get("learning_rate")),
-            "yes" if h[start].get("features_cached") else "no",
+            (f"yes ({h[start].get('features_layer') or 'pool'})")
+            if h[start].get("features_cached")
+            else "no",
         ]
         for name, start, end in phase_spans(h)
     ]
@@ -223,7 +225,7 @@ def _config(run: Run, path: Path) -> str:
                     "epochs",
                     "learning rate (first epoch)",
                     "(last epoch)",
-                    "head on cached features",
+                    "trained on cached features (of layer)",
                 ],
                 rows,
             )

@@ -236,7 +236,8 @@ class Run:
             augmentations.append(augmentation)
         # Batch by batch, converted to float32 one batch at a time: faster than `predict` on the
         # whole array (which copies it into a dataset first) and no float copy of every image.
-        # ONNX Runtime's threads may spin between batches: nothing else computes meanwhile.
+        # ONNX Runtime's threads may spin between batches: nothing trains meanwhile (tf.data
+        # makes the augmented views of test-time augmentation alongside; measured, still a gain).
         forward = guarded_forward(
             self.model, self.inference_model(), runtime, len(images) * tta, spin=True
         )

@@ -11,8 +11,13 @@ inside it (Keras' EfficientNetB0 has drop-connect in its blocks) keeps that drop
 `fit` even when frozen, while the cached features are computed without it; the head then
 trains on clean features instead of noisy ones, and is not the same as without the cache.
 
-The head model built here shares its layers with the classifier, so training it trains the
-classifier's head in place. Once the features held in memory would exceed a configurable size,
+The same holds below the trained groups of a partly unfrozen backbone (`cut_layer`,
+`split_at_cut`): nothing there trains, so without augmentation their output is the same every
+epoch, and the top groups and the head can train on it computed once (the same weights as
+through the whole network, up to float rounding; tests/test_feature_cache.py).
+
+The head (or top) model built here shares its layers with the classifier, so training it trains
+the classifier in place. Once the features held in memory would exceed a configurable size,
 further ones are written to a memory-mapped file in a temporary folder (under `TMPDIR`, or a
 folder given) instead.
 """
@@ -60,7 +65,7 @@ def cut_layer(
     model: keras.Model,
     spec: BackboneSpec,
     trained_groups: list[str],
-    max_values: int | None = None,
+    max_bytes: int | None = None,
 ) -> str | None:
     """The backbone layer below which nothing trains, when the backbone can be cut after it.
 
@@ -68,14 +73,14 @@ def cut_layer(
         model: a classifier made by `build_classifier`.
         spec: its backbone's registry entry (which defines the groups).
         trained_groups: the groups that train (`unfreeze_top_groups`' answer).
-        max_values: the most values per image the layer's output may have, or None. Defaults
-            to None. (A cut low in the network saves little computation and its output is
-            large: larger than the image itself after EfficientNet's stem.)
+        max_bytes: the most bytes per image the layer's output may take as float32, or None.
+            Defaults to None. (A cut low in the network saves little computation and its
+            output is large: several times the image after EfficientNet's stem.)
 
     Returns:
         The name of the last backbone layer before the first layer of `trained_groups`, or
         None when there is nothing below them, a layer of another group comes after it, its
-        output is larger than `max_values`, or more than its output crosses from below to
+        output is larger than `max_bytes`, or more than its output crosses from below to
         above (a skip connection over the cut).
     """
     layers = backbone_of(model).layers
@@ -87,7 +92,7 @@ def cut_layer(
         return None
     name = layers[first - 1].name
     shape = backbone_of(model).get_layer(name).output.shape[1:]
-    if max_values is not None and int(np.prod(shape)) > max_values:
+    if max_bytes is not None and 4 * int(np.prod(shape)) > max_bytes:
         return None
     try:
         keras.Model(backbone_of(model).get_layer(name).output, backbone_of(model).outputs)

@@ -7,8 +7,9 @@ history reads as one training. Each phase stops early on the validation loss and
 best weights, and checkpoints its best weights in the run directory (atomically, with a
 completion marker: `finetune.checkpoint`).
 
-A phase that trains the head on a frozen backbone without augmentation takes the fast path of
-`finetune.recipes.feature_cache`: the backbone runs once and the head trains on its features.
+A phase without augmentation takes the fast path of `finetune.recipes.feature_cache`: what is
+frozen (the backbone, or its groups below the trained ones) runs once, and what trains is fitted
+on its stored output.
 """
 
 from __future__ import annotations
@@ -148,9 +149,9 @@ class PhaseData:
         return self.val_labels is not None and len(self.val_labels) > 0
 
     @property
-    def image_values(self) -> int:
-        """Values per training image (height x width x channels)."""
-        return int(np.prod(self.train_images.shape[1:]))
+    def image_bytes(self) -> int:
+        """Bytes per training image as held (height x width x channels, uint8)."""
+        return int(np.prod(self.train_images.shape[1:])) * self.train_images.itemsize
 
     @property
     def steps_per_epoch(self) -> int:
@@ -595,10 +596,11 @@ def fit_phases(
 
     Returns:
         One dict per epoch: phase, epoch, loss, accuracy, val_loss, val_accuracy, learning_rate,
-        and `features_cached` (True when the phase trained the head on cached features;
-        `features_runtime` then says whether Keras or ONNX Runtime computed them, as it does
-        with `features_streamed`, True when an augmented frozen phase took its features from
-        ONNX Runtime batch by batch); with
+        and `features_cached` (True when the phase trained on cached features: the head on the
+        backbone's, or the top groups on the frozen groups'; `features_layer` then names the
+        layer whose output they are, and `features_runtime` says whether Keras or ONNX Runtime
+        computed them, as it does with `features_streamed`, True when an augmented frozen
+        phase took its features from ONNX Runtime batch by batch); with
         `recipe.average_last_epochs`, `averaged` on the epochs whose mean the final phase ends
         with (`finetune.recipes.averaging`; that phase then has no early stopping).
     """
@@ -658,7 +660,8 @@ def fit_phases(
                 )
                 if phase.lowest_group_lr != 1.0 and groups:
                     factors = group_lr_multipliers(model, spec, groups, phase.lowest_group_lr)
-                cut = cut_layer(model, spec, groups, data.image_values)
+                # Stored as float32, no larger than the images themselves.
+                cut = cut_layer(model, spec, groups, data.image_bytes)
             split = streamed = None
             if cut is not None and data.uses_feature_cache(phase):
                 split = features.head_and_datasets(cut)
@@ -684,7 +687,7 @@ def fit_phases(
             # Trainability changed: compile again so the train step sees it.
             optimizer = make_optimizer(recipe, learning_rate, lr_multipliers=factors)
             compile_phase(fit_model, recipe, optimizer)
-            if fit_model is not model and not cached and streamed is None:
+            if fit_model is not model and streamed is None and not (cached and cut == POOL_LAYER):
                 # The classifier itself, as a user gets it back: compiled like the model that
                 # trained it, with the same optimizer (whose state it saves).
                 compile_phase(model, recipe, optimizer)
@@ -725,7 +728,11 @@ def fit_phases(
                     run_dir,
                     model,
                     recipe.average_last_epochs if index == len(phases) - 1 else 0,
-                    lambda at=first_epoch: data.one_epoch(augment=False, epoch=at),
+                    # BatchNorm statistics are recomputed by running what `fit` trains on an
+                    # epoch of what it trains on (cached features for the top groups).
+                    (lambda at=first_epoch, f=train_from, n=steps: f(at).take(n))
+                    if cached
+                    else (lambda at=first_epoch: data.one_epoch(augment=False, epoch=at)),
                 )
                 + (extra_callbacks(phase) if extra_callbacks else [])
             )
@@ -765,6 +772,9 @@ def fit_phases(
                 # Layers below the cut may have changed: cached features would be stale. (A
                 # cached phase trained only above its cut: its features stay valid.)
                 features.forget()
+            # Nothing of this phase's datasets is held into the next one (whose features may be
+            # computed at another cut).
+            train_ds = val_ds = train_from = split = streamed = None
             save(position | {"epoch": epoch, "phase_done": True, "stop_training": False}, model)
     finally:
         features.forget()

@@ -26,6 +26,22 @@ def digits(tmp_path_factory):
     return prepare_image_data(folder, image_size=SIZE, val_fraction=0.25, test_fraction=0.0)
 
 
+def digits_phase_data(data, seed: int, **options) -> PhaseData:
+    """The digits' training and validation splits in batches of 16, augmentation on (used only
+    by phases that augment), seeded with `seed`; `options` go to `PhaseData`."""
+    return PhaseData(
+        train_images=data.images["train"],
+        train_labels=data.labels["train"],
+        num_classes=data.num_classes,
+        batch_size=16,
+        val_images=data.images["val"],
+        val_labels=data.labels["val"],
+        augmentation=build_augmentation(AugmentConfig(), seed=seed),
+        seed=seed,
+        **options,
+    )
+
+
 def head_phase_run(
     data,
     *,
@@ -41,18 +57,8 @@ def head_phase_run(
     model = build_classifier(
         SPEC, data.num_classes, image_size=SIZE, head=ModelConfig(hidden_units=[16], dropout=0.3)
     )
-    phase_data = PhaseData(
-        train_images=data.images["train"],
-        train_labels=data.labels["train"],
-        num_classes=data.num_classes,
-        batch_size=16,
-        val_images=data.images["val"],
-        val_labels=data.labels["val"],
-        augmentation=build_augmentation(AugmentConfig(), seed=3),  # on, but not in this phase
-        seed=3,
-        feature_cache=feature_cache,
-        feature_cache_max_memory_gb=max_gb,
-        runtime=runtime,
+    phase_data = digits_phase_data(
+        data, 3, feature_cache=feature_cache, feature_cache_max_memory_gb=max_gb, runtime=runtime
     )
     recipe = RecipeConfig(early_stopping_patience=0)
     phase = Phase("head", epochs=epochs, learning_rate=3e-3, augment=augment)
@@ -178,18 +184,7 @@ def partial_phase_run(
     rates, the last `average` epochs averaged."""
     seed_everything(5)
     model = build_classifier(SPEC, data.num_classes, image_size=SIZE, head=ModelConfig())
-    phase_data = PhaseData(
-        train_images=data.images["train"],
-        train_labels=data.labels["train"],
-        num_classes=data.num_classes,
-        batch_size=16,
-        val_images=data.images["val"],
-        val_labels=data.labels["val"],
-        augmentation=build_augmentation(AugmentConfig(), seed=5),
-        seed=5,
-        feature_cache=feature_cache,
-        runtime=runtime,
-    )
+    phase_data = digits_phase_data(data, 5, feature_cache=feature_cache, runtime=runtime)
     recipe = RecipeConfig(early_stopping_patience=0, average_last_epochs=average)
     phase = Phase(
         "finetune", epochs=3, learning_rate=1e-3, unfreeze_groups=3, lowest_group_lr=0.1,

@@ -162,8 +162,8 @@ def test_a_verified_conversion_is_kept_and_reused(tmp_path, monkeypatch):
     assert guarded_forward(model, fast, "onnxruntime", 16).from_cache
 
 
-def _spinning(forward: GuardedForward) -> str:
-    options = forward.onnx.session.get_session_options()
+def _spinning(forward: OnnxForward) -> str:
+    options = forward.session.get_session_options()
     return options.get_session_config_entry("session.intra_op.allow_spinning")
 
 
@@ -184,12 +184,10 @@ def test_predict_lets_onnx_runtimes_threads_spin_and_training_does_not(tmp_path,
     run = Run(model=model, config=Config(), class_names=["a", "b", "c"], image_size=SIZE)
     run.predict_logits(images(8), runtime="onnxruntime")  # converts and keeps it
     run.predict_logits(images(8), runtime="onnxruntime")  # loads the kept conversion
-    spins = [f.session.get_session_options().get_session_config_entry(
-        "session.intra_op.allow_spinning") for f in made]  # fmt: skip
-    assert spins == ["1", "1"]
+    assert [_spinning(f) for f in made] == ["1", "1"]
     fast = fold_batchnorm(model, frozen_only=False)
-    assert _spinning(guarded_forward(model, fast, "onnxruntime", 8)) == "0"  # training's call
-    assert _spinning(GuardedForward(model, fast, "onnxruntime")) == "0"  # the streamed phase's
+    assert _spinning(guarded_forward(model, fast, "onnxruntime", 8).onnx) == "0"  # training's
+    assert _spinning(GuardedForward(model, fast, "onnxruntime").onnx) == "0"  # streamed phase's
 
 
 class _NumpyOp(keras.layers.Layer):

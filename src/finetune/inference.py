@@ -145,8 +145,9 @@ class OnnxForward:
         model: a single-input, single-output Keras model (not modified).
         cached: a verified conversion of this very model to load instead of converting, or
             None. Defaults to None.
-        spin: let ONNX Runtime's worker threads spin between calls instead of sleeping: 8-18%
-            faster when nothing else needs the CPU between batches (`predict`, `evaluate`),
+        spin: let ONNX Runtime's worker threads spin between calls instead of sleeping: 8-21%
+            faster per call, 2-14% on whole `predict` calls (benchmarks/RESULTS.md, fifth
+            slice), when nothing else needs the CPU between batches (`predict`, `evaluate`),
             CPU taken from TensorFlow when it trains between them (the cache fill, a streamed
             phase). Defaults to False.
 

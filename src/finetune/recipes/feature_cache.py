@@ -83,22 +83,22 @@ def cut_layer(
         output is larger than `max_bytes`, or more than its output crosses from below to
         above (a skip connection over the cut).
     """
-    layers = backbone_of(model).layers
+    backbone = backbone_of(model)
+    layers = backbone.layers
     chosen = set(trained_groups)
     first = next((i for i, layer in enumerate(layers) if spec.group_of(layer.name) in chosen), None)
     if first is None or first < 2:  # nothing to cut off above the input layer
         return None
     if any(spec.group_of(layer.name) not in chosen for layer in layers[first:]):
         return None
-    name = layers[first - 1].name
-    shape = backbone_of(model).get_layer(name).output.shape[1:]
-    if max_bytes is not None and 4 * int(np.prod(shape)) > max_bytes:
+    cut = layers[first - 1].output
+    if max_bytes is not None and 4 * int(np.prod(cut.shape[1:])) > max_bytes:
         return None
     try:
-        keras.Model(backbone_of(model).get_layer(name).output, backbone_of(model).outputs)
+        keras.Model(cut, backbone.outputs)
     except ValueError:  # "graph disconnected": the top needs a tensor from below the cut
         return None
-    return name
+    return layers[first - 1].name
 
 
 def split_at_cut(model: keras.Model, layer_name: str) -> tuple[keras.Model, keras.Model]:

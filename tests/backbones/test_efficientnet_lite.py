@@ -6,7 +6,11 @@ Built models are shared per module: building and loading Lite0 takes seconds.
 from __future__ import annotations
 
 import dataclasses
+import json
+import subprocess
+import sys
 
+import keras
 import numpy as np
 import pytest
 import skimage.data
@@ -265,3 +269,30 @@ def test_registry_entries():
         assert spec.preprocessing.mean == (127.0,) * 3 and spec.preprocessing.std == (128.0,) * 3
         assert spec.weights.status().available
     assert get_backbone("efficientnet_lite2").input_size == 260
+
+
+_SCRATCH_KERNELS = ("stem_conv", "block6b_expand_conv", "block6c_expand_conv", "predictions")
+_SCRATCH_SCRIPT = f"""
+import json, keras
+from finetune.backbones.efficientnet_lite import build_efficientnet_lite
+keras.utils.set_random_seed(7)
+model = build_efficientnet_lite("efficientnet_lite0", 32, include_top=True)
+print(json.dumps({{n: model.get_layer(n).kernel.numpy().ravel()[:8].tolist()
+                   for n in {_SCRATCH_KERNELS!r}}}))
+"""
+
+
+def test_initialisation_without_weights_follows_the_seed_in_every_process_and_layer():
+    """Training from scratch (`--compare-scratch`): the seed fixes the initial weights in any
+    process, and two kernels of the same shape do not start out equal."""
+    keras.utils.set_random_seed(7)
+    model = build_efficientnet_lite("efficientnet_lite0", 32, include_top=True)
+    here = {n: model.get_layer(n).kernel.numpy().ravel()[:8].tolist() for n in _SCRATCH_KERNELS}
+    done = subprocess.run(
+        [sys.executable, "-c", _SCRATCH_SCRIPT], capture_output=True, text=True, timeout=300
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    there = json.loads(done.stdout.strip().splitlines()[-1])
+    assert here == there
+    assert here["block6b_expand_conv"] != here["block6c_expand_conv"]
+    assert len(set(here["stem_conv"])) == 8  # drawn, not a constant

@@ -83,9 +83,18 @@ LAYER_GROUPS: tuple[tuple[str, str], ...] = (
 )
 PREPROCESSING = Preprocessing(mean=(127.0, 127.0, 127.0), std=(128.0, 128.0, 128.0))
 
-# The initialisers of Keras' EfficientNet, used when no pretrained weights are loaded.
-_CONV_INIT = keras.initializers.VarianceScaling(2.0, "fan_out", "truncated_normal")
-_DENSE_INIT = keras.initializers.VarianceScaling(1.0 / 3.0, "fan_out", "uniform")
+
+# The initialisers of Keras' EfficientNet, used when no pretrained weights are loaded. A new one
+# for every layer: an unseeded Keras initialiser draws its seed when it is made, so one shared
+# instance made at import gave every kernel of a shape the same values, different in every
+# process whatever `keras.utils.set_random_seed` said. Made while building, each draws its seed
+# from the seeded global generator.
+def _conv_init() -> keras.initializers.Initializer:
+    return keras.initializers.VarianceScaling(2.0, "fan_out", "truncated_normal")
+
+
+def _dense_init() -> keras.initializers.Initializer:
+    return keras.initializers.VarianceScaling(1.0 / 3.0, "fan_out", "uniform")
 
 
 @dataclass(frozen=True)
@@ -155,7 +164,7 @@ def _conv_bn_relu6(
     x: keras.KerasTensor, filters: int, prefix: str, activation: bool = True
 ) -> keras.KerasTensor:
     x = layers.Conv2D(
-        filters, 1, padding="same", use_bias=False, kernel_initializer=_CONV_INIT,
+        filters, 1, padding="same", use_bias=False, kernel_initializer=_conv_init(),
         name=f"{prefix}conv",
     )(x)  # fmt: skip
     x = layers.BatchNormalization(momentum=0.99, epsilon=1e-3, name=f"{prefix}bn")(x)
@@ -170,7 +179,7 @@ def _mbconv(x: keras.KerasTensor, block: BlockConfig) -> keras.KerasTensor:
     # with; PyTorch-style symmetric padding would shift every stride-2 feature map by a pixel.
     x = layers.DepthwiseConv2D(
         block.kernel, strides=block.stride, padding="same", use_bias=False,
-        depthwise_initializer=_CONV_INIT, name=f"{block.name}dwconv",
+        depthwise_initializer=_conv_init(), name=f"{block.name}dwconv",
     )(x)  # fmt: skip
     x = layers.BatchNormalization(momentum=0.99, epsilon=1e-3, name=f"{block.name}bn")(x)
     x = layers.ReLU(6.0, name=f"{block.name}activation")(x)
@@ -199,7 +208,7 @@ def build_efficientnet_lite(variant: str, image_size: int, include_top: bool) ->
     inputs = keras.Input((image_size, image_size, 3), name="input")
     x = layers.Conv2D(
         STEM_FILTERS, 3, strides=2, padding="same", use_bias=False,
-        kernel_initializer=_CONV_INIT, name="stem_conv",
+        kernel_initializer=_conv_init(), name="stem_conv",
     )(inputs)  # fmt: skip
     x = layers.BatchNormalization(momentum=0.99, epsilon=1e-3, name="stem_bn")(x)
     x = layers.ReLU(6.0, name="stem_activation")(x)
@@ -209,7 +218,7 @@ def build_efficientnet_lite(variant: str, image_size: int, include_top: bool) ->
     if include_top:
         x = layers.GlobalAveragePooling2D(name="avg_pool")(x)
         x = layers.Dropout(scaling.dropout, name="top_dropout")(x)
-        x = layers.Dense(NUM_CLASSES, kernel_initializer=_DENSE_INIT, name="predictions")(x)
+        x = layers.Dense(NUM_CLASSES, kernel_initializer=_dense_init(), name="predictions")(x)
     return keras.Model(inputs, x, name=variant)
 
 

@@ -12,9 +12,10 @@ determinism on, as `finetune train`), trainability set by `unfreeze_top_groups` 
 `freeze_backbone`, the recipe's optimizer (`make_optimizer`: Adam on the cosine schedule, with
 the discriminative per-group learning rates of phase 2) compiled by `two_phase.compile_phase`;
 timed with `train_on_batch` / `predict_on_batch` on the model `fit_phases` trains
-(`fold_batchnorm(model)`: frozen BatchNorm folded into the convolutions) and the one `Run`
-predicts with (`fold_batchnorm(model, frozen_only=False)`). `finetune-unfolded` is the same
-without the folding (finetune before it, to measure the lever side by side); `finetune-bf16`
+(`fold_batchnorm(model)`: frozen BatchNorm folded into the convolutions, BatchNorm that trains
+run by TensorFlow's fused kernel) and the one `Run` predicts with
+(`fold_batchnorm(model, frozen_only=False)`). `finetune-unfolded` is the same without either
+(finetune before them, to measure the levers side by side); `finetune-bf16`
 is `finetune` under Keras' `mixed_bfloat16` policy (speed only).
 
 PyTorch reference (`torch_lite0.EfficientNetLite0`, a plain nn.Module with the same

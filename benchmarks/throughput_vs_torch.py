@@ -12,10 +12,9 @@ determinism on, as `finetune train`), trainability set by `unfreeze_top_groups` 
 `freeze_backbone`, the recipe's optimizer (`make_optimizer`: Adam on the cosine schedule, with
 the discriminative per-group learning rates of phase 2) compiled by `two_phase.compile_phase`;
 timed with `train_on_batch` / `predict_on_batch` on the model `fit_phases` trains
-(`fold_batchnorm(model)`: frozen BatchNorm folded into the convolutions, BatchNorm that trains
-run by TensorFlow's fused kernel) and the one `Run` predicts with
-(`fold_batchnorm(model, frozen_only=False)`). `finetune-unfolded` is the same without either
-(finetune before them, to measure the levers side by side); `finetune-bf16`
+(`fold_batchnorm(model)`: frozen BatchNorm folded into the convolutions) and the one `Run`
+predicts with (`fold_batchnorm(model, frozen_only=False)`). `finetune-unfolded` is the same
+without the folding (finetune before it, to measure the lever side by side); `finetune-bf16`
 is `finetune` under Keras' `mixed_bfloat16` policy (speed only).
 
 PyTorch reference (`torch_lite0.EfficientNetLite0`, a plain nn.Module with the same
@@ -26,7 +25,9 @@ eager NCHW (`torch-nchw`), eager channels_last (`torch-cl`), `torch.compile` of 
 
 Modes: `full` (every layer trains, BatchNorm frozen in inference mode: finetune's default; in
 PyTorch the BatchNorm modules in eval() with requires_grad False), `full_bn` (BatchNorm trains
-too: `--train-batchnorm`; PyTorch's plain `model.train()`), `partial` (the top
+too: `--train-batchnorm`; PyTorch's plain `model.train()`; for `finetune`, also
+`fused_batchnorm`: the BatchNorm layers on TensorFlow's fused kernel, opt-in and not the
+default, RESULTS.md sixth slice), `partial` (the top
 `--partial-groups` layer groups and the head train, BatchNorm frozen; for `finetune`, also
 `cached`: the top's step on the frozen groups' output computed once, with `cache_fill`, what
 an unaugmented partial phase runs, and `streamed`: the frozen groups in ONNX Runtime then the
@@ -151,6 +152,12 @@ def finetune_child(args: argparse.Namespace, bf16: bool, fold: bool = True) -> d
             compile_for(fit_model, groups)
             row = time_calls(lambda m=fit_model: m.train_on_batch(x, y), args.warmup, args.steps)
             row["unfrozen_groups"] = groups
+            if mode == "full_bn" and fold:  # opt-in, not the default: finetune.fold's docstring
+                fused = fold_batchnorm(model, fuse_training_batchnorm=True)
+                compile_for(fused, groups)
+                row["fused_batchnorm"] = time_calls(
+                    lambda m=fused: m.train_on_batch(x, y), args.warmup, args.steps
+                )
             cut = cut_layer(model, spec, groups, size * size * 3) if mode == "partial" else None
             if cut is not None and fold and not bf16:  # as `fit_phases` trains the top groups
                 from finetune.inference import OnnxForward
@@ -406,6 +413,11 @@ def summarise(report: dict) -> dict:
                 if asleep and fp32:
                     cell["finetune_onnx_sleeping"] = asleep["images_per_s"]
                     cell["ratio_onnx_sleeping"] = asleep["images_per_s"] / cell["best_torch"]
+            if mode == "full_bn" and run and run.get("status") == "ok":
+                fused = run["modes"].get(mode, {}).get("fused_batchnorm")
+                if fused and fp32:
+                    cell["finetune_fused_bn"] = fused["images_per_s"]
+                    cell["ratio_fused_bn"] = fused["images_per_s"] / cell["best_torch"]
             if mode in ("head", "partial") and run and run.get("status") == "ok":
                 streamed = run["modes"].get(mode, {}).get("streamed")
                 if streamed and fp32:
@@ -449,6 +461,10 @@ def markdown(report: dict) -> str:
                      f"| {fmt(c['torch-nchw'])} "
                      f"| {fmt(c['torch-cl'])} | {fmt(c['torch-compile'])} | {best} "
                      f"| {ratio} |")  # fmt: skip
+        if c.get("finetune_fused_bn"):
+            lines.append(f"| {c['size']} | full_bn, BatchNorm on TensorFlow's fused kernel "
+                         f"(opt-in, not the default) | {fmt(c['finetune_fused_bn'])} | | | | | "
+                         f"| {best} | {fmt(c.get('ratio_fused_bn'), 2)} |")  # fmt: skip
         if c.get("finetune_cached"):
             lines.append(f"| {c['size']} | partial, unaugmented: step on cached activations "
                          f"(5 epochs + fill) | {fmt(c['finetune_cached'])} "

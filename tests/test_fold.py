@@ -138,9 +138,12 @@ def test_batchnorm_that_trains_is_not_folded_and_still_updates_its_statistics():
     unfreeze_top_groups(model, SPEC, 1, train_batchnorm=True)  # the "top" group's BatchNorm trains
     fast = fold_batchnorm(model)
     top_bn = backbone_of(model).get_layer("top_bn")
-    fused = [layer for layer in _all_layers(fast) if isinstance(layer, FusedTrainingBatchNorm)]
-    assert [layer.batchnorm for layer in fused] == [top_bn]  # run by the fused kernel, not folded
+    assert top_bn in backbone_of(fast).layers  # Keras' own BatchNorm, by default
+    assert not any(isinstance(layer, FusedTrainingBatchNorm) for layer in _all_layers(fast))
     assert sum(isinstance(layer, FoldedConv) for layer in _all_layers(fast)) == 48
+    fused = fold_batchnorm(model, fuse_training_batchnorm=True)
+    wrappers = [layer for layer in _all_layers(fused) if isinstance(layer, FusedTrainingBatchNorm)]
+    assert [layer.batchnorm for layer in wrappers] == [top_bn]  # on request: the fused kernel
     before = top_bn.moving_mean.numpy().copy()
     compile_phase(fast, RecipeConfig(), keras.optimizers.Adam(1e-3))
     fast.train_on_batch(_images(), keras.utils.to_categorical(np.arange(8) % 3, 3))
@@ -158,15 +161,16 @@ def _training_pass(model, fit_model, x, y):
 
 
 def test_batchnorm_that_trains_runs_fused_and_trains_like_keras():
-    """Every BatchNorm trains (`--train-batchnorm`, all groups): the fused kernel computes the
-    training-mode outputs, gradients and moving statistics of Keras' own BatchNorm."""
+    """Every BatchNorm trains (as `--train-batchnorm` with all groups): the fused kernel, on
+    request, computes the training-mode outputs, gradients and moving statistics of Keras' own
+    BatchNorm."""
     images, labels = _images(16), np.eye(3)[np.arange(16) % 3]
     x, y = tf.constant(images), tf.constant(labels, "float32")
     results = []
     for fuse in (False, True):
         model = _classifier(seed=3)
         unfreeze_top_groups(model, SPEC, -1, train_batchnorm=True)
-        fit_model = fold_batchnorm(model) if fuse else model
+        fit_model = fold_batchnorm(model, fuse_training_batchnorm=True) if fuse else model
         if fuse:
             layers = _all_layers(fit_model)
             assert sum(isinstance(layer, FusedTrainingBatchNorm) for layer in layers) == 49
@@ -261,10 +265,13 @@ def test_depthwise_multiplier_biases_and_shared_outputs_stay_exact():
 def test_nothing_to_fold_returns_the_model_itself():
     sequential = keras.Sequential([keras.Input((8, 8, 3)), keras.layers.Conv2D(2, 3)])
     assert fold_batchnorm(sequential, frozen_only=False) is sequential
+    model = _classifier()  # every BatchNorm trains: nothing folds for training
+    unfreeze_top_groups(model, SPEC, -1, train_batchnorm=True)
+    assert fold_batchnorm(model) is model
     inputs = keras.Input((8, 8, 3))  # a BatchNorm that trains, after no convolution, on 2-D input
     dense = keras.layers.BatchNormalization()(keras.layers.Flatten()(inputs))
     model = keras.Model(inputs, dense)
-    assert fold_batchnorm(model) is model
+    assert fold_batchnorm(model, fuse_training_batchnorm=True) is model
 
 
 @pytest.mark.slow

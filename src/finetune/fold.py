@@ -28,14 +28,19 @@ A pair is a `Conv2D` or `DepthwiseConv2D` without activation whose output goes t
 `BatchNormalization` over the last axis. Anything else (other layers, a convolution whose output
 also goes elsewhere, channels-first or quantized layers) is left as it is.
 
-A BatchNorm layer that trains cannot fold: its statistics come from each batch. For training
-(`frozen_only=True`, TensorFlow backend) it is run by a `FusedTrainingBatchNorm` layer instead:
-the same layer and variables, its training-mode forward and backward pass computed by
-TensorFlow's fused kernel (one op each way) rather than Keras' moments, normalisation and their
-autodiff (a dozen ops over the whole feature map each way). The moving statistics are updated
-exactly as Keras updates them (with the biased batch variance). On EfficientNet-Lite0 with every
-BatchNorm training (`--train-batchnorm`) a training step is 1.2-1.7x as fast (see
-`benchmarks/RESULTS.md`).
+A BatchNorm layer that trains cannot fold: its statistics come from each batch. On request
+(`fuse_training_batchnorm=True`, for training, TensorFlow backend) it is run by a
+`FusedTrainingBatchNorm` layer instead: the same layer and variables, its training-mode forward
+and backward pass computed by TensorFlow's fused kernel (one op each way; oneDNN's on x86)
+rather than Keras' moments, normalisation and their autodiff (a dozen ops over the whole
+feature map each way), the moving statistics updated exactly as Keras updates them (with the
+biased batch variance). On EfficientNet-Lite0 with every BatchNorm training a step is 1.2-1.7x
+as fast. **Not the default** (so not what `--train-batchnorm` runs): on the accuracy benchmark's
+least stable recipe (`seed_docs`: Adam at 1e-3, everything training from the start) it scored
+2.8 points lower on average over 6 seeds at 100 images per class (fastai's recipe, which also
+trains BatchNorm, unchanged), against at most 1.9 points from a change of rounding alone; its
+gradients are also further from float64's than Keras' own (see `benchmarks/RESULTS.md`, sixth
+slice). Until that is understood it is opt-in.
 """
 
 from __future__ import annotations
@@ -216,18 +221,21 @@ class FusedTrainingBatchNorm(keras.layers.Layer):
         )
 
 
-def fold_batchnorm(model: keras.Model, *, frozen_only: bool = True) -> keras.Model:
+def fold_batchnorm(
+    model: keras.Model, *, frozen_only: bool = True, fuse_training_batchnorm: bool = False
+) -> keras.Model:
     """A model computing `model`'s function with BatchNorm folded into the convolutions.
 
-    See the module docstring for which pairs fold and what is shared. For training
-    (`frozen_only=True`), BatchNorm layers that train are run by `FusedTrainingBatchNorm`.
-    Functional models only (nested functional models, such as `build_classifier`'s backbone, are
-    folded inside).
+    See the module docstring for which pairs fold and what is shared. Functional models only
+    (nested functional models, such as `build_classifier`'s backbone, are folded inside).
 
     Args:
         model: a functional `keras.Model`.
         frozen_only: fold only pairs whose BatchNorm is frozen (for training the result); False
             folds every pair (for inference only). Defaults to True.
+        fuse_training_batchnorm: with `frozen_only`, run the BatchNorm layers that train by
+            `FusedTrainingBatchNorm` (faster; not the default, see the module docstring).
+            Defaults to False.
 
     Returns:
         A new, uncompiled functional model with the same inputs and outputs and name, sharing
@@ -260,6 +268,7 @@ def fold_batchnorm(model: keras.Model, *, frozen_only: bool = True) -> keras.Mod
             return FoldedConv(conv, layer)(conv_input)
         if (
             frozen_only
+            and fuse_training_batchnorm
             and id(layer) not in frozen
             and len(args) == 1
             and all(value is None for value in kwargs.values())

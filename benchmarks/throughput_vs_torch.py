@@ -152,7 +152,7 @@ def finetune_child(args: argparse.Namespace, bf16: bool, fold: bool = True) -> d
             compile_for(fit_model, groups)
             row = time_calls(lambda m=fit_model: m.train_on_batch(x, y), args.warmup, args.steps)
             row["unfrozen_groups"] = groups
-            if mode == "full_bn" and fold:  # opt-in, not the default: finetune.fold's docstring
+            if mode == "full_bn" and fold and not bf16:  # opt-in: finetune.fold's docstring
                 fused = fold_batchnorm(model, fuse_training_batchnorm=True)
                 compile_for(fused, groups)
                 row["fused_batchnorm"] = time_calls(

@@ -34,13 +34,14 @@ A BatchNorm layer that trains cannot fold: its statistics come from each batch. 
 and backward pass computed by TensorFlow's fused kernel (one op each way; oneDNN's on x86)
 rather than Keras' moments, normalisation and their autodiff (a dozen ops over the whole
 feature map each way), the moving statistics updated exactly as Keras updates them (with the
-biased batch variance). On EfficientNet-Lite0 with every BatchNorm training a step is 1.2-1.7x
-as fast. **Not the default** (so not what `--train-batchnorm` runs): on the accuracy benchmark's
-least stable recipe (`seed_docs`: Adam at 1e-3, everything training from the start) it scored
-2.8 points lower on average over 6 seeds at 100 images per class (fastai's recipe, which also
-trains BatchNorm, unchanged), against at most 1.9 points from a change of rounding alone; its
-gradients are also further from float64's than Keras' own (see `benchmarks/RESULTS.md`, sixth
-slice). Until that is understood it is opt-in.
+biased batch variance). On EfficientNet-Lite0 with every BatchNorm training a step is
+1.2-1.8x as fast (`benchmarks/RESULTS.md`, sixth slice). **Not the default** (so not what
+`--train-batchnorm` runs): on the accuracy benchmark's least stable recipe (`seed_docs`: Adam at
+1e-3, everything training from the start) it scored 2.8 points lower on average over 6 seeds at
+100 images per class (standard error 1.4; fastai's recipe, which also trains BatchNorm,
+unchanged), where a change of rounding alone moved 3 seeds by -1.9 to +1.1 points (and one
+seed by 6.8 at 10 images per class); its gradients are also further from float64's than
+Keras' own (RESULTS, sixth slice). Until that is understood it is opt-in.
 """
 
 from __future__ import annotations
@@ -158,6 +159,8 @@ def _is_fusable_batchnorm(layer: Any, inputs: Any) -> bool:
         and len(inputs.shape) == 4
         and not layer.renorm
         and not layer.synchronized
+        # The kernel takes float16, bfloat16 and float32; Keras keeps float64 in float64.
+        and keras.backend.standardize_dtype(inputs.dtype) in ("float16", "bfloat16", "float32")
     )
 
 
@@ -175,7 +178,7 @@ class FusedTrainingBatchNorm(keras.layers.Layer):
     """
 
     def __init__(self, batchnorm: keras.layers.BatchNormalization, **kwargs):
-        super().__init__(name=f"{batchnorm.name}_fused", **kwargs)
+        super().__init__(name=f"{batchnorm.name}_fused", dtype=batchnorm.dtype_policy, **kwargs)
         self.batchnorm = batchnorm
 
     def call(self, inputs, training=None):
@@ -202,9 +205,9 @@ class FusedTrainingBatchNorm(keras.layers.Layer):
         )
         # The kernel returns the unbiased variance n/(n-1) * var (max(n-1, 1) for n = 1);
         # Keras averages the biased one.
-        n = tf.cast(tf.size(x) // tf.shape(x)[-1], "float32")
+        n = tf.cast(tf.reduce_prod(tf.shape(x, out_type="int64")[:-1]), "float32")
         variance = variance * tf.maximum(n - 1.0, 1.0) / n
-        momentum = bn.momentum  # read on every call (recomputing statistics changes it)
+        momentum = bn.momentum  # read when called (or traced), as Keras' own layer reads it
         bn.moving_mean.assign(bn.moving_mean * momentum + tf.stop_gradient(mean) * (1.0 - momentum))
         bn.moving_variance.assign(
             bn.moving_variance * momentum + tf.stop_gradient(variance) * (1.0 - momentum)

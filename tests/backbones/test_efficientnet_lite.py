@@ -7,8 +7,10 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 import subprocess
 import sys
+from pathlib import Path
 
 import keras
 import numpy as np
@@ -17,7 +19,7 @@ import skimage.data
 from PIL import Image
 from sklearn.datasets import load_sample_image
 
-from finetune.backbones import get_backbone, load_backbone
+from finetune.backbones import efficientnet_lite, get_backbone, load_backbone
 from finetune.backbones.efficientnet_lite import (
     VARIANTS,
     LiteImageNetWeights,
@@ -288,9 +290,12 @@ def test_initialisation_without_weights_follows_the_seed_in_every_process_and_la
     keras.utils.set_random_seed(7)
     model = build_efficientnet_lite("efficientnet_lite0", 32, include_top=True)
     here = {n: model.get_layer(n).kernel.numpy().ravel()[:8].tolist() for n in _SCRATCH_KERNELS}
+    src = str(Path(efficientnet_lite.__file__).resolve().parents[2])  # the code under test
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([src, os.environ.get("PYTHONPATH", "")])}
     done = subprocess.run(
-        [sys.executable, "-c", _SCRATCH_SCRIPT], capture_output=True, text=True, timeout=300
-    )
+        [sys.executable, "-c", _SCRATCH_SCRIPT], capture_output=True, text=True, timeout=300,
+        env=env,
+    )  # fmt: skip
     assert done.returncode == 0, done.stderr[-2000:]
     there = json.loads(done.stdout.strip().splitlines()[-1])
     assert here == there

@@ -153,7 +153,10 @@ def test_grad_cam_of_a_pooled_linear_head_is_the_class_weighted_feature_map(smal
     expected = np.divide(expected, peak, out=np.zeros_like(expected), where=peak > 0)
     assert np.sum(peak > 0) >= 3  # mostly real maps, not the all-zero case
 
-    np.testing.assert_allclose(grad_cam(model, images, classes), expected, atol=1e-5)
+    # Two float32 paths (the gradient tape, and an einsum here) to maps scaled to [0, 1]: they
+    # differ by rounding, measured up to 1.1e-5 with the seeded initial weights; dropout left on
+    # or another class's weights would be off by a share of the map.
+    np.testing.assert_allclose(grad_cam(model, images, classes), expected, atol=5e-5)
 
 
 def test_grad_cam_works_through_hidden_head_layers():

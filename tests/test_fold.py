@@ -160,6 +160,18 @@ def _training_pass(model, fit_model, x, y):
     return np.asarray(outputs, np.float64), [np.asarray(g, np.float64) for g in grads]
 
 
+def _assert_same_statistics(keras_value, fused_value, start, path):
+    """Moving statistics after one update: Keras' and the fused kernel's, to rounding on top of
+    0.1% of the update. The kernel's variance is unbiased (n/(n-1)); left uncorrected it would be
+    off by 1/15 of the update on the top's 1x1 maps (16 images)."""
+    step = float(np.abs(keras_value - start).max())
+    assert step > 0, path  # every layer's statistics were updated
+    scale = max(1.0, float(np.abs(keras_value).max()))
+    np.testing.assert_allclose(
+        fused_value, keras_value, rtol=0, atol=2e-5 * scale + 1e-3 * step, err_msg=path
+    )
+
+
 def test_batchnorm_that_trains_runs_fused_and_trains_like_keras():
     """Every BatchNorm trains (as `--train-batchnorm` with all groups): the fused kernel, on
     request, computes the training-mode outputs, gradients and moving statistics of Keras' own
@@ -212,16 +224,9 @@ def test_batchnorm_that_trains_runs_fused_and_trains_like_keras():
             if np.abs(e).max() > 1e-4  # a gradient that is exactly ~0 is all rounding
         )
     assert worst["fused"] <= 3 * worst["keras"], worst
+    starts = {v.path: v.numpy() for v in initial.non_trainable_variables}
     for path, a in keras_moving.items():
-        start = next(v.numpy() for v in initial.non_trainable_variables if v.path == path)
-        step = float(np.abs(a - start).max())
-        assert step > 0, path  # every layer's statistics were updated
-        # Rounding on top of 0.1% of the update. The kernel's variance is unbiased (n/(n-1));
-        # left uncorrected it would be off by 1/15 of the update on the top's 1x1 maps.
-        np.testing.assert_allclose(
-            a, fused[2][path], rtol=0, atol=2e-5 * max(1.0, float(np.abs(a).max())) + 1e-3 * step,
-            err_msg=path,
-        )  # fmt: skip
+        _assert_same_statistics(a, fused[2][path], starts[path], path)
     assert error(np.asarray(fused[3]), np.asarray(keras_eval)) <= 1e-4  # with those statistics
 
 
@@ -251,12 +256,7 @@ def test_fit_steps_on_the_fused_view_update_the_statistics_as_keras_does(policy)
         value, start = variable.numpy(), initial[path]
         assert np.abs(value - start).max() > 0, path
         if policy == "float32":  # bfloat16's rounding differs between the two by design
-            a = moving[0][path].numpy()
-            step = float(np.abs(a - start).max())
-            np.testing.assert_allclose(
-                value, a, rtol=0, atol=2e-5 * max(1.0, float(np.abs(a).max())) + 1e-3 * step,
-                err_msg=path,
-            )  # fmt: skip
+            _assert_same_statistics(moving[0][path].numpy(), value, start, path)
 
 
 def test_a_frozen_backbone_folds_entirely():

@@ -257,10 +257,11 @@ def fold_batchnorm(
 
     def call(layer, *args, **kwargs):
         nonlocal folded
+        # One input and no mask (Keras passes mask=None): a pair to fold or a layer to fuse.
+        plain = len(args) == 1 and all(value is None for value in kwargs.values())
         if (
-            _is_foldable_batchnorm(layer)
-            and len(args) == 1
-            and all(value is None for value in kwargs.values())  # Keras passes mask=None
+            plain
+            and _is_foldable_batchnorm(layer)
             and id(args[0]) in made
             and (not frozen_only or id(layer) in frozen)
         ):
@@ -273,8 +274,7 @@ def fold_batchnorm(
             frozen_only
             and fuse_training_batchnorm
             and id(layer) not in frozen
-            and len(args) == 1
-            and all(value is None for value in kwargs.values())
+            and plain
             and _is_fusable_batchnorm(layer, args[0])
         ):
             folded += 1

@@ -25,9 +25,9 @@ eager NCHW (`torch-nchw`), eager channels_last (`torch-cl`), `torch.compile` of 
 
 Modes: `full` (every layer trains, BatchNorm frozen in inference mode: finetune's default; in
 PyTorch the BatchNorm modules in eval() with requires_grad False), `full_bn` (BatchNorm trains
-too: `--train-batchnorm`; PyTorch's plain `model.train()`; for `finetune`, also
-`fused_batchnorm`: the BatchNorm layers on TensorFlow's fused kernel, opt-in and not the
-default, RESULTS.md sixth slice), `partial` (the top
+too: `--train-batchnorm`; PyTorch's plain `model.train()`; for `finetune` the BatchNorm layers run
+on TensorFlow's fused kernels, as `fit_phases` trains them, and `keras_batchnorm` times Keras'
+own BatchNorm instead, as before the seventh slice in RESULTS.md), `partial` (the top
 `--partial-groups` layer groups and the head train, BatchNorm frozen; for `finetune`, also
 `cached`: the top's step on the frozen groups' output computed once, with `cache_fill`, what
 an unaugmented partial phase runs, and `streamed`: the frozen groups in ONNX Runtime then the
@@ -152,11 +152,11 @@ def finetune_child(args: argparse.Namespace, bf16: bool, fold: bool = True) -> d
             compile_for(fit_model, groups)
             row = time_calls(lambda m=fit_model: m.train_on_batch(x, y), args.warmup, args.steps)
             row["unfrozen_groups"] = groups
-            if mode == "full_bn" and fold and not bf16:  # opt-in: finetune.fold's docstring
-                fused = fold_batchnorm(model, fuse_training_batchnorm=True)
-                compile_for(fused, groups)
-                row["fused_batchnorm"] = time_calls(
-                    lambda m=fused: m.train_on_batch(x, y), args.warmup, args.steps
+            if mode == "full_bn" and fold and not bf16:  # what the fused kernels replace
+                plain = fold_batchnorm(model, fuse_training_batchnorm=False)
+                compile_for(plain, groups)
+                row["keras_batchnorm"] = time_calls(
+                    lambda m=plain: m.train_on_batch(x, y), args.warmup, args.steps
                 )
             cut = cut_layer(model, spec, groups, size * size * 3) if mode == "partial" else None
             if cut is not None and fold and not bf16:  # as `fit_phases` trains the top groups
@@ -414,10 +414,10 @@ def summarise(report: dict) -> dict:
                     cell["finetune_onnx_sleeping"] = asleep["images_per_s"]
                     cell["ratio_onnx_sleeping"] = asleep["images_per_s"] / cell["best_torch"]
             if mode == "full_bn" and run and run.get("status") == "ok":
-                fused = run["modes"].get(mode, {}).get("fused_batchnorm")
-                if fused and fp32:
-                    cell["finetune_fused_bn"] = fused["images_per_s"]
-                    cell["ratio_fused_bn"] = fused["images_per_s"] / cell["best_torch"]
+                plain = run["modes"].get(mode, {}).get("keras_batchnorm")
+                if plain and fp32:
+                    cell["finetune_keras_bn"] = plain["images_per_s"]
+                    cell["ratio_keras_bn"] = plain["images_per_s"] / cell["best_torch"]
             if mode in ("head", "partial") and run and run.get("status") == "ok":
                 streamed = run["modes"].get(mode, {}).get("streamed")
                 if streamed and fp32:
@@ -461,10 +461,10 @@ def markdown(report: dict) -> str:
                      f"| {fmt(c['torch-nchw'])} "
                      f"| {fmt(c['torch-cl'])} | {fmt(c['torch-compile'])} | {best} "
                      f"| {ratio} |")  # fmt: skip
-        if c.get("finetune_fused_bn"):
-            lines.append(f"| {c['size']} | full_bn, BatchNorm on TensorFlow's fused kernel "
-                         f"(opt-in, not the default) | {fmt(c['finetune_fused_bn'])} | | | | | "
-                         f"| {best} | {fmt(c.get('ratio_fused_bn'), 2)} |")  # fmt: skip
+        if c.get("finetune_keras_bn"):
+            lines.append(f"| {c['size']} | full_bn, Keras' own BatchNorm (before the seventh "
+                         f"slice) | {fmt(c['finetune_keras_bn'])} | | | | | "
+                         f"| {best} | {fmt(c.get('ratio_keras_bn'), 2)} |")  # fmt: skip
         if c.get("finetune_cached"):
             lines.append(f"| {c['size']} | partial, unaugmented: step on cached activations "
                          f"(5 epochs + fill) | {fmt(c['finetune_cached'])} "

@@ -136,18 +136,19 @@ def test_fitting_the_folded_model_trains_the_original_like_fitting_it():
 def test_batchnorm_that_trains_is_not_folded_and_still_updates_its_statistics():
     model = _classifier()
     unfreeze_top_groups(model, SPEC, 1, train_batchnorm=True)  # the "top" group's BatchNorm trains
-    fast = fold_batchnorm(model)
     top_bn = backbone_of(model).get_layer("top_bn")
-    assert top_bn in backbone_of(fast).layers  # Keras' own BatchNorm, by default
-    assert not any(isinstance(layer, FusedTrainingBatchNorm) for layer in _all_layers(fast))
+    fast = fold_batchnorm(model)
+    wrappers = [layer for layer in _all_layers(fast) if isinstance(layer, FusedTrainingBatchNorm)]
+    assert [layer.batchnorm for layer in wrappers] == [top_bn]  # the fused kernels, by default
     assert sum(isinstance(layer, FoldedConv) for layer in _all_layers(fast)) == 48
-    fused = fold_batchnorm(model, fuse_training_batchnorm=True)
-    wrappers = [layer for layer in _all_layers(fused) if isinstance(layer, FusedTrainingBatchNorm)]
-    assert [layer.batchnorm for layer in wrappers] == [top_bn]  # on request: the fused kernel
-    before = top_bn.moving_mean.numpy().copy()
-    compile_phase(fast, RecipeConfig(), keras.optimizers.Adam(1e-3))
-    fast.train_on_batch(_images(), keras.utils.to_categorical(np.arange(8) % 3, 3))
-    assert np.abs(top_bn.moving_mean.numpy() - before).max() > 0
+    plain = fold_batchnorm(model, fuse_training_batchnorm=False)
+    assert top_bn in backbone_of(plain).layers  # on request: Keras' own BatchNorm
+    assert not any(isinstance(layer, FusedTrainingBatchNorm) for layer in _all_layers(plain))
+    for fit_model in (fast, plain):
+        before = top_bn.moving_mean.numpy().copy()
+        compile_phase(fit_model, RecipeConfig(), keras.optimizers.Adam(1e-3))
+        fit_model.train_on_batch(_images(), keras.utils.to_categorical(np.arange(8) % 3, 3))
+        assert np.abs(top_bn.moving_mean.numpy() - before).max() > 0
 
 
 def _training_pass(model, fit_model, x, y):
@@ -173,16 +174,16 @@ def _assert_same_statistics(keras_value, fused_value, start, path):
 
 
 def test_batchnorm_that_trains_runs_fused_and_trains_like_keras():
-    """Every BatchNorm trains (as `--train-batchnorm` with all groups): the fused kernel, on
-    request, computes the training-mode outputs, gradients and moving statistics of Keras' own
-    BatchNorm."""
+    """Every BatchNorm trains (as `--train-batchnorm` with all groups): the training view's fused
+    kernels compute the training-mode outputs, gradients and moving statistics of Keras' own
+    BatchNorm, as close to float64's."""
     images, labels = _images(16), np.eye(3)[np.arange(16) % 3]
     x, y = tf.constant(images), tf.constant(labels, "float32")
     results = []
     for fuse in (False, True):
         model = _classifier(seed=3)
         unfreeze_top_groups(model, SPEC, -1, train_batchnorm=True)
-        fit_model = fold_batchnorm(model, fuse_training_batchnorm=True) if fuse else model
+        fit_model = fold_batchnorm(model) if fuse else model
         if fuse:
             layers = _all_layers(fit_model)
             assert sum(isinstance(layer, FusedTrainingBatchNorm) for layer in layers) == 49
@@ -212,18 +213,22 @@ def test_batchnorm_that_trains_runs_fused_and_trains_like_keras():
         return float(np.abs(a - b).max()) / max(1.0, float(np.abs(b).max()))
 
     # Through 49 training-mode BatchNorm layers, each dividing by its batch's spread, float32
-    # rounding grows. Measured against float64: logits 6e-5 (Keras) and 1e-4 (fused); the
-    # worst gradient 3.0% (Keras) and 4.8% (fused: oneDNN's kernel). A wrong gradient (e.g. the
-    # batch statistics taken as constants) is off by a share of the gradient itself.
-    assert error(fused[0], exact_out) <= max(3 * error(keras_out, exact_out), 1e-5)
-    worst = {}
+    # rounding grows. Measured against float64: logits 6e-5 (Keras and fused); each gradient
+    # tensor's error relative to its largest value, at the median 0.24% (Keras) and 0.17%
+    # (fused), the worst 3.0% and 4.4%. The kernel's own training-mode statistics (oneDNN's)
+    # gave 0.64% at the median, and lost accuracy (`benchmarks/RESULTS.md`, seventh slice); a
+    # wrong gradient (e.g. the batch statistics taken as constants) is off by a share of the
+    # gradient itself.
+    assert error(fused[0], exact_out) <= max(1.5 * error(keras_out, exact_out), 1e-5)
+    errors = {}
     for name, grads in (("keras", keras_grads), ("fused", fused[1])):
-        worst[name] = max(
+        errors[name] = [
             float(np.abs(g - e).max() / np.abs(e).max())
             for g, e in zip(grads, exact_grads, strict=True)
             if np.abs(e).max() > 1e-4  # a gradient that is exactly ~0 is all rounding
-        )
-    assert worst["fused"] <= 3 * worst["keras"], worst
+        ]
+    assert np.median(errors["fused"]) <= 1.5 * np.median(errors["keras"]), errors
+    assert max(errors["fused"]) <= 3 * max(errors["keras"]), errors
     starts = {v.path: v.numpy() for v in initial.non_trainable_variables}
     for path, a in keras_moving.items():
         _assert_same_statistics(a, fused[2][path], starts[path], path)
@@ -301,7 +306,7 @@ def test_nothing_to_fold_returns_the_model_itself():
     assert fold_batchnorm(sequential, frozen_only=False) is sequential
     model = _classifier()  # every BatchNorm trains: nothing folds for training
     unfreeze_top_groups(model, SPEC, -1, train_batchnorm=True)
-    assert fold_batchnorm(model) is model
+    assert fold_batchnorm(model, fuse_training_batchnorm=False) is model
     inputs = keras.Input((8, 8, 3))  # a BatchNorm that trains, after no convolution, on 2-D input
     dense = keras.layers.BatchNormalization()(keras.layers.Flatten()(inputs))
     model = keras.Model(inputs, dense)
@@ -337,6 +342,42 @@ class _SeeFitModel(keras.callbacks.Callback):
 
     def on_train_begin(self, logs=None):
         self.seen.append(_all_layers(self.model))
+
+
+def test_fit_phases_trains_batchnorm_on_the_fused_kernels(tmp_path):
+    """`--train-batchnorm`: the phase's BatchNorm layers that train run as
+    `FusedTrainingBatchNorm` inside `fit`, and their moving statistics move."""
+    from finetune.data.pipeline import prepare_image_data
+    from finetune.recipes import PhaseData, fit_phases
+    from finetune.recipes.two_phase import Phase
+    from finetune.train import seed_everything
+    from tests.helpers import DIGITS, image_subset
+
+    folder = image_subset(DIGITS, tmp_path / "digits", classes=3, per_class=8)
+    data = prepare_image_data(folder, image_size=SIZE, val_fraction=0.0, test_fraction=0.0)
+    seed_everything(0)
+    model = build_classifier(SPEC, data.num_classes, image_size=SIZE, weights=None)
+    top_bn = backbone_of(model).get_layer("top_bn")
+    before = top_bn.moving_variance.numpy().copy()
+    phase_data = PhaseData(
+        train_images=data.images["train"],
+        train_labels=data.labels["train"],
+        num_classes=data.num_classes,
+        batch_size=8,
+        seed=0,
+        feature_cache=False,  # through the whole model
+    )
+    seen: list = []
+    phase = Phase("finetune", 1, 1e-3, unfreeze_groups=1, train_batchnorm=True, augment=False)
+    fit_phases(
+        model, SPEC, RecipeConfig(early_stopping_patience=0), [phase], phase_data, verbose=0,
+        extra_callbacks=lambda p: [_SeeFitModel(seen)],
+    )  # fmt: skip
+    (layers,) = seen
+    fused = [layer.batchnorm for layer in layers if isinstance(layer, FusedTrainingBatchNorm)]
+    assert fused == [top_bn]  # the top group's BatchNorm trains, on the fused kernels
+    assert sum(isinstance(layer, FoldedConv) for layer in layers) == 48  # the frozen ones fold
+    assert np.abs(top_bn.moving_variance.numpy() - before).max() > 0
 
 
 @pytest.mark.slow

@@ -28,20 +28,19 @@ A pair is a `Conv2D` or `DepthwiseConv2D` without activation whose output goes t
 `BatchNormalization` over the last axis. Anything else (other layers, a convolution whose output
 also goes elsewhere, channels-first or quantized layers) is left as it is.
 
-A BatchNorm layer that trains cannot fold: its statistics come from each batch. On request
-(`fuse_training_batchnorm=True`, for training, TensorFlow backend) it is run by a
-`FusedTrainingBatchNorm` layer instead: the same layer and variables, its training-mode forward
-and backward pass computed by TensorFlow's fused kernel (one op each way; oneDNN's on x86)
-rather than Keras' moments, normalisation and their autodiff (a dozen ops over the whole
-feature map each way), the moving statistics updated exactly as Keras updates them (with the
-biased batch variance). On EfficientNet-Lite0 with every BatchNorm training a step is
-1.2-1.8x as fast (`benchmarks/RESULTS.md`, sixth slice). **Not the default** (so not what
-`--train-batchnorm` runs): on the accuracy benchmark's least stable recipe (`seed_docs`: Adam at
-1e-3, everything training from the start) it scored 2.8 points lower on average over 6 seeds at
-100 images per class (standard error 1.4; fastai's recipe, which also trains BatchNorm,
-unchanged), where a change of rounding alone moved 3 seeds by -1.9 to +1.1 points (and one
-seed by 6.8 at 10 images per class); its gradients are also further from float64's than
-Keras' own (RESULTS, sixth slice). Until that is understood it is opt-in.
+A BatchNorm layer that trains cannot fold: its statistics come from each batch. In a training
+view (`fuse_training_batchnorm=True`, the default; TensorFlow backend) it is run by a
+`FusedTrainingBatchNorm` layer instead: the same layer and variables, the batch's statistics
+computed as Keras computes them (`tf.nn.moments`, so the moving statistics are Keras' own), the
+normalisation and its gradient by TensorFlow's fused kernels (oneDNN's on x86) given those
+statistics, rather than Keras' element-wise normalisation and the autodiff of both (about a
+dozen ops over the whole feature map going back). This is what `--train-batchnorm` trains: on
+EfficientNet-Lite0 with every BatchNorm training a step is 1.2-1.4x as fast, with gradients as
+close to float64's as Keras' own (`benchmarks/RESULTS.md`, seventh slice). The kernel's own
+training mode, which also computes the statistics, would be faster still (1.3-1.8x), but
+oneDNN's statistics are less precise: gradients about twice as far from float64's, and 3.3
+points lower test accuracy over 8 seeds of the accuracy benchmark's least stable recipe
+(RESULTS, sixth and seventh slices). It is not used.
 """
 
 from __future__ import annotations
@@ -164,13 +163,63 @@ def _is_fusable_batchnorm(layer: Any, inputs: Any) -> bool:
     )
 
 
+def _training_batchnorm(x: Any, scale: Any, offset: Any, epsilon: float) -> tuple[Any, Any, Any]:
+    """Training-mode BatchNorm of float32 NHWC `x`: the output, the batch mean and the biased
+    batch variance, with a hand-made gradient.
+
+    The batch's statistics come from `tf.nn.moments`, as in Keras' own layer (so the same
+    values, and the same moving statistics); the normalisation runs as TensorFlow's fused
+    kernel given those statistics, and the gradient as its fused gradient kernel. The kernel's
+    own training mode computes the statistics too, but less precisely on oneDNN: measured on
+    the pretrained Lite0, gradients 4.8% from float64 at the median against Keras' 2.7%, and
+    2.8-3.3 points lower test accuracy on the accuracy benchmark's `seed_docs` recipe
+    (`benchmarks/RESULTS.md`, sixth and seventh slices).
+    """
+    import tensorflow as tf  # only called on the TensorFlow backend (`_is_fusable_batchnorm`)
+
+    @tf.custom_gradient
+    def run(x, scale, offset):
+        mean, variance = tf.nn.moments(x, [0, 1, 2])
+        y, *_ = tf.raw_ops.FusedBatchNormV3(
+            x=x,
+            scale=scale,
+            offset=offset,
+            mean=mean,
+            variance=variance,
+            epsilon=epsilon,
+            exponential_avg_factor=1.0,
+            data_format="NHWC",
+            is_training=False,  # normalise with the statistics given
+        )
+
+        def grad(dy, *_statistics):  # the statistics feed only the moving averages
+            dx, dscale, doffset, *_ = tf.raw_ops.FusedBatchNormGradV3(
+                y_backprop=dy,
+                x=x,
+                scale=scale,
+                reserve_space_1=mean,
+                reserve_space_2=variance,  # the biased variance: what the CPU kernels save
+                reserve_space_3=tf.constant([], "float32"),
+                epsilon=epsilon,
+                data_format="NHWC",
+                is_training=True,  # the statistics depend on x
+            )
+            return dx, dscale, doffset
+
+        return (y, mean, variance), grad
+
+    return run(x, scale, offset)
+
+
 class FusedTrainingBatchNorm(keras.layers.Layer):
-    """A BatchNormalization layer (NHWC) whose training-mode pass is TensorFlow's fused kernel.
+    """A BatchNormalization layer (NHWC) whose training-mode pass runs on TensorFlow's fused
+    kernels.
 
     Holds the layer itself (shared, not copied): its variables are this layer's variables. In
     training, normalises with the batch's statistics and updates the moving ones as Keras does
-    (`moving = moving * momentum + batch * (1 - momentum)`, biased variance); otherwise the
-    layer runs as it is. Made by `fold_batchnorm`; not meant to be saved (save the original).
+    (`moving = moving * momentum + batch * (1 - momentum)`, biased variance, both computed as
+    Keras computes them); otherwise the layer runs as it is. Made by `fold_batchnorm`; not
+    meant to be saved (save the original).
 
     Args:
         batchnorm: a `BatchNormalization` layer over the last axis of 4-D inputs, without renorm
@@ -191,22 +240,7 @@ class FusedTrainingBatchNorm(keras.layers.Layer):
         ones = tf.ones_like(bn.moving_mean)
         scale = tf.cast(bn.gamma, "float32") if bn.scale else ones
         offset = tf.cast(bn.beta, "float32") if bn.center else tf.zeros_like(ones)
-        empty = tf.constant([], "float32")
-        y, mean, variance, *_ = tf.raw_ops.FusedBatchNormV3(
-            x=x,
-            scale=scale,
-            offset=offset,
-            mean=empty,
-            variance=empty,
-            epsilon=bn.epsilon,
-            exponential_avg_factor=1.0,
-            data_format="NHWC",
-            is_training=True,
-        )
-        # The kernel returns the unbiased variance n/(n-1) * var (max(n-1, 1) for n = 1);
-        # Keras averages the biased one.
-        n = tf.cast(tf.reduce_prod(tf.shape(x, out_type="int64")[:-1]), "float32")
-        variance = variance * tf.maximum(n - 1.0, 1.0) / n
+        y, mean, variance = _training_batchnorm(x, scale, offset, bn.epsilon)
         momentum = bn.momentum  # read when called (or traced), as Keras' own layer reads it
         bn.moving_mean.assign(bn.moving_mean * momentum + tf.stop_gradient(mean) * (1.0 - momentum))
         bn.moving_variance.assign(
@@ -225,7 +259,7 @@ class FusedTrainingBatchNorm(keras.layers.Layer):
 
 
 def fold_batchnorm(
-    model: keras.Model, *, frozen_only: bool = True, fuse_training_batchnorm: bool = False
+    model: keras.Model, *, frozen_only: bool = True, fuse_training_batchnorm: bool = True
 ) -> keras.Model:
     """A model computing `model`'s function with BatchNorm folded into the convolutions.
 
@@ -237,8 +271,8 @@ def fold_batchnorm(
         frozen_only: fold only pairs whose BatchNorm is frozen (for training the result); False
             folds every pair (for inference only). Defaults to True.
         fuse_training_batchnorm: with `frozen_only`, run the BatchNorm layers that train by
-            `FusedTrainingBatchNorm` (faster; not the default, see the module docstring).
-            Defaults to False.
+            `FusedTrainingBatchNorm` (the same training, faster; see the module docstring).
+            False leaves them to Keras' own layer. Defaults to True.
 
     Returns:
         A new, uncompiled functional model with the same inputs and outputs and name, sharing

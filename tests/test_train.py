@@ -191,3 +191,20 @@ def test_gradual_unfreezing_starts_with_the_top_group_only(digits, pretrained):
     spec = get_backbone("efficientnet_lite0")
     changed = {spec.group_of(name) for name in changed_layers(backbone_of(run.model), pretrained)}
     assert changed == {"top"}
+
+
+def test_a_network_from_random_weights_averages_batchnorm_statistics_over_fewer_steps(digits):
+    """`weights = "none"` (the --compare-scratch baseline): BatchNorm momentum 0.9, so the
+    statistics that validation and predictions use keep up with fast-changing weights;
+    pretrained networks keep their own (0.99)."""
+    from finetune.config import Config, ModelConfig
+    from finetune.data.pipeline import prepare_image_data
+    from finetune.model import sublayers
+    from finetune.train import SCRATCH_BATCHNORM_MOMENTUM, build_run_model
+
+    data = prepare_image_data(digits, image_size=SIZE, val_fraction=0.25, test_fraction=0.0)
+    for weights, momentum in (("none", SCRATCH_BATCHNORM_MOMENTUM), ("imagenet", 0.99)):
+        model = build_run_model(data, Config(model=ModelConfig(weights=weights)))
+        momenta = [layer.momentum for layer in sublayers(model) if is_batchnorm(layer)]
+        assert len(momenta) == 49 and set(momenta) == {momentum}, weights
+    assert SCRATCH_BATCHNORM_MOMENTUM == 0.9

@@ -114,6 +114,15 @@ def backbone_of(model: keras.Model) -> keras.Model:
     return model.get_layer(BACKBONE_LAYER)
 
 
+def sublayers(model: keras.layers.Layer) -> list[keras.layers.Layer]:
+    """Every layer inside `model`, nested models included (depth first)."""
+    found = []
+    for layer in getattr(model, "layers", []):
+        found.append(layer)
+        found.extend(sublayers(layer))
+    return found
+
+
 def is_batchnorm(layer: keras.layers.Layer) -> bool:
     """True for BatchNormalization layers (whose statistics fine-tuning must protect)."""
     return isinstance(layer, keras.layers.BatchNormalization)

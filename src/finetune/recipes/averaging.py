@@ -25,21 +25,14 @@ from typing import Any
 import keras
 import numpy as np
 
-
-def _sublayers(model: keras.layers.Layer) -> list[keras.layers.Layer]:
-    """Every layer inside `model`, nested models included (depth first)."""
-    found = []
-    for layer in getattr(model, "layers", []):
-        found.append(layer)
-        found.extend(_sublayers(layer))
-    return found
+from finetune.model import sublayers
 
 
 def trainable_batchnorm_layers(model: keras.Model) -> list[keras.layers.BatchNormalization]:
     """The BatchNorm layers of `model` (nested ones too) that train, so update their statistics."""
     return [
         layer
-        for layer in _sublayers(model)
+        for layer in sublayers(model)
         if isinstance(layer, keras.layers.BatchNormalization) and layer.trainable
     ]
 
@@ -63,7 +56,7 @@ def recompute_batchnorm_statistics(model: keras.Model, batches: Iterable[Any]) -
     layers = trainable_batchnorm_layers(model)
     if not layers:
         return 0
-    dropouts = [layer for layer in _sublayers(model) if isinstance(layer, keras.layers.Dropout)]
+    dropouts = [layer for layer in sublayers(model) if isinstance(layer, keras.layers.Dropout)]
     momenta = [layer.momentum for layer in layers]
     rates = [layer.rate for layer in dropouts]
     for layer in layers:

@@ -14,7 +14,8 @@ the discriminative per-group learning rates of phase 2) compiled by `two_phase.c
 timed with `train_on_batch` / `predict_on_batch` on the model `fit_phases` trains
 (`fold_batchnorm(model)`: frozen BatchNorm folded into the convolutions) and the one `Run`
 predicts with (`fold_batchnorm(model, frozen_only=False)`). `finetune-unfolded` is the same
-without the folding (finetune before it, to measure the lever side by side); `finetune-bf16`
+without the folding (finetune before it, to measure the lever side by side; in `full_bn` also
+without the fused BatchNorm kernels, so the same as `keras_batchnorm` below); `finetune-bf16`
 is `finetune` under Keras' `mixed_bfloat16` policy (speed only).
 
 PyTorch reference (`torch_lite0.EfficientNetLite0`, a plain nn.Module with the same

@@ -151,6 +151,18 @@ def test_batchnorm_that_trains_is_not_folded_and_still_updates_its_statistics():
         assert np.abs(top_bn.moving_mean.numpy() - before).max() > 0
 
 
+def test_batchnorm_that_trains_is_left_to_keras_beside_another_device(monkeypatch):
+    """cuDNN's gradient kernel reads its saved statistics as the inverted variance, the CPU ones
+    as the variance: with any device but CPUs visible, BatchNorm that trains stays Keras'."""
+    model = _classifier()
+    unfreeze_top_groups(model, SPEC, -1, train_batchnorm=True)
+    assert fold_batchnorm(model) is not model  # CPUs only: fused
+    gpu = tf.config.LogicalDevice(name="/device:GPU:0", device_type="GPU")
+    devices = tf.config.list_logical_devices
+    monkeypatch.setattr(tf.config, "list_logical_devices", lambda *a: [*devices(*a), gpu])
+    assert fold_batchnorm(model) is model
+
+
 def _training_pass(model, fit_model, x, y):
     """Training-mode logits and gradients of `fit_model`, for `model`'s trainable variables."""
     loss = keras.losses.CategoricalCrossentropy(from_logits=True)
@@ -162,9 +174,9 @@ def _training_pass(model, fit_model, x, y):
 
 
 def _assert_same_statistics(keras_value, fused_value, start, path):
-    """Moving statistics after one update: Keras' and the fused kernel's, to rounding on top of
-    0.1% of the update. The kernel's variance is unbiased (n/(n-1)); left uncorrected it would be
-    off by 1/15 of the update on the top's 1x1 maps (16 images)."""
+    """Moving statistics after one update: Keras' and the fused view's, to rounding on top of
+    0.1% of the update. An unbiased batch variance (n/(n-1), what the fused kernel's own training
+    mode returns) would be off by 1/15 of the update on the top's 1x1 maps (16 images)."""
     step = float(np.abs(keras_value - start).max())
     assert step > 0, path  # every layer's statistics were updated
     scale = max(1.0, float(np.abs(keras_value).max()))

@@ -207,4 +207,3 @@ def test_a_network_from_random_weights_averages_batchnorm_statistics_over_fewer_
         model = build_run_model(data, Config(model=ModelConfig(weights=weights)))
         momenta = [layer.momentum for layer in sublayers(model) if is_batchnorm(layer)]
         assert len(momenta) == 49 and set(momenta) == {momentum}, weights
-    assert SCRATCH_BATCHNORM_MOMENTUM == 0.9

@@ -35,8 +35,10 @@ class ModelConfig:
 
     Args:
         backbone: registry name of the backbone. Defaults to "efficientnet_lite0".
-        weights: "imagenet" for the pretrained weights, "none" for random initialisation, or the
-            path of a local weights file. Defaults to "imagenet".
+        weights: "imagenet" for the pretrained weights, "none" for random initialisation (its
+            BatchNorm layers then average their statistics with momentum 0.9, see
+            `finetune.train.SCRATCH_BATCHNORM_MOMENTUM`), or the path of a local weights file.
+            Defaults to "imagenet".
         pooling: how the last feature map becomes a vector: "avg", "max" or "flatten".
             Defaults to "avg".
         hidden_units: sizes of optional ReLU Dense layers before the output layer.

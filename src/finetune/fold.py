@@ -1,4 +1,5 @@
-"""Folding BatchNormalization into the convolution before it, for a faster forward pass.
+"""Folding BatchNormalization into the convolution before it, for a faster forward pass; and
+BatchNorm layers that train, run on TensorFlow's fused kernels.
 
 A BatchNormalization layer in inference mode is an affine map per channel,
 `y = gamma * (z - mean) / sqrt(var + eps) + beta`. After a convolution `z = W * x (+ b)` it can
@@ -29,18 +30,18 @@ A pair is a `Conv2D` or `DepthwiseConv2D` without activation whose output goes t
 also goes elsewhere, channels-first or quantized layers) is left as it is.
 
 A BatchNorm layer that trains cannot fold: its statistics come from each batch. In a training
-view (`fuse_training_batchnorm=True`, the default; TensorFlow backend) it is run by a
-`FusedTrainingBatchNorm` layer instead: the same layer and variables, the batch's statistics
+view (`fuse_training_batchnorm=True`, the default; TensorFlow backend, CPUs only) it is run by
+a `FusedTrainingBatchNorm` layer instead: the same layer and variables, the batch's statistics
 computed as Keras computes them (`tf.nn.moments`, so the moving statistics are Keras' own), the
 normalisation and its gradient by TensorFlow's fused kernels (oneDNN's on x86) given those
 statistics, rather than Keras' element-wise normalisation and the autodiff of both (about a
 dozen ops over the whole feature map going back). This is what `--train-batchnorm` trains: on
 EfficientNet-Lite0 with every BatchNorm training a step is 1.2-1.4x as fast, with gradients as
-close to float64's as Keras' own (`benchmarks/RESULTS.md`, seventh slice). The kernel's own
-training mode, which also computes the statistics, would be faster still (1.3-1.8x), but
-oneDNN's statistics are less precise: gradients about twice as far from float64's, and 3.3
-points lower test accuracy over 8 seeds of the accuracy benchmark's least stable recipe
-(RESULTS, sixth and seventh slices). It is not used.
+close to float64's as Keras' own at the median (`benchmarks/RESULTS.md`, seventh slice). The
+kernel's own training mode, which also computes the statistics, would be faster still
+(1.3-1.8x), but oneDNN's statistics are less precise: gradients about twice as far from
+float64's, and 3.3 points lower test accuracy over 8 seeds of the accuracy benchmark's least
+stable recipe (RESULTS, sixth and seventh slices). It is not used.
 """
 
 from __future__ import annotations
@@ -151,9 +152,19 @@ class FoldedConv(keras.layers.Layer):
         )
 
 
+def _only_cpus() -> bool:
+    """True when TensorFlow sees no device but CPUs. The fused gradient kernel reads its saved
+    statistics as the variance on CPUs (Eigen's and oneDNN's kernels) but as the inverted
+    variance with cuDNN, so elsewhere the layer is left to Keras."""
+    import tensorflow as tf
+
+    return all(device.device_type == "CPU" for device in tf.config.list_logical_devices())
+
+
 def _is_fusable_batchnorm(layer: Any, inputs: Any) -> bool:
     return (
         keras.backend.backend() == "tensorflow"
+        and _only_cpus()
         and _is_foldable_batchnorm(layer)
         and len(inputs.shape) == 4
         and not layer.renorm

@@ -530,8 +530,9 @@ def class_weights(labels: np.ndarray, recipe: RecipeConfig) -> dict[int, float] 
 # BatchNorm momentum of a network trained from random weights (`weights = "none"`, the
 # --compare-scratch baseline): PyTorch's default, statistics averaged over about 10 steps. Its
 # statistics change fast, and Keras' 0.99 (about 100 steps) lags behind them: the demo's scratch
-# baseline validated at chance (10%) while its training accuracy rose to 57%, and early stopping
-# kept the first epoch; with 0.9 it validated at 74% and tested at 71.2% (README, demo).
+# baseline (with the fused BatchNorm kernels) validated near chance (10-24%) while its training
+# accuracy rose to 57%, and early stopping kept the first epoch; with 0.9 it validated at 74%
+# and tested at 71.2% (README, demo). `build_classifier(weights=None)` itself keeps 0.99.
 SCRATCH_BATCHNORM_MOMENTUM = 0.9
 
 

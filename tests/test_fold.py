@@ -356,11 +356,26 @@ class _SeeFitModel(keras.callbacks.Callback):
         self.seen.append(_all_layers(self.model))
 
 
+def _through_the_whole_model(data):
+    """`fit_phases`' training data of `data`, batch 8, through the whole (folded) model rather
+    than the top on cached features."""
+    from finetune.recipes import PhaseData
+
+    return PhaseData(
+        train_images=data.images["train"],
+        train_labels=data.labels["train"],
+        num_classes=data.num_classes,
+        batch_size=8,
+        seed=0,
+        feature_cache=False,
+    )
+
+
 def test_fit_phases_trains_batchnorm_on_the_fused_kernels(tmp_path):
     """`--train-batchnorm`: the phase's BatchNorm layers that train run as
     `FusedTrainingBatchNorm` inside `fit`, and their moving statistics move."""
     from finetune.data.pipeline import prepare_image_data
-    from finetune.recipes import PhaseData, fit_phases
+    from finetune.recipes import fit_phases
     from finetune.recipes.two_phase import Phase
     from finetune.train import seed_everything
     from tests.helpers import DIGITS, image_subset
@@ -371,14 +386,7 @@ def test_fit_phases_trains_batchnorm_on_the_fused_kernels(tmp_path):
     model = build_classifier(SPEC, data.num_classes, image_size=SIZE, weights=None)
     top_bn = backbone_of(model).get_layer("top_bn")
     before = top_bn.moving_variance.numpy().copy()
-    phase_data = PhaseData(
-        train_images=data.images["train"],
-        train_labels=data.labels["train"],
-        num_classes=data.num_classes,
-        batch_size=8,
-        seed=0,
-        feature_cache=False,  # through the whole model
-    )
+    phase_data = _through_the_whole_model(data)
     seen: list = []
     phase = Phase("finetune", 1, 1e-3, unfreeze_groups=1, train_batchnorm=True, augment=False)
     fit_phases(
@@ -395,7 +403,7 @@ def test_fit_phases_trains_batchnorm_on_the_fused_kernels(tmp_path):
 @pytest.mark.slow
 def test_fit_phases_trains_the_folded_model_and_run_predicts_with_one(tmp_path):
     from finetune.data.pipeline import prepare_image_data
-    from finetune.recipes import PhaseData, fit_phases
+    from finetune.recipes import fit_phases
     from finetune.recipes.two_phase import Phase
     from finetune.run import Run, softmax
     from finetune.train import seed_everything
@@ -407,14 +415,7 @@ def test_fit_phases_trains_the_folded_model_and_run_predicts_with_one(tmp_path):
     model = build_classifier(SPEC, data.num_classes, image_size=SIZE, weights=None)
     _randomise_batchnorm(model)
     before = {v.path: v.numpy().copy() for v in model.weights}
-    phase_data = PhaseData(
-        train_images=data.images["train"],
-        train_labels=data.labels["train"],
-        num_classes=data.num_classes,
-        batch_size=8,
-        seed=0,
-        feature_cache=False,  # through the whole folded model, not the top on cached features
-    )
+    phase_data = _through_the_whole_model(data)
     seen: list = []
     phase = Phase("finetune", 1, 1e-3, unfreeze_groups=2, augment=False)
     fit_phases(

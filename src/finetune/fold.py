@@ -164,13 +164,13 @@ def _only_cpus() -> bool:
 def _is_fusable_batchnorm(layer: Any, inputs: Any) -> bool:
     return (
         keras.backend.backend() == "tensorflow"
-        and _only_cpus()
         and _is_foldable_batchnorm(layer)
         and len(inputs.shape) == 4
         and not layer.renorm
         and not layer.synchronized
         # The kernel takes float16, bfloat16 and float32; Keras keeps float64 in float64.
         and keras.backend.standardize_dtype(inputs.dtype) in ("float16", "bfloat16", "float32")
+        and _only_cpus()  # last: asked of BatchNorm layers only
     )
 
 

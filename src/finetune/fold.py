@@ -39,7 +39,7 @@ dozen ops over the whole feature map going back). This is what `--train-batchnor
 EfficientNet-Lite0 with every BatchNorm training a step is 1.2-1.4x as fast, with gradients as
 close to float64's as Keras' own at the median (`benchmarks/RESULTS.md`, seventh slice). The
 kernel's own training mode, which also computes the statistics, would be faster still
-(1.3-1.8x), but oneDNN's statistics are less precise: gradients about twice as far from
+(1.2-1.8x), but oneDNN's statistics are less precise: gradients about twice as far from
 float64's, and 3.3 points lower test accuracy over 8 seeds of the accuracy benchmark's least
 stable recipe (RESULTS, sixth and seventh slices). It is not used.
 """

@@ -42,6 +42,17 @@ kernel's own training mode, which also computes the statistics, would be faster 
 (1.2-1.8x), but oneDNN's statistics are less precise: gradients about twice as far from
 float64's, and 3.3 points lower test accuracy over 8 seeds of the accuracy benchmark's least
 stable recipe (RESULTS, sixth and seventh slices). It is not used.
+
+Depthwise convolutions with 5 x 5 kernels (or larger) on small maps, in a training view, get
+their filter gradient another way (TensorFlow backend, CPUs only): oneDNN computes it with a
+generic kernel there: 3-7 ms a call on Lite0's 4 x 4 and 2 x 2 maps, 40% of the oneDNN
+time of a whole training step at 64 px. The same sum computed as one depthwise
+convolution's forward pass (batch and channels swapped, `_swapped_filter_gradient`) runs on
+oneDNN's fast depthwise kernel and is closer to float64. Folded pairs compute it so in
+`FoldedConv`; a depthwise convolution that trains before a BatchNorm that trains is run by a
+`SwappedGradientDepthwiseConv`. Forward pass and input gradient are TensorFlow's own. On
+Lite0 a training step is 1.2 / 1.07 / 1.04x as fast at 64 / 128 / 224 px, a step
+of the top 3 groups 1.29 / 1.15x at 64 / 128 px (RESULTS, eighth slice).
 """
 
 from __future__ import annotations
@@ -82,6 +93,116 @@ def _frozen_layers(model: keras.Model) -> set[int]:
 
     visit(model, not model.trainable)
     return frozen
+
+
+# Depthwise convolutions whose filter gradient is computed as a depthwise convolution's
+# forward pass (`_swapped_filter_gradient`): kernels of at least 5 x 5 taps on maps of at most
+# this many pixels a side (counted on the input grid: output side times stride). Measured per
+# layer on EfficientNet-Lite0 (benchmarks/RESULTS.md, eighth slice): 1.4-2.6x as fast as
+# oneDNN's filter gradient there, slower for 3 x 3 kernels and larger maps.
+SWAPPED_GRADIENT_MAX_SIDE = 28
+
+
+def _uses_swapped_gradient(conv: Any, input_shape: tuple) -> bool:
+    """Whether `_depthwise_conv` computes `conv`'s filter gradient by `_swapped_filter_gradient`."""
+    if keras.backend.backend() != "tensorflow" or not isinstance(
+        conv, keras.layers.DepthwiseConv2D
+    ):
+        return False
+    kh, kw = conv.kernel_size
+    sh, sw = conv.strides
+    if (
+        len(input_shape) != 4
+        or conv.data_format != "channels_last"
+        or conv.depth_multiplier != 1
+        or tuple(conv.dilation_rate) != (1, 1)
+        or sh != sw
+        or kh * kw < 25
+        or keras.backend.standardize_dtype(conv.compute_dtype) != "float32"
+        or any(d is None for d in input_shape[1:])
+    ):
+        return False
+    out_h, out_w = conv.compute_output_shape(input_shape)[1:3]
+    return (
+        out_h * sh <= SWAPPED_GRADIENT_MAX_SIDE
+        and out_w * sw <= SWAPPED_GRADIENT_MAX_SIDE
+        and _only_cpus()  # last: asked of qualifying convolutions only
+    )
+
+
+def _same_padding(size: int, kernel: int, stride: int) -> tuple[int, int]:
+    """TensorFlow's "SAME" padding before and after, along one axis."""
+    total = max((-(-size // stride) - 1) * stride + kernel - size, 0)
+    return total // 2, total - total // 2
+
+
+def _swapped_filter_gradient(x: Any, dy: Any, kernel_size: tuple, stride: int, padding: str) -> Any:
+    """The gradient of a depthwise convolution's (multiplier 1) filter, as a depthwise
+    convolution's forward pass.
+
+    `dW[p, q, c] = sum over n, i, j of dy[n, i, j, c] * x[n, s*i + p, s*j + q, c]` (x padded).
+    With the batch moved next to the channels, that is one depthwise convolution of the padded
+    input (1, H, W, N*C) by dy as the filter (h_out, w_out, N*C, 1), dilated by the stride,
+    summed over the batch. oneDNN runs that forward pass on its fast depthwise kernel, while its
+    own filter gradient for 5 x 5 kernels falls back to a generic one (benchmarks/RESULTS.md,
+    eighth slice).
+    """
+    import tensorflow as tf
+
+    kh, kw = kernel_size
+    if padding == "same":
+        (t, b), (le, r) = (
+            _same_padding(x.shape[1], kh, stride),
+            _same_padding(x.shape[2], kw, stride),
+        )
+        x = tf.pad(x, [[0, 0], [t, b], [le, r], [0, 0]])
+    height, width, channels = x.shape[1], x.shape[2], x.shape[3]
+    n = tf.shape(x)[0]
+    z = tf.reshape(tf.transpose(x, (1, 2, 0, 3)), (1, height, width, n * channels))
+    out_h, out_w = dy.shape[1], dy.shape[2]
+    f = tf.reshape(tf.transpose(dy, (1, 2, 0, 3)), (out_h, out_w, n * channels, 1))
+    taps = tf.nn.depthwise_conv2d(
+        z, f, strides=[1, 1, 1, 1], padding="VALID", dilations=[stride, stride]
+    )[0, :kh, :kw, :]
+    return tf.reduce_sum(tf.reshape(taps, (kh, kw, n, channels)), axis=2)[..., None]
+
+
+def _depthwise_conv(conv: Any, inputs: Any, kernel: Any) -> Any:
+    """`conv`'s depthwise convolution of `inputs` by `kernel` (no bias), with the filter
+    gradient by `_swapped_filter_gradient` where that is faster (`_uses_swapped_gradient`).
+    The forward pass and the input gradient are TensorFlow's own either way."""
+    spec = {
+        "strides": conv.strides,
+        "padding": conv.padding,
+        "dilation_rate": conv.dilation_rate,
+        "data_format": conv.data_format,
+    }
+    if not _uses_swapped_gradient(conv, tuple(inputs.shape)):
+        return ops.depthwise_conv(inputs, kernel, **spec)
+    import tensorflow as tf
+
+    stride = conv.strides[0]
+    tf_padding = conv.padding.upper()
+
+    @tf.custom_gradient
+    def run(x, w):
+        y = tf.nn.depthwise_conv2d(x, w, strides=[1, stride, stride, 1], padding=tf_padding)
+
+        def grad(dy):
+            dx = tf.raw_ops.DepthwiseConv2dNativeBackpropInput(
+                input_sizes=tf.shape(x),
+                filter=w,
+                out_backprop=dy,
+                strides=[1, stride, stride, 1],
+                padding=tf_padding,
+            )
+            dw = _swapped_filter_gradient(x, dy, conv.kernel_size, stride, conv.padding)
+            return dx, dw
+
+        return y, grad
+
+    # A tensor, not the variable: the custom gradient is for values, not variables.
+    return run(inputs, tf.identity(kernel))
 
 
 class FoldedConv(keras.layers.Layer):
@@ -130,14 +251,7 @@ class FoldedConv(keras.layers.Layer):
         kernel, bias = self.folded()
         kernel = ops.cast(kernel, inputs.dtype)
         if isinstance(conv, keras.layers.DepthwiseConv2D):
-            outputs = ops.depthwise_conv(
-                inputs,
-                kernel,
-                strides=conv.strides,
-                padding=conv.padding,
-                dilation_rate=conv.dilation_rate,
-                data_format=conv.data_format,
-            )
+            outputs = _depthwise_conv(conv, inputs, kernel)
         else:
             outputs = conv.convolution_op(inputs, kernel)
         return outputs + ops.cast(bias, outputs.dtype)
@@ -149,6 +263,39 @@ class FoldedConv(keras.layers.Layer):
         raise NotImplementedError(
             "a folded model is a fast view of another model for training and inference; save "
             "the original model instead."
+        )
+
+
+class SwappedGradientDepthwiseConv(keras.layers.Layer):
+    """A `DepthwiseConv2D` (without activation) whose filter gradient is computed by
+    `_swapped_filter_gradient`: the same outputs and the same gradients up to rounding, faster
+    for 5 x 5 kernels on small maps (`_uses_swapped_gradient`).
+
+    Holds the layer itself (shared, not copied). Made by `fold_batchnorm` for a convolution
+    that trains and whose BatchNorm does not fold (it trains too); not meant to be saved.
+
+    Args:
+        conv: the `DepthwiseConv2D` layer.
+    """
+
+    def __init__(self, conv: keras.layers.DepthwiseConv2D, **kwargs):
+        super().__init__(name=f"{conv.name}_swapped", dtype=conv.dtype_policy, **kwargs)
+        self.conv = conv
+
+    def call(self, inputs):
+        conv = self.conv
+        outputs = _depthwise_conv(conv, inputs, conv.kernel)
+        if conv.use_bias:
+            outputs = outputs + conv.bias
+        return outputs
+
+    def compute_output_shape(self, input_shape):
+        return self.conv.compute_output_shape(input_shape)
+
+    def get_config(self):
+        raise NotImplementedError(
+            "a training view of a DepthwiseConv2D layer is not saved; save the original model "
+            "instead."
         )
 
 
@@ -287,8 +434,8 @@ def fold_batchnorm(
 
     Returns:
         A new, uncompiled functional model with the same inputs and outputs and name, sharing
-        every layer with `model`; `model` itself when nothing folds (or fuses) or it is not
-        functional.
+        every layer with `model`; `model` itself when nothing folds (or fuses, or gets the
+        swapped filter gradient) or it is not functional.
 
     Example:
         >>> fast = fold_batchnorm(model, frozen_only=False)
@@ -324,8 +471,20 @@ def fold_batchnorm(
         ):
             folded += 1
             return FusedTrainingBatchNorm(layer)(args[0])  # it trains: the fused kernel runs it
-        output = layer(*args, **kwargs)
-        if _is_foldable_conv(layer) and len(args) == 1 and not any(kwargs.values()):
+        conv = _is_foldable_conv(layer) and len(args) == 1 and not any(kwargs.values())
+        if (
+            conv
+            and frozen_only
+            and id(layer) not in frozen
+            and _uses_swapped_gradient(layer, tuple(args[0].shape))
+        ):
+            # It trains: its filter gradient the faster way. If its BatchNorm folds below,
+            # this output drops out as the unfolded one does.
+            folded += 1
+            output = SwappedGradientDepthwiseConv(layer)(args[0])
+        else:
+            output = layer(*args, **kwargs)
+        if conv:
             made[id(output)] = (layer, args[0])
         return output
 

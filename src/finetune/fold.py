@@ -51,8 +51,9 @@ convolution's forward pass (batch and channels swapped, `_swapped_filter_gradien
 oneDNN's fast depthwise kernel and is closer to float64. Folded pairs compute it so in
 `FoldedConv`; a depthwise convolution that trains before a BatchNorm that trains is run by a
 `SwappedGradientDepthwiseConv`. Forward pass and input gradient are TensorFlow's own. On
-Lite0 a training step is 1.2 / 1.07 / 1.04x as fast at 64 / 128 / 224 px, a step
-of the top 3 groups 1.29 / 1.15x at 64 / 128 px (RESULTS, eighth slice).
+Lite0 a whole-network step is 1.22 / 1.09 / 1.04x as fast at 64 / 128 / 224 px, a step of the
+top 3 groups 1.31 / 1.11 / 1.01x, one with every BatchNorm training 1.12 / 1.03 / 1.02x
+(`benchmarks/depthwise_gradient.py`; RESULTS, eighth slice).
 """
 
 from __future__ import annotations
@@ -98,7 +99,7 @@ def _frozen_layers(model: keras.Model) -> set[int]:
 # Depthwise convolutions whose filter gradient is computed as a depthwise convolution's
 # forward pass (`_swapped_filter_gradient`): kernels of at least 5 x 5 taps on maps of at most
 # this many pixels a side (counted on the input grid: output side times stride). Measured per
-# layer on EfficientNet-Lite0 (benchmarks/RESULTS.md, eighth slice): 1.4-2.6x as fast as
+# layer on EfficientNet-Lite0 (benchmarks/RESULTS.md, eighth slice): 1.1-2.6x as fast as
 # oneDNN's filter gradient there, slower for 3 x 3 kernels and larger maps.
 SWAPPED_GRADIENT_MAX_SIDE = 28
 

@@ -475,6 +475,19 @@ def _gradients(model, fit_model, x, training):
     return tape.gradient(value, model.trainable_variables)
 
 
+def _count_swapped_gradients(monkeypatch) -> list:
+    """Records each call of `_swapped_filter_gradient` (one per traced gradient)."""
+    calls: list = []
+    real = fold_module._swapped_filter_gradient
+
+    def counted(x, dy, *args):
+        calls.append(tuple(dy.shape))
+        return real(x, dy, *args)
+
+    monkeypatch.setattr(fold_module, "_swapped_filter_gradient", counted)
+    return calls
+
+
 @pytest.mark.parametrize(
     "size,kernel,stride,padding,batchnorm_trains",
     [
@@ -486,8 +499,9 @@ def _gradients(model, fit_model, x, training):
     ],
 )
 def test_depthwise_filter_gradient_computed_swapped_is_the_same(
-    size, kernel, stride, padding, batchnorm_trains
+    size, kernel, stride, padding, batchnorm_trains, monkeypatch
 ):
+    calls = _count_swapped_gradients(monkeypatch)
     model = _depthwise_model(size, kernel, stride, padding, batchnorm_trains)
     dwconv = next(
         layer for layer in model.layers if isinstance(layer, keras.layers.DepthwiseConv2D)
@@ -501,14 +515,21 @@ def test_depthwise_filter_gradient_computed_swapped_is_the_same(
         ] == [dwconv]
     else:
         assert any(isinstance(layer, FoldedConv) and layer.conv is dwconv for layer in layers)
-    # A batch of 3 as well as 4: the batch size is only known when the step runs.
+    # Traced with the batch size unknown, as `fit` traces its step; run with 4 and 3.
+    spec = tf.TensorSpec((None, size, size, 6), "float32")
+    reference_step = tf.function(
+        lambda x: _gradients(model, model, x, batchnorm_trains), input_signature=[spec]
+    )
+    swapped_step = tf.function(
+        lambda x: _gradients(model, fast, x, batchnorm_trains), input_signature=[spec]
+    )
     for n in (4, 3):
         x = tf.constant(np.random.default_rng(n).normal(0, 1, (n, size, size, 6)), "float32")
-        reference = _gradients(model, model, x, batchnorm_trains)
-        swapped = _gradients(model, fast, x, batchnorm_trains)
+        reference, swapped = reference_step(x), swapped_step(x)
         for v, a, b in zip(model.trainable_variables, reference, swapped, strict=True):
             _close(a, b, f"{v.path}, batch {n}")
         assert np.abs(np.asarray(swapped[1])).max() > 1e-3  # the depthwise kernel's gradient
+    assert len(calls) == 1  # one trace, the swapped way (the reference's trace: TensorFlow's)
 
 
 def test_depthwise_filter_gradient_is_swapped_only_where_that_is_faster():
@@ -541,12 +562,15 @@ def test_efficientnet_lite_trains_its_5x5_convolutions_on_small_maps_the_swapped
     ]
     assert len(swapped) == 9 and all(backbone.get_layer(n).kernel_size == (5, 5) for n in swapped)
     x = tf.constant(_images(4, size=64))
+    calls = _count_swapped_gradients(monkeypatch)
     grads = [_gradients(model, fold_batchnorm(model), x, False)]
+    assert len(calls) == 9
     monkeypatch.setattr(fold_module, "SWAPPED_GRADIENT_MAX_SIDE", 0)  # oneDNN's filter gradient
     assert not any(
         fold_module._uses_swapped_gradient(backbone.get_layer(n), (None, 8, 8, 8)) for n in swapped
     )
     grads.append(_gradients(model, fold_batchnorm(model), x, False))
+    assert len(calls) == 9  # no more
     for v, a, b in zip(model.trainable_variables, *grads, strict=True):
         _close(a, b, v.path)
 
@@ -581,3 +605,20 @@ def test_the_swapped_filter_gradient_is_as_close_to_float64_as_tensorflows(size,
 
     assert swapped.shape == exact.shape
     assert error(swapped) <= 1.5 * error(tensorflows(x32, dy32))
+
+
+def test_the_swapped_filter_gradient_is_for_float32_inputs_only(monkeypatch):
+    """A FoldedConv computes in the global policy's dtype, whatever its layers': bfloat16
+    inputs get TensorFlow's own filter gradient, float32 ones the swapped one."""
+    calls = _count_swapped_gradients(monkeypatch)
+    conv = keras.layers.DepthwiseConv2D(5, padding="same", use_bias=False)
+    conv.build((None, 9, 9, 6))
+    x = np.random.default_rng(0).normal(0, 1, (4, 9, 9, 6))
+    for dtype in ("bfloat16", "float32"):
+        inputs = tf.constant(x, dtype)
+        kernel = tf.cast(conv.kernel, dtype)
+        with tf.GradientTape() as tape:
+            tape.watch(kernel)
+            value = tf.reduce_sum(tf.square(fold_module._depthwise_conv(conv, inputs, kernel)))
+        assert tape.gradient(value, kernel) is not None
+        assert len(calls) == (0 if dtype == "bfloat16" else 1), dtype

@@ -45,8 +45,8 @@ stable recipe (RESULTS, sixth and seventh slices). It is not used.
 
 Depthwise convolutions with 5 x 5 kernels (or larger) on small maps, in a training view, get
 their filter gradient another way (TensorFlow backend, CPUs only): oneDNN computes it with a
-generic kernel there: 3-7 ms a call on Lite0's 4 x 4 and 2 x 2 maps, 40% of the oneDNN
-time of a whole training step at 64 px. The same sum computed as one depthwise
+generic kernel there: 2.9-7.4 ms a call on Lite0's 16 x 16 to 2 x 2 maps at 64 px, 40% of
+oneDNN's time in a whole training step. The same sum computed as one depthwise
 convolution's forward pass (batch and channels swapped, `_swapped_filter_gradient`) runs on
 oneDNN's fast depthwise kernel and is closer to float64. Folded pairs compute it so in
 `FoldedConv`; a depthwise convolution that trains before a BatchNorm that trains is run by a
@@ -100,7 +100,8 @@ def _frozen_layers(model: keras.Model) -> set[int]:
 # forward pass (`_swapped_filter_gradient`): kernels of at least 5 x 5 taps on maps of at most
 # this many pixels a side (counted on the input grid: output side times stride). Measured per
 # layer on EfficientNet-Lite0 (benchmarks/RESULTS.md, eighth slice): 1.1-2.6x as fast as
-# oneDNN's filter gradient there, slower for 3 x 3 kernels and larger maps.
+# oneDNN's filter gradient there, slower for 3 x 3 kernels (except on 2 x 2 maps) and larger
+# maps.
 SWAPPED_GRADIENT_MAX_SIDE = 28
 
 
@@ -178,7 +179,9 @@ def _depthwise_conv(conv: Any, inputs: Any, kernel: Any) -> Any:
         "dilation_rate": conv.dilation_rate,
         "data_format": conv.data_format,
     }
-    if not _uses_swapped_gradient(conv, tuple(inputs.shape)):
+    # The inputs' dtype too: a FoldedConv computes in the global policy's, whatever the layer's.
+    float32 = keras.backend.standardize_dtype(inputs.dtype) == "float32"
+    if not (float32 and _uses_swapped_gradient(conv, tuple(inputs.shape))):
         return ops.depthwise_conv(inputs, kernel, **spec)
     import tensorflow as tf
 
@@ -272,8 +275,10 @@ class SwappedGradientDepthwiseConv(keras.layers.Layer):
     `_swapped_filter_gradient`: the same outputs and the same gradients up to rounding, faster
     for 5 x 5 kernels on small maps (`_uses_swapped_gradient`).
 
-    Holds the layer itself (shared, not copied). Made by `fold_batchnorm` for a convolution
-    that trains and whose BatchNorm does not fold (it trains too); not meant to be saved.
+    Holds the layer itself (shared, not copied). Made by `fold_batchnorm` in a training view
+    for every such convolution that trains; where a frozen BatchNorm follows, the pair folds
+    into a `FoldedConv` (which computes the gradient the same way) and this layer drops out.
+    Not meant to be saved.
 
     Args:
         conv: the `DepthwiseConv2D` layer.
@@ -431,7 +436,8 @@ def fold_batchnorm(
             folds every pair (for inference only). Defaults to True.
         fuse_training_batchnorm: with `frozen_only`, run the BatchNorm layers that train by
             `FusedTrainingBatchNorm` (the same training, faster; see the module docstring).
-            False leaves them to Keras' own layer. Defaults to True.
+            False leaves them to Keras' own layer (5 x 5 depthwise convolutions that train
+            still get the swapped filter gradient). Defaults to True.
 
     Returns:
         A new, uncompiled functional model with the same inputs and outputs and name, sharing

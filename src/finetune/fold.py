@@ -209,7 +209,18 @@ def _depthwise_conv(conv: Any, inputs: Any, kernel: Any) -> Any:
     return run(inputs, tf.identity(kernel))
 
 
-class FoldedConv(keras.layers.Layer):
+class _LayerView(keras.layers.Layer):
+    """A layer that computes with layers of another model (held, not copied). Made by
+    `fold_batchnorm`; never saved: the original model is."""
+
+    def get_config(self):
+        raise NotImplementedError(
+            f"{type(self).__name__} is a fast view of another model's layers for training and "
+            "inference; save the original model instead."
+        )
+
+
+class FoldedConv(_LayerView):
     """A convolution followed by an inference-mode BatchNorm, computed as one convolution.
 
     Holds the two layers themselves (shared, not copied): their variables are its variables.
@@ -263,14 +274,8 @@ class FoldedConv(keras.layers.Layer):
     def compute_output_shape(self, input_shape):
         return self.conv.compute_output_shape(input_shape)
 
-    def get_config(self):
-        raise NotImplementedError(
-            "a folded model is a fast view of another model for training and inference; save "
-            "the original model instead."
-        )
 
-
-class SwappedGradientDepthwiseConv(keras.layers.Layer):
+class SwappedGradientDepthwiseConv(_LayerView):
     """A `DepthwiseConv2D` (without activation) whose filter gradient is computed by
     `_swapped_filter_gradient`: the same outputs and the same gradients up to rounding, faster
     for 5 x 5 kernels on small maps (`_uses_swapped_gradient`).
@@ -297,12 +302,6 @@ class SwappedGradientDepthwiseConv(keras.layers.Layer):
 
     def compute_output_shape(self, input_shape):
         return self.conv.compute_output_shape(input_shape)
-
-    def get_config(self):
-        raise NotImplementedError(
-            "a training view of a DepthwiseConv2D layer is not saved; save the original model "
-            "instead."
-        )
 
 
 def _only_cpus() -> bool:
@@ -375,7 +374,7 @@ def _training_batchnorm(x: Any, scale: Any, offset: Any, epsilon: float) -> tupl
     return run(x, scale, offset)
 
 
-class FusedTrainingBatchNorm(keras.layers.Layer):
+class FusedTrainingBatchNorm(_LayerView):
     """A BatchNormalization layer (NHWC) whose training-mode pass runs on TensorFlow's fused
     kernels.
 
@@ -414,12 +413,6 @@ class FusedTrainingBatchNorm(keras.layers.Layer):
 
     def compute_output_shape(self, input_shape):
         return input_shape
-
-    def get_config(self):
-        raise NotImplementedError(
-            "a fused training view of a BatchNormalization layer is not saved; save the original "
-            "model instead."
-        )
 
 
 def fold_batchnorm(

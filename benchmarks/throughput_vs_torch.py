@@ -12,8 +12,10 @@ determinism on, as `finetune train`), trainability set by `unfreeze_top_groups` 
 `freeze_backbone`, the recipe's optimizer (`make_optimizer`: Adam on the cosine schedule, with
 the discriminative per-group learning rates of phase 2) compiled by `two_phase.compile_phase`;
 timed with `train_on_batch` / `predict_on_batch` on the model `fit_phases` trains
-(`fold_batchnorm(model)`: frozen BatchNorm folded into the convolutions) and the one `Run`
-predicts with (`fold_batchnorm(model, frozen_only=False)`). `finetune-unfolded` is the same
+(`fold_batchnorm(model, snapshot=True)`: frozen BatchNorm folded into the convolutions, the
+frozen pairs' weights compiled in) and the one `Run` predicts with from 256 images on
+(`fold_batchnorm(model, frozen_only=False, snapshot=True)`; `infer`'s `live` row: the view
+that reads its weights on every call, for fewer images). `finetune-unfolded` is the same
 without the folding (finetune before it, to measure the lever side by side; in `full_bn` also
 without the fused BatchNorm kernels, so the same as `keras_batchnorm` below); `finetune-bf16`
 is `finetune` under Keras' `mixed_bfloat16` policy (speed only).
@@ -102,7 +104,12 @@ def finetune_child(args: argparse.Namespace, bf16: bool, fold: bool = True) -> d
     from finetune.backbones.registry import get_backbone
     from finetune.config import RecipeConfig
     from finetune.fold import fold_batchnorm
-    from finetune.model import build_classifier, freeze_backbone, unfreeze_top_groups
+    from finetune.model import (
+        build_classifier,
+        freeze_backbone,
+        sublayers,
+        unfreeze_top_groups,
+    )
     from finetune.recipes.discriminative import group_lr_multipliers
     from finetune.recipes.feature_cache import cut_layer, split_at_cut, split_at_pool
     from finetune.recipes.optimizers import make_optimizer
@@ -119,6 +126,16 @@ def finetune_child(args: argparse.Namespace, bf16: bool, fold: bool = True) -> d
     x = rng.integers(0, 256, (BATCH, size, size, 3)).astype("float32")
     y = np.eye(NUM_CLASSES, dtype="float32")[rng.integers(0, NUM_CLASSES, BATCH)]
     model = build_classifier(spec, NUM_CLASSES, image_size=size, weights=None)
+    # BatchNorm statistics and affine weights as a trained network has them, not the initial
+    # zeros and ones: folded, those give zero biases, which TensorFlow drops from a compiled-in
+    # snapshot (and then cannot fuse the activation into the convolution).
+    for layer in sublayers(model):
+        if isinstance(layer, keras.layers.BatchNormalization):
+            n = layer.moving_mean.shape[0]
+            layer.gamma.assign(rng.uniform(0.5, 1.5, n).astype("float32"))
+            layer.beta.assign(rng.normal(0, 0.3, n).astype("float32"))
+            layer.moving_mean.assign(rng.normal(0, 0.5, n).astype("float32"))
+            layer.moving_variance.assign(rng.uniform(0.2, 3.0, n).astype("float32"))
     out = {"threads": {"tf_intra_op": tf.config.threading.get_intra_op_parallelism_threads(),
                        "tf_inter_op": tf.config.threading.get_inter_op_parallelism_threads(),
                        "note": "0 = TensorFlow's default (all cores)"},
@@ -133,8 +150,8 @@ def finetune_child(args: argparse.Namespace, bf16: bool, fold: bool = True) -> d
             factors = group_lr_multipliers(model, spec, lowest_lr_groups, recipe.discriminative_lr)
         compile_phase(fit_model, recipe, make_optimizer(recipe, lr, lr_multipliers=factors))
 
-    def folded(m, frozen_only=True):  # as fit_phases trains and Run predicts
-        return fold_batchnorm(m, frozen_only=frozen_only) if fold else m
+    def folded(m, frozen_only=True, snapshot=True):  # as fit_phases trains and Run predicts
+        return fold_batchnorm(m, frozen_only=frozen_only, snapshot=snapshot) if fold else m
 
     def finite_check_ms(fit_model) -> float:  # StopOnNonFinite runs it after every batch
         check = _finite_check(fit_model.trainable_variables)
@@ -220,6 +237,10 @@ def finetune_child(args: argparse.Namespace, bf16: bool, fold: bool = True) -> d
         else:  # infer
             fast = folded(model, frozen_only=False)
             row = time_calls(lambda m=fast: m.predict_on_batch(x), args.warmup, args.steps)
+            if fold:  # what `predict` runs below 256 images: the view reading its weights
+                live = folded(model, frozen_only=False, snapshot=False)
+                row["live"] = time_calls(lambda m=live: m.predict_on_batch(x), args.warmup,
+                                         args.steps)  # fmt: skip
             if fold and not bf16:  # what predict/evaluate run from 8,000 images on
                 from finetune.inference import OnnxForward
 
@@ -409,6 +430,10 @@ def summarise(report: dict) -> dict:
                     cell["ratio_bf16"] = cell["finetune-bf16"] / fp32[best]
             run = runs.get(("finetune", size))
             if mode == "infer" and run and run.get("status") == "ok":
+                live = run["modes"].get("infer", {}).get("live")
+                if live and fp32:
+                    cell["finetune_live"] = live["images_per_s"]
+                    cell["ratio_live"] = live["images_per_s"] / cell["best_torch"]
                 onnx = run["modes"].get("infer", {}).get("onnxruntime")
                 if onnx and fp32:
                     cell["finetune_onnx"] = onnx["images_per_s"]
@@ -481,6 +506,10 @@ def markdown(report: dict) -> str:
             lines.append(f"| {c['size']} | {what} from 8,000 image-epochs) "
                          f"| {fmt(c['finetune_streamed'])} | | | | | | {best} "
                          f"| {fmt(c.get('ratio_streamed'), 2)} |")  # fmt: skip
+        if c.get("finetune_live"):
+            lines.append(f"| {c['size']} | infer, Keras reading the weights on every call "
+                         f"(predict/evaluate below 256 images) | {fmt(c['finetune_live'])} "
+                         f"| | | | | | {best} | {fmt(c.get('ratio_live'), 2)} |")  # fmt: skip
         if c.get("finetune_onnx"):
             lines.append(f"| {c['size']} | infer, ONNX Runtime (predict/evaluate from 8,000 "
                          f"images) | {fmt(c['finetune_onnx'])} | | | | | | {best} "

@@ -92,6 +92,43 @@ def test_the_folded_model_reads_the_weights_as_they_are_now():
     _close(model.predict_on_batch(x), after, "logits after the weights changed")
 
 
+def _folded_layers(model) -> list:
+    return [layer for layer in _all_layers(model) if isinstance(layer, FoldedConv)]
+
+
+def test_a_snapshot_compiles_the_weights_in_as_they_were_when_traced():
+    model = _classifier()
+    fast = fold_batchnorm(model, frozen_only=False, snapshot=True)
+    folded = _folded_layers(fast)
+    assert len(folded) == 49 and all(layer.snapshot for layer in folded)
+    x = _images()
+    expected = model.predict_on_batch(x)
+    _close(expected, fast.predict_on_batch(x), "logits")
+    # The traced function reads no folded pair's variable: only the head's kernel and bias.
+    graph = tf.function(fast).get_concrete_function(tf.TensorSpec(x.shape, tf.float32)).graph
+    assert sum(op.type == "ReadVariableOp" for op in graph.get_operations()) == 2
+    # So predict's function keeps the weights it was traced with, where a view that reads
+    # them follows the change; a new snapshot sees it.
+    _randomise_batchnorm(model, seed=5)
+    changed = model.predict_on_batch(x)
+    assert np.abs(changed - expected).max() > 1e-2
+    _close(expected, fast.predict_on_batch(x), "logits of the snapshot after a change")
+    _close(changed, fold_batchnorm(model, frozen_only=False).predict_on_batch(x), "live view")
+    again = fold_batchnorm(model, frozen_only=False, snapshot=True)
+    _close(changed, again.predict_on_batch(x), "a new snapshot")
+
+
+def test_a_training_snapshot_compiles_in_only_the_frozen_pairs():
+    model = _classifier()
+    unfreeze_top_groups(model, SPEC, 2)
+    fast = fold_batchnorm(model, snapshot=True)
+    folded = _folded_layers(fast)
+    assert len(folded) == 49  # every BatchNorm is frozen: every pair folds
+    snapshot = {layer.conv.name for layer in folded if layer.snapshot}
+    frozen = {layer.conv.name for layer in folded if not layer.conv.trainable}
+    assert snapshot == frozen and 0 < len(snapshot) < 49
+
+
 def test_training_shares_the_variables_and_gets_the_same_gradients():
     model = _classifier()
     unfreeze_top_groups(model, SPEC, 2)  # top groups' convolutions train, BatchNorm frozen
@@ -115,10 +152,10 @@ def test_training_shares_the_variables_and_gets_the_same_gradients():
 def test_fitting_the_folded_model_trains_the_original_like_fitting_it():
     x, y = _images(16), keras.utils.to_categorical(np.arange(16) % 3, 3)
     trained = []
-    for fold in (False, True):
+    for fold in (None, "folded", "snapshot"):  # the snapshot: frozen pairs compiled in
         model = _classifier(seed=3)
         unfreeze_top_groups(model, SPEC, 3)
-        fit_model = fold_batchnorm(model) if fold else model
+        fit_model = fold_batchnorm(model, snapshot=fold == "snapshot") if fold else model
         # SGD: an update linear in the gradient. (Adam divides by the gradient's size, so a
         # weight whose gradient is ~0 can step by up to its learning rate either way on float
         # rounding alone; the gradients themselves are compared in the test above.)
@@ -129,14 +166,16 @@ def test_fitting_the_folded_model_trains_the_original_like_fitting_it():
     initial = [w.numpy() for w in _classifier(seed=3).weights]
     moved = [float(np.abs(a - i).max()) for a, i in zip(trained[0], initial, strict=True)]
     assert max(moved) > 1e-3  # the steps did change the weights
-    for a, b, step in zip(*trained, moved, strict=True):
-        # Rounding differences in the gradients grow with the steps taken: allow 0.1% of how
-        # far the weights moved on top of rounding (measured: 6e-6 at most, alone; a wrong
-        # gradient is off by a share of the whole step, 0.4 for the weight that moved most).
-        scale = max(1.0, float(np.abs(a).max()))
-        np.testing.assert_allclose(
-            a, b, rtol=0, atol=2e-5 * scale + 1e-3 * step, err_msg="weights after 3 SGD steps"
-        )
+    for fast in trained[1:]:
+        for a, b, step in zip(trained[0], fast, moved, strict=True):
+            # Rounding differences in the gradients grow with the steps taken: allow 0.1% of
+            # how far the weights moved on top of rounding (measured: 6e-6 at most, alone; a
+            # wrong gradient is off by a share of the whole step, 0.4 for the weight that moved
+            # most).
+            scale = max(1.0, float(np.abs(a).max()))
+            np.testing.assert_allclose(
+                a, b, rtol=0, atol=2e-5 * scale + 1e-3 * step, err_msg="weights after 3 steps"
+            )
 
 
 def test_batchnorm_that_trains_is_not_folded_and_still_updates_its_statistics():
@@ -441,6 +480,11 @@ def test_fit_phases_trains_the_folded_model_and_run_predicts_with_one(tmp_path):
     )  # fmt: skip
     (layers,) = seen
     assert sum(isinstance(layer, FoldedConv) for layer in layers) == 49
+    # The frozen groups' pairs are compiled in, the ones that train read their variables.
+    folded = [layer for layer in layers if isinstance(layer, FoldedConv)]
+    snapshot = {layer.conv.name for layer in folded if layer.snapshot}
+    assert snapshot == {layer.conv.name for layer in folded if not layer.conv.trainable}
+    assert "block1a_dwconv" in snapshot and "top_conv" not in snapshot
     assert not any(isinstance(layer, keras.layers.BatchNormalization) for layer in layers)
     # The classifier itself trained: its top groups' kernels moved, the rest did not.
     changed = {v.path for v in model.weights if np.abs(v.numpy() - before[v.path]).max() > 0}
@@ -452,6 +496,24 @@ def test_fit_phases_trains_the_folded_model_and_run_predicts_with_one(tmp_path):
     assert any(isinstance(layer, FoldedConv) for layer in _all_layers(run.inference_model()))
     x = _images(6)
     _close(softmax(model.predict_on_batch(x)), run.predict_proba(x), "probabilities")
+
+
+def test_run_predicts_many_images_with_a_snapshot_made_again_when_the_weights_change():
+    from finetune.run import SNAPSHOT_MIN_IMAGES, Run, softmax
+
+    model = _classifier()
+    run = Run(model=model, config=None, class_names=["a", "b", "c"], image_size=SIZE)
+    live = run.inference_model(SNAPSHOT_MIN_IMAGES - 1)
+    assert not any(layer.snapshot for layer in _folded_layers(live))
+    fast = run.inference_model(SNAPSHOT_MIN_IMAGES)
+    assert all(layer.snapshot for layer in _folded_layers(fast))
+    x = _images(SNAPSHOT_MIN_IMAGES)
+    _close(softmax(model.predict(x, verbose=0)), run.predict_proba(x), "probabilities")
+    assert run.inference_model(SNAPSHOT_MIN_IMAGES) is fast  # kept while nothing changed
+    conv = backbone_of(model).get_layer("block2a_expand_conv")
+    conv.kernel.assign(conv.kernel * 1.5)
+    assert run.inference_model(SNAPSHOT_MIN_IMAGES) is not fast
+    _close(softmax(model.predict(x, verbose=0)), run.predict_proba(x), "after a change")
 
 
 def _depthwise_model(size: int, kernel: int, stride: int, padding: str, batchnorm_trains: bool):

@@ -369,7 +369,7 @@ def _member_probabilities(members_model, images, temperatures) -> np.ndarray:
     from finetune.fold import fold_batchnorm
     from finetune.run import softmax
 
-    fast = fold_batchnorm(members_model, frozen_only=False)  # inference only
+    fast = fold_batchnorm(members_model, frozen_only=False, snapshot=True)  # inference only
     outputs = fast.predict(np.asarray(images, np.float32), batch_size=64, verbose=0)
     outputs = outputs if isinstance(outputs, list) else [outputs]
     return np.stack([softmax(z / t) for z, t in zip(outputs, temperatures, strict=True)])

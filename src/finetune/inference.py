@@ -113,7 +113,13 @@ def _intra_op_threads() -> int:
 
 def model_digest(model: keras.Model) -> str:
     """A hash of `model`'s architecture (its JSON) and of every weight's name, shape and values."""
-    h = hashlib.sha256(model.to_json().encode())
+    return weights_digest(model, hashlib.sha256(model.to_json().encode()))
+
+
+def weights_digest(model: keras.Model, h: Any = None) -> str:
+    """A hash of every weight's name, shape and values (sha256, or `h` updated with them):
+    about 10 ms for EfficientNet-Lite0's 3.4 million."""
+    h = hashlib.sha256() if h is None else h
     for variable in model.weights:
         value = np.ascontiguousarray(keras.ops.convert_to_numpy(variable))
         h.update(f"{variable.path}|{value.dtype}|{value.shape}".encode())

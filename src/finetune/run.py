@@ -20,6 +20,10 @@ from finetune.config import Config, load_config
 from finetune.errors import FinetuneError
 
 MODEL_FILE = "model.keras"
+# From this many images (test-time augmentation views counted) on, `predict` runs a view with
+# the weights compiled in (`Run.inference_model`): checking that they have not changed costs
+# about as much as what the view saves on 2-3 batches of 32.
+SNAPSHOT_MIN_IMAGES = 256
 
 
 def save_model_atomic(model: keras.Model, path: Path) -> None:
@@ -93,19 +97,35 @@ class Run:
     _fast: tuple[keras.Model, keras.Model] | None = field(
         default=None, init=False, repr=False, compare=False
     )
+    _snapshot: tuple[keras.Model, str, keras.Model] | None = field(
+        default=None, init=False, repr=False, compare=False
+    )
     last_runtime: str = field(default="", init=False, repr=False, compare=False)
 
-    def inference_model(self) -> keras.Model:
-        """`model` with every BatchNorm folded into its convolution, for predicting.
+    def inference_model(self, num_images: int = 0) -> keras.Model:
+        """`model` with every BatchNorm folded into its convolution, for predicting
+        `num_images` images now.
 
-        The same function and the same weights (it reads them on every call, so it follows
-        any change to them), about 1.6x as fast; see `finetune.fold`. Not for training.
+        The same function and the same weights, about 1.6x as fast; see `finetune.fold`. Not
+        for training. For fewer than `SNAPSHOT_MIN_IMAGES` images it reads the weights on
+        every call, so it follows any change to them. From there on its weights are compiled
+        in (`fold_batchnorm(..., snapshot=True)`: 1.06-1.5x as fast again on Lite0): it is
+        kept while a digest of the model's weights, compared on each call of this method,
+        stays the same, and made again when they change; use it right away.
         """
         from finetune.fold import fold_batchnorm
+        from finetune.inference import weights_digest
 
-        if self._fast is None or self._fast[0] is not self.model:
-            self._fast = (self.model, fold_batchnorm(self.model, frozen_only=False))
-        return self._fast[1]
+        if num_images < SNAPSHOT_MIN_IMAGES:
+            if self._fast is None or self._fast[0] is not self.model:
+                self._fast = (self.model, fold_batchnorm(self.model, frozen_only=False))
+            return self._fast[1]
+        digest = weights_digest(self.model)
+        kept = self._snapshot
+        if kept is None or kept[0] is not self.model or kept[1] != digest:
+            fast = fold_batchnorm(self.model, frozen_only=False, snapshot=True)
+            self._snapshot = kept = (self.model, digest, fast)
+        return kept[2]
 
     @classmethod
     def load(cls, path: str | Path, compile: bool = True) -> Run:
@@ -238,8 +258,9 @@ class Run:
         # whole array (which copies it into a dataset first) and no float copy of every image.
         # ONNX Runtime's threads may spin between batches: nothing trains meanwhile (tf.data
         # makes the augmented views of test-time augmentation alongside; measured, still a gain).
+        count = len(images) * tta
         forward = guarded_forward(
-            self.model, self.inference_model(), runtime, len(images) * tta, spin=True
+            self.model, self.inference_model(count), runtime, count, spin=True
         )
         bar = progress_bar(len(images) * tta) if progress else None
         views = [predict_batches(forward, images, batch_size, bar=bar)]

@@ -494,7 +494,7 @@ class _Features:
         if has_random_layers(lower):
             return None
         # The top's frozen BatchNorm layers folded, as `fold_batchnorm(model)` trains it.
-        return lower, fold_batchnorm(top)
+        return lower, fold_batchnorm(top, snapshot=True)
 
     def head_and_datasets(self, layer: str = POOL_LAYER):
         """(what trains, its training batches from a first epoch on, its validation batches)
@@ -507,7 +507,7 @@ class _Features:
             self.forget()
         if self.datasets is None:
             d = self.data
-            fast = fold_batchnorm(extractor, frozen_only=False)  # inference only
+            fast = fold_batchnorm(extractor, frozen_only=False, snapshot=True)  # inference only
             total = len(d.train_images) + (len(d.val_images) if d.has_val else 0)
             forward = guarded_forward(extractor, fast, d.runtime, total)
             train = self.store.compute(fast, d.train_images, d.batch_size, "train", forward)
@@ -542,7 +542,7 @@ class _Features:
             return None
         self.forget()  # other features, if any, are not needed any more
         d = self.data
-        fast = fold_batchnorm(extractor, frozen_only=False)
+        fast = fold_batchnorm(extractor, frozen_only=False, snapshot=True)
         forward = GuardedForward(extractor, fast, "onnxruntime", usable_conversion_file(extractor))
         forward(np.asarray(d.train_images[: d.batch_size], np.float32))  # the check, here
         if forward.runtime != "onnxruntime":
@@ -677,7 +677,7 @@ def fit_phases(
             else:
                 # The same layers and weights, with each frozen BatchNorm folded into the
                 # convolution before it: the same training, with a faster forward pass.
-                fit_model = fold_batchnorm(model)
+                fit_model = fold_batchnorm(model, snapshot=True)  # frozen pairs compiled in
                 train_from = functools.partial(data.train_dataset, phase.augment)
                 val_ds = data.val_dataset()
             steps = data.steps_per_epoch

@@ -1,14 +1,15 @@
-"""Batch inference of one classifier in four runtimes, side by side (issue 7's inference lever).
+"""Batch inference of one classifier in five runtimes, side by side (issue 7's inference lever).
 
-EfficientNet-Lite0 classifier from `build_classifier` (random weights, 10 classes), a batch of
-32 random images as float32 pixels in [0, 255], in one process: the Keras model as it was
-(`predict_on_batch`), the folded model `Run` predicts with (`fold_batchnorm(model,
-frozen_only=False)`), the same model exported to ONNX (Keras' exporter, tf2onnx) and run by
-ONNX Runtime (CPU, 2 intra-op threads), and converted to LiteRT (TFLiteConverter, float32) and
-run by its interpreter (XNNPACK, 2 threads). Per round, each runtime runs 2 warm-up calls, then
-`--steps` timed calls; the table gives images/s of the median call, per round, rounds taking
-turns. The largest difference of each export's logits from the Keras model's is printed too,
-and how long each conversion took.
+EfficientNet-Lite0 classifier from `build_classifier` (random weights, BatchNorm set as trained:
+`trained_like.py`; 10 classes), a batch of 32 random images as float32 pixels in [0, 255], in
+one process: the Keras model as it was (`predict_on_batch`), the folded models `Run` predicts
+with (`fold_batchnorm(model, frozen_only=False)` below 256 images, with `snapshot=True` from
+there on), the same model exported to ONNX (Keras' exporter, tf2onnx) and run by ONNX Runtime
+(CPU, 2 intra-op threads), and converted to LiteRT (TFLiteConverter, float32) and run by its
+interpreter (XNNPACK, 2 threads). Per round, each runtime runs 2 warm-up calls, then `--steps`
+timed calls; the table gives images/s of the median call, per round, rounds taking turns. The
+largest difference of each export's logits from the Keras model's is printed too, and how long
+each conversion took.
 
 With `--end-to-end 500,2000,5000`, whole `Run.predict_logits` calls instead, cold (a fresh
 `Run` each time, as a new `finetune predict` process), with `runtime="keras"` and
@@ -29,9 +30,13 @@ from __future__ import annotations
 import argparse
 import os
 import statistics
+import sys
 import tempfile
 import time
 from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from trained_like import set_trained_like_batchnorm  # noqa: E402
 
 BATCH = 32
 
@@ -60,7 +65,9 @@ def measure(size: int, steps: int, rounds: int) -> list[str]:
 
     keras.utils.set_random_seed(0)
     model = build_classifier(get_backbone("efficientnet_lite0"), 10, image_size=size, weights=None)
+    set_trained_like_batchnorm(model)
     folded = fold_batchnorm(model, frozen_only=False)
+    snapshot = fold_batchnorm(model, frozen_only=False, snapshot=True)
     x = np.random.default_rng(0).uniform(0, 255, (BATCH, size, size, 3)).astype(np.float32)
     folder = Path(tempfile.mkdtemp(prefix="inference-runtimes-"))
     spec = keras.InputSpec(shape=(None, size, size, 3), dtype="float32")
@@ -87,6 +94,7 @@ def measure(size: int, steps: int, rounds: int) -> list[str]:
     calls = {
         "keras": lambda: model.predict_on_batch(x),
         "keras folded": lambda: folded.predict_on_batch(x),
+        "keras snapshot": lambda: snapshot.predict_on_batch(x),
         "onnxruntime": lambda: session.run(None, {name: x})[0],
         "litert": litert,
     }
@@ -96,12 +104,12 @@ def measure(size: int, steps: int, rounds: int) -> list[str]:
     for r in range(rounds):
         speed = {k: images_per_s(f, steps) for k, f in calls.items()}
         cells = " | ".join(f"{speed[k]:.1f}" for k in calls)
-        ratio = speed["onnxruntime"] / speed["keras folded"]
+        ratio = speed["onnxruntime"] / speed["keras snapshot"]
         rows.append(f"| {size} | {r + 1} | {cells} | {ratio:.2f} |")
     rows.append(
         f"| {size} | max logit diff | " + " | ".join(f"{diffs[k]:.1e}" for k in calls) + " | |"
     )
-    rows.append(f"| {size} | conversion, s | | | {onnx_s:.1f} | {litert_s:.1f} | |")
+    rows.append(f"| {size} | conversion, s | | | | {onnx_s:.1f} | {litert_s:.1f} | |")
     return rows
 
 
@@ -127,6 +135,7 @@ def end_to_end(size: int, counts: list[int], rounds: int) -> list[str]:
 
     keras.utils.set_random_seed(0)
     model = build_classifier(get_backbone("efficientnet_lite0"), 10, image_size=size, weights=None)
+    set_trained_like_batchnorm(model)
     rows = []
     calls = {"keras": "keras", "onnx, converting": "onnxruntime", "onnx, cached": "onnxruntime"}
     for n in counts:
@@ -167,6 +176,7 @@ def spin_compare(size: int, n: int, rounds: int, tta: int) -> list[str]:
 
     keras.utils.set_random_seed(0)
     model = build_classifier(get_backbone("efficientnet_lite0"), 10, image_size=size, weights=None)
+    set_trained_like_batchnorm(model)
     x = np.random.default_rng(n).integers(0, 256, (n, size, size, 3), dtype=np.uint8)
     config = Config(augment=AugmentConfig())  # enabled: the TTA views use it
     original = inference.guarded_forward
@@ -236,8 +246,11 @@ def main() -> None:
             for row in end_to_end(size, counts, args.rounds):
                 print(row, flush=True)
         return
-    print("| px | round | keras | keras folded | onnxruntime | litert | onnxruntime / folded |")
-    print("|---|---|---|---|---|---|---|")
+    print(
+        "| px | round | keras | keras folded | keras snapshot | onnxruntime | litert "
+        "| onnxruntime / snapshot |"
+    )
+    print("|---|---|---|---|---|---|---|---|")
     for size in sizes:
         for row in measure(size, args.steps, args.rounds):
             print(row, flush=True)

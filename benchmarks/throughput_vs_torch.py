@@ -104,18 +104,16 @@ def finetune_child(args: argparse.Namespace, bf16: bool, fold: bool = True) -> d
     from finetune.backbones.registry import get_backbone
     from finetune.config import RecipeConfig
     from finetune.fold import fold_batchnorm
-    from finetune.model import (
-        build_classifier,
-        freeze_backbone,
-        sublayers,
-        unfreeze_top_groups,
-    )
+    from finetune.model import build_classifier, freeze_backbone, unfreeze_top_groups
     from finetune.recipes.discriminative import group_lr_multipliers
     from finetune.recipes.feature_cache import cut_layer, split_at_cut, split_at_pool
     from finetune.recipes.optimizers import make_optimizer
     from finetune.recipes.schedules import phase_learning_rate
     from finetune.recipes.two_phase import _finite_check, compile_phase
     from finetune.train import seed_everything
+
+    sys.path.insert(0, str(HERE))
+    from trained_like import set_trained_like_batchnorm
 
     seed_everything(0)  # as `finetune train`: seeded, op determinism on
     if bf16:
@@ -126,16 +124,7 @@ def finetune_child(args: argparse.Namespace, bf16: bool, fold: bool = True) -> d
     x = rng.integers(0, 256, (BATCH, size, size, 3)).astype("float32")
     y = np.eye(NUM_CLASSES, dtype="float32")[rng.integers(0, NUM_CLASSES, BATCH)]
     model = build_classifier(spec, NUM_CLASSES, image_size=size, weights=None)
-    # BatchNorm statistics and affine weights as a trained network has them, not the initial
-    # zeros and ones: folded, those give zero biases, which TensorFlow drops from a compiled-in
-    # snapshot (and then cannot fuse the activation into the convolution).
-    for layer in sublayers(model):
-        if isinstance(layer, keras.layers.BatchNormalization):
-            n = layer.moving_mean.shape[0]
-            layer.gamma.assign(rng.uniform(0.5, 1.5, n).astype("float32"))
-            layer.beta.assign(rng.normal(0, 0.3, n).astype("float32"))
-            layer.moving_mean.assign(rng.normal(0, 0.5, n).astype("float32"))
-            layer.moving_variance.assign(rng.uniform(0.2, 3.0, n).astype("float32"))
+    set_trained_like_batchnorm(model)  # not the initial zeros and ones: see trained_like.py
     out = {"threads": {"tf_intra_op": tf.config.threading.get_intra_op_parallelism_threads(),
                        "tf_inter_op": tf.config.threading.get_inter_op_parallelism_threads(),
                        "note": "0 = TensorFlow's default (all cores)"},

@@ -37,11 +37,11 @@ depthwise filter gradient), `partial` (the top
 an unaugmented partial phase runs, and `streamed`: the frozen groups in ONNX Runtime then the
 top's step, measured and not used: RESULTS.md, fifth slice), `head` (frozen backbone,
 the step through it; for `finetune`, also `streamed`: the frozen backbone in ONNX Runtime then
-the head's step on its output, one after the other, what `--head-augment` runs from 8,000
+the head's step on its output, one after the other, what `--head-augment` runs from 40,000
 image-epochs on), `head_cached` (finetune only: the head's step on cached pooled features,
 plus `cache_fill`, the feature extraction that fills the cache once) and `infer` (for
 `finetune`, also the model converted by `finetune.inference.OnnxForward` and run by ONNX
-Runtime: what `predict` and `evaluate` run from 8,000 images on, its threads spinning between
+Runtime: what `predict` and `evaluate` run from 40,000 images on, its threads spinning between
 calls; and with its threads sleeping between calls, as the cache fill runs it).
 
 Usage: .venv/bin/python benchmarks/throughput_vs_torch.py [--help]; prints markdown tables and
@@ -198,7 +198,7 @@ def finetune_child(args: argparse.Namespace, bf16: bool, fold: bool = True) -> d
             fit_model = folded(model)
             compile_for(fit_model)
             row = time_calls(lambda m=fit_model: m.train_on_batch(x, y), args.warmup, args.steps)
-            if fold and not bf16:  # `--head-augment` from 8,000 image-epochs on
+            if fold and not bf16:  # `--head-augment` from 40,000 image-epochs on
                 from finetune.inference import OnnxForward
 
                 extractor, head = split_at_pool(model)
@@ -230,7 +230,7 @@ def finetune_child(args: argparse.Namespace, bf16: bool, fold: bool = True) -> d
                 live = folded(model, frozen_only=False, snapshot=False)
                 row["live"] = time_calls(lambda m=live: m.predict_on_batch(x), args.warmup,
                                          args.steps)  # fmt: skip
-            if fold and not bf16:  # what predict/evaluate run from 8,000 images on
+            if fold and not bf16:  # what predict/evaluate run from 40,000 images on
                 from finetune.inference import OnnxForward
 
                 start = time.perf_counter()
@@ -492,7 +492,7 @@ def markdown(report: dict) -> str:
             what = ("head, streamed: ONNX Runtime features + head step (--head-augment"
                     if c["mode"] == "head" else "partial: ONNX Runtime below the cut + top "
                     "step (measured, not used; would be augmented")  # fmt: skip
-            lines.append(f"| {c['size']} | {what} from 8,000 image-epochs) "
+            lines.append(f"| {c['size']} | {what} from 40,000 image-epochs) "
                          f"| {fmt(c['finetune_streamed'])} | | | | | | {best} "
                          f"| {fmt(c.get('ratio_streamed'), 2)} |")  # fmt: skip
         if c.get("finetune_live"):
@@ -500,7 +500,7 @@ def markdown(report: dict) -> str:
                          f"(predict/evaluate below 256 images) | {fmt(c['finetune_live'])} "
                          f"| | | | | | {best} | {fmt(c.get('ratio_live'), 2)} |")  # fmt: skip
         if c.get("finetune_onnx"):
-            lines.append(f"| {c['size']} | infer, ONNX Runtime (predict/evaluate from 8,000 "
+            lines.append(f"| {c['size']} | infer, ONNX Runtime (predict/evaluate from 40,000 "
                          f"images) | {fmt(c['finetune_onnx'])} | | | | | | {best} "
                          f"| {fmt(c.get('ratio_onnx'), 2)} |")  # fmt: skip
         if c.get("finetune_onnx_sleeping"):

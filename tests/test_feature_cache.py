@@ -132,7 +132,7 @@ def test_features_above_the_memory_limit_go_to_disk_with_the_same_result(digits,
 
 @pytest.mark.slow
 def test_features_computed_by_onnx_runtime_train_the_same_head(digits):
-    """The cache fill in ONNX Runtime (what "auto" picks for 8,000+ images) is the same head."""
+    """The cache fill in ONNX Runtime (what "auto" picks for 40,000+ images) is the same head."""
     with_keras, keras_records = head_phase_run(digits, feature_cache=True, runtime="keras")
     with_onnx, onnx_records = head_phase_run(digits, feature_cache=True, runtime="onnxruntime")
 

@@ -357,7 +357,7 @@ def evaluate(
     runtime: Annotated[
         str | None,
         typer.Option(
-            help="auto|keras|onnxruntime: what runs the model (auto: ONNX Runtime from 8,000 "
+            help="auto|keras|onnxruntime: what runs the model (auto: ONNX Runtime from 40,000 "
             "images on; default: $FINETUNE_RUNTIME or auto)."
         ),
     ] = None,
@@ -400,7 +400,7 @@ def predict(
     runtime: Annotated[
         str | None,
         typer.Option(
-            help="auto|keras|onnxruntime: what runs a run's model (auto: ONNX Runtime from 8,000 "
+            help="auto|keras|onnxruntime: what runs a run's model (auto: ONNX Runtime from 40,000 "
             "images on; default: $FINETUNE_RUNTIME or auto)."
         ),
     ] = None,

@@ -1,11 +1,12 @@
 """Batch inference in the fastest correct runtime: Keras, or ONNX Runtime for many images.
 
 `predict`, `evaluate` and the frozen phase's feature-cache fill call a Keras model on many
-images. Keras runs it batch by batch with every BatchNorm folded into its convolution
-(`finetune.fold`); ONNX Runtime runs the same network 1.2-2x as fast again on a small CPU
-(EfficientNet-Lite0, 224 to 64 px), but converting the model to ONNX first (tf2onnx) takes
-3-7 s, which pays back only over several thousand images (benchmarks/inference_runtimes.py
---end-to-end; figures in benchmarks/RESULTS.md).
+images. Keras runs it batch by batch with every BatchNorm folded into its convolution and, for
+256 images or more, the weights compiled in (`finetune.fold`, `snapshot=True`); ONNX Runtime
+runs the same network 1.05-1.5x as fast again on a small CPU (EfficientNet-Lite0, 224 to 64
+px), but converting the model to ONNX first (tf2onnx) takes 4-5 s, which pays back only over
+tens of thousands of images (benchmarks/inference_runtimes.py --end-to-end; figures in
+benchmarks/RESULTS.md, ninth slice).
 
 So the runtime is chosen per call:
 - `"keras"`: the folded Keras model.
@@ -53,9 +54,11 @@ from finetune.errors import ConfigError
 
 RUNTIMES = ("auto", "keras", "onnxruntime")
 ENV_VAR = "FINETUNE_RUNTIME"
-# Where converting pays, measured end to end on a 2-core Xeon (EfficientNet-Lite0): even at
-# 5,000 images at 224 px, 6,000 at 128 px and 8,500 at 64 px.
-AUTO_MIN_IMAGES = 8000
+# Where converting pays, measured end to end on a 2-core Xeon (EfficientNet-Lite0, against
+# Keras with the weights compiled in): not yet at 30,000 images at 64 px (0.93x), even at
+# 30,000 at 128 px (1.00x), not yet at 15,000 at 224 px (0.96x). (Against Keras reading its
+# weights on every call, as before the ninth slice, it paid from 5,000-8,500.)
+AUTO_MIN_IMAGES = 40000
 # Largest allowed difference from Keras on the first batch, relative to the outputs' largest
 # magnitude (at least 1). Measured differences are below 1e-5.
 TOLERANCE = 1e-3

@@ -127,6 +127,15 @@ def test_a_training_snapshot_compiles_in_only_the_frozen_pairs():
     snapshot = {layer.conv.name for layer in folded if layer.snapshot}
     frozen = {layer.conv.name for layer in folded if not layer.conv.trainable}
     assert snapshot == frozen and 0 < len(snapshot) < 49
+    # What `fit` traces reads the variables of the pairs that train (and the head's), not
+    # those of the frozen ones.
+    x = _images()
+    graph = tf.function(lambda t: fast(t, training=True))
+    graph = graph.get_concrete_function(tf.TensorSpec(x.shape, tf.float32)).graph
+    # (the variables read: a depthwise kernel is read twice, for its shape too)
+    reads = len({op.inputs[0].name for op in graph.get_operations() if op.type == "ReadVariableOp"})
+    live = [layer for layer in folded if not layer.snapshot]
+    assert reads == 2 + sum(len(f.conv.weights) + len(f.batchnorm.weights) for f in live)
 
 
 def test_training_shares_the_variables_and_gets_the_same_gradients():
@@ -514,6 +523,11 @@ def test_run_predicts_many_images_with_a_snapshot_made_again_when_the_weights_ch
     conv.kernel.assign(conv.kernel * 1.5)
     assert run.inference_model(SNAPSHOT_MIN_IMAGES) is not fast
     _close(softmax(model.predict(x, verbose=0)), run.predict_proba(x), "after a change")
+    # Nothing to fold (no BatchNorm): the model itself, without hashing its weights.
+    inputs = keras.Input((SIZE, SIZE, 3))
+    plain = keras.Model(inputs, keras.layers.Dense(3)(keras.layers.Flatten()(inputs)))
+    run = Run(model=plain, config=None, class_names=["a", "b", "c"], image_size=SIZE)
+    assert run.inference_model(SNAPSHOT_MIN_IMAGES) is plain and run._snapshot is None
 
 
 def _depthwise_model(size: int, kernel: int, stride: int, padding: str, batchnorm_trains: bool):

@@ -11,11 +11,11 @@ feature map; on EfficientNet-Lite0 the forward pass is about 1.6x as fast (see
 
 `fold_batchnorm` returns a new `keras.Model` that **shares** every layer and weight of the
 original; each folded pair is run by a `FoldedConv` layer that computes `W * s` and the bias
-from the pair's own variables on every call (a few thousand numbers against millions of
-activations). So the folded model is never stale, and it can be trained: the variables are
-still `W` (and `b`), and the gradient reaching them is the same as through the unfolded pair,
-so fitting the folded model trains the original exactly as fitting the original would (up to
-float rounding).
+from the pair's own variables on every call, by default (a few thousand numbers against
+millions of activations; a `snapshot` view, below, reads them once). So the folded model is
+never stale, and it can be trained: the variables are still `W` (and `b`), and the gradient
+reaching them is the same as through the unfolded pair, so fitting the folded model trains the
+original exactly as fitting the original would (up to float rounding).
 
 With `snapshot=True` (TensorFlow backend), the pairs that cannot change while the view runs
 (every pair of an inference view; in a training view, those whose convolution and BatchNorm

@@ -116,10 +116,11 @@ class Run:
         from finetune.fold import fold_batchnorm
         from finetune.inference import weights_digest
 
-        if num_images < SNAPSHOT_MIN_IMAGES:
-            if self._fast is None or self._fast[0] is not self.model:
-                self._fast = (self.model, fold_batchnorm(self.model, frozen_only=False))
-            return self._fast[1]
+        if self._fast is None or self._fast[0] is not self.model:
+            self._fast = (self.model, fold_batchnorm(self.model, frozen_only=False))
+        live = self._fast[1]
+        if num_images < SNAPSHOT_MIN_IMAGES or live is self.model:  # small, or nothing folds
+            return live
         digest = weights_digest(self.model)
         kept = self._snapshot
         if kept is None or kept[0] is not self.model or kept[1] != digest:

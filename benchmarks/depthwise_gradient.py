@@ -63,7 +63,7 @@ def child(size: int, mode: str, rounds: int, steps: int, lever: str) -> dict:
     x = rng.integers(0, 256, (32, size, size, 3)).astype("float32")
     y = np.eye(10, dtype="float32")[rng.integers(0, 10, 32)]
     default = fold.SWAPPED_GRADIENT_MAX_SIDE
-    views, calls = {}, {}
+    calls = {}
     on, off = LEVERS[lever]
     for name in (on, off):
         if lever == "swapped":
@@ -78,11 +78,10 @@ def child(size: int, mode: str, rounds: int, steps: int, lever: str) -> dict:
             calls[name] = lambda v=view: v.train_on_batch(x, y)
         for _ in range(3):
             calls[name]()
-        views[name] = view
     fold.SWAPPED_GRADIENT_MAX_SIDE = default
-    speeds: dict[str, list[float]] = {name: [] for name in views}
+    speeds: dict[str, list[float]] = {name: [] for name in calls}
     for round_ in range(rounds):
-        order = list(views) if round_ % 2 == 0 else list(reversed(views))
+        order = list(calls) if round_ % 2 == 0 else list(reversed(calls))
         for name in order:
             start = time.perf_counter()
             for _ in range(steps):

@@ -23,11 +23,12 @@ are both frozen) are read once instead, when Keras traces the view's function (`
 `fit`...), and compiled into it as constants. TensorFlow then computes the folded kernel
 and bias once, and oneDNN converts each kernel to its own layout once and keeps it, instead of
 on every call (49 conversions per Lite0 forward pass: 4-5 ms of a 64 px batch of 32, more
-than the convolutions of many layers). On EfficientNet-Lite0 inference is 1.5 / 1.16 / 1.06x
-as fast at 64 / 128 / 224 px, a head step through the frozen backbone 1.4 / 1.2x at 64 / 128
-px (RESULTS, ninth slice). The price: such a view does not follow later changes to those
-weights. finetune makes one where it is used (a phase, a cache fill, a predict call) and
-`Run.inference_model` makes a new one when the weights have changed.
+than the convolutions of many layers). On EfficientNet-Lite0 inference is 1.45 / 1.15 /
+1.11x as fast at 64 / 128 / 224 px, a head step through the frozen backbone 1.47 / 1.14 /
+1.09x, a step of the top 3 groups 1.01-1.05x (RESULTS, ninth slice). The price: such a view
+does not follow later changes to those weights. finetune makes one where it is used (a phase,
+a cache fill, a predict call) and `Run.inference_model` makes a new one when the weights have
+changed.
 
 A pair folds when its BatchNorm runs in inference mode:
 

@@ -3,7 +3,7 @@
 `predict`, `evaluate` and the frozen phase's feature-cache fill call a Keras model on many
 images. Keras runs it batch by batch with every BatchNorm folded into its convolution and, for
 256 images or more, the weights compiled in (`finetune.fold`, `snapshot=True`); ONNX Runtime
-runs the same network 1.05-1.5x as fast again on a small CPU (EfficientNet-Lite0, 224 to 64
+runs the same network 1.03-1.6x as fast again on a small CPU (EfficientNet-Lite0, 224 to 64
 px), but converting the model to ONNX first (tf2onnx) takes 4-5 s, which pays back only over
 tens of thousands of images (benchmarks/inference_runtimes.py --end-to-end; figures in
 benchmarks/RESULTS.md, ninth slice).
@@ -121,7 +121,7 @@ def model_digest(model: keras.Model) -> str:
 
 def weights_digest(model: keras.Model, h: Any = None) -> str:
     """A hash of every weight's name, shape and values (sha256, or `h` updated with them):
-    about 10 ms for EfficientNet-Lite0's 3.4 million."""
+    about 30 ms for EfficientNet-Lite0's 3.4 million on 2 cores."""
     h = hashlib.sha256() if h is None else h
     for variable in model.weights:
         value = np.ascontiguousarray(keras.ops.convert_to_numpy(variable))

@@ -22,7 +22,7 @@ from finetune.errors import FinetuneError
 MODEL_FILE = "model.keras"
 # From this many images (test-time augmentation views counted) on, `predict` runs a view with
 # the weights compiled in (`Run.inference_model`): checking that they have not changed costs
-# about as much as what the view saves on 2-3 batches of 32.
+# about as much as what the view saves on 1.5-3.5 batches of 32 (30 ms of hashing for Lite0).
 SNAPSHOT_MIN_IMAGES = 256
 
 
@@ -109,7 +109,7 @@ class Run:
         The same function and the same weights, about 1.6x as fast; see `finetune.fold`. Not
         for training. For fewer than `SNAPSHOT_MIN_IMAGES` images it reads the weights on
         every call, so it follows any change to them. From there on its weights are compiled
-        in (`fold_batchnorm(..., snapshot=True)`: 1.06-1.5x as fast again on Lite0): it is
+        in (`fold_batchnorm(..., snapshot=True)`: 1.11-1.45x as fast again on Lite0): it is
         kept while a digest of the model's weights, compared on each call of this method,
         stays the same, and made again when they change; use it right away.
         """

@@ -180,9 +180,19 @@ def recipe_config(name: str, epochs: int, seed: int, image_size: int, labels: np
 
 
 def run_one(
-    name, size_name, seed, images, labels, test, image_size, config=None, epochs=None
+    name,
+    size_name,
+    seed,
+    images,
+    labels,
+    test,
+    image_size,
+    config=None,
+    epochs=None,
+    runtimes=(),
 ) -> dict:
-    """Trains one recipe (or the given `config`) and scores it on the test set."""
+    """Trains one recipe (or the given `config`) and scores it on the test set (as `predict`
+    runs it by default, and again in each of `runtimes`: "accuracy_<runtime>")."""
     epochs = epochs or EPOCHS[size_name]
     from sklearn.metrics import accuracy_score, f1_score
 
@@ -206,6 +216,11 @@ def run_one(
     run = fit_run(data, config, None, progress=False)
     train_seconds = time.perf_counter() - start
     predicted = run.predict_proba(test[0], progress=False).argmax(axis=1)
+    scored = {"runtime": run.last_runtime}
+    for runtime in runtimes:
+        other = run.predict_proba(test[0], progress=False, runtime=runtime).argmax(axis=1)
+        scored[f"accuracy_{runtime}"] = float(accuracy_score(test[1], other))
+        scored[f"agreement_{runtime}"] = float(np.mean(other == predicted))
     return {
         "recipe": name,
         "size": size_name,
@@ -218,6 +233,7 @@ def run_one(
         "train_seconds": train_seconds,
         "epochs_run": len(run.history),
         "config": config.to_dict()["recipe"],
+        **scored,
     }
 
 
@@ -253,6 +269,12 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--image-size", type=int, default=64)
     parser.add_argument("--out", type=Path, default=REPO / "benchmarks" / "out" / "accuracy")
     parser.add_argument("--summary-only", action="store_true")
+    parser.add_argument(
+        "--score-runtimes",
+        default="",
+        help="also score each trained model with these inference runtimes (e.g. "
+        "keras,openvino-bf16): accuracy_<runtime> and agreement_<runtime> in results.jsonl",
+    )
     args = parser.parse_args(argv)
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     args.out.mkdir(parents=True, exist_ok=True)
@@ -282,13 +304,16 @@ def main(argv: list[str] | None = None) -> None:
                         continue
                     print(f"[{time.strftime('%H:%M:%S')}] {name}, {size}, seed {seed}", flush=True)
                     result = run_one(
-                        name, size, seed, train[0][rows], train[1][rows], test, args.image_size
-                    )
+                        name, size, seed, train[0][rows], train[1][rows], test, args.image_size,
+                        runtimes=[r for r in args.score_runtimes.split(",") if r],
+                    )  # fmt: skip
                     print(
                         f"    accuracy {100 * result['accuracy']:.1f}%  macro-F1 "
                         f"{100 * result['macro_f1']:.1f}%  train {result['train_seconds']:.0f}s",
+                        *(f" {k} {100 * v:.2f}" for k, v in result.items()
+                          if k.startswith(("accuracy_", "agreement_"))),
                         flush=True,
-                    )
+                    )  # fmt: skip
                     results.append(result)
                     with results_file.open("a") as f:
                         f.write(json.dumps(result) + "\n")

@@ -61,6 +61,7 @@ def measure(size: int, steps: int, rounds: int) -> list[str]:
 
     from finetune.backbones.registry import get_backbone
     from finetune.fold import fold_batchnorm
+    from finetune.inference import OpenVinoForward
     from finetune.model import build_classifier
 
     keras.utils.set_random_seed(0)
@@ -81,6 +82,10 @@ def measure(size: int, steps: int, rounds: int) -> list[str]:
     start = time.perf_counter()
     (folder / "m.tflite").write_bytes(tf.lite.TFLiteConverter.from_keras_model(model).convert())
     litert_s = time.perf_counter() - start
+    start = time.perf_counter()
+    openvino = OpenVinoForward(model)
+    openvino_s = time.perf_counter() - start
+    openvino_bf16 = OpenVinoForward(model, bfloat16=True)
     interpreter = Interpreter(model_path=str(folder / "m.tflite"), num_threads=2)
     index = interpreter.get_input_details()[0]["index"]
     interpreter.resize_tensor_input(index, [BATCH, size, size, 3])
@@ -97,6 +102,8 @@ def measure(size: int, steps: int, rounds: int) -> list[str]:
         "keras snapshot": lambda: snapshot.predict_on_batch(x),
         "onnxruntime": lambda: session.run(None, {name: x})[0],
         "litert": litert,
+        "openvino": lambda: openvino(x),
+        "openvino bf16": lambda: openvino_bf16(x),
     }
     reference = model.predict_on_batch(x)
     diffs = {k: float(np.abs(np.asarray(f()) - reference).max()) for k, f in calls.items()}
@@ -104,23 +111,29 @@ def measure(size: int, steps: int, rounds: int) -> list[str]:
     for r in range(rounds):
         speed = {k: images_per_s(f, steps) for k, f in calls.items()}
         cells = " | ".join(f"{speed[k]:.1f}" for k in calls)
-        ratio = speed["onnxruntime"] / speed["keras snapshot"]
-        rows.append(f"| {size} | {r + 1} | {cells} | {ratio:.2f} |")
+        ratios = " | ".join(
+            f"{speed[k] / speed['keras snapshot']:.2f}"
+            for k in ("onnxruntime", "openvino", "openvino bf16")
+        )
+        rows.append(f"| {size} | {r + 1} | {cells} | {ratios} |")
     rows.append(
-        f"| {size} | max logit diff | " + " | ".join(f"{diffs[k]:.1e}" for k in calls) + " | |"
+        f"| {size} | max logit diff | " + " | ".join(f"{diffs[k]:.1e}" for k in calls) + " | | | |"
     )
-    rows.append(f"| {size} | conversion, s | | | | {onnx_s:.1f} | {litert_s:.1f} | |")
+    rows.append(
+        f"| {size} | conversion, s | | | | {onnx_s:.1f} | {litert_s:.1f} | {openvino_s:.1f} "
+        "| | | | |"
+    )
     return rows
 
 
-def end_to_end(size: int, counts: list[int], rounds: int) -> list[str]:
-    """`Run.predict_logits` on N images, cold, in Keras and in ONNX Runtime.
+def end_to_end(size: int, counts: list[int], rounds: int, runtimes: list[str]) -> list[str]:
+    """`Run.predict_logits` on N images, cold, in Keras and in each of `runtimes`.
 
     Each call gets a fresh `Run` of the same model (as a new `finetune predict` or `evaluate`
-    process would): the Keras side includes folding and tracing; "onnx, converting" includes
-    the conversion and the check on the first batch (the conversion cache emptied first);
-    "onnx, cached" loads the conversion the previous call kept. Runtimes take turns; seconds
-    per call, median over rounds.
+    process would): the Keras side includes folding and tracing; "R, converting" includes the
+    conversion and the check on the first batch (the conversion cache emptied first); "R,
+    cached" loads the conversion the previous call kept. Runtimes take turns; seconds per
+    call, median over rounds.
     """
     import shutil
 
@@ -137,27 +150,32 @@ def end_to_end(size: int, counts: list[int], rounds: int) -> list[str]:
     model = build_classifier(get_backbone("efficientnet_lite0"), 10, image_size=size, weights=None)
     set_trained_like_batchnorm(model)
     rows = []
-    calls = {"keras": "keras", "onnx, converting": "onnxruntime", "onnx, cached": "onnxruntime"}
+    calls = {"keras": "keras"}
+    for runtime in runtimes:
+        calls |= {f"{runtime}, converting": runtime, f"{runtime}, cached": runtime}
     for n in counts:
         x = np.random.default_rng(n).integers(0, 256, (n, size, size, 3), dtype=np.uint8)
         seconds: dict[str, list[float]] = {k: [] for k in calls}
         outputs = {}
         for _ in range(rounds):
             for label, runtime in calls.items():
-                if label == "onnx, converting":
-                    shutil.rmtree(cache_dir("onnx"))
+                if label.endswith("converting"):
+                    for folder in ("onnx", "openvino"):
+                        shutil.rmtree(cache_dir(folder))
                 run = Run(model=model, config=Config(), class_names=list("abcdefghij"),
                           image_size=size)  # fmt: skip
                 start = time.perf_counter()
                 outputs[label] = run.predict_logits(x, runtime=runtime)
                 seconds[label].append(time.perf_counter() - start)
                 assert run.last_runtime == runtime, run.last_runtime
-        k, c, w = (statistics.median(seconds[label]) for label in calls)
-        diff = float(np.abs(outputs["keras"] - outputs["onnx, converting"]).max())
-        rows.append(
-            f"| {size} | {n} | {k:.1f} ({n / k:.0f}/s) | {c:.1f} ({n / c:.0f}/s) | "
-            f"{w:.1f} ({n / w:.0f}/s) | {k / c:.2f} | {k / w:.2f} | {diff:.1e} |"
-        )
+        median = {label: statistics.median(seconds[label]) for label in calls}
+        k = median["keras"]
+        cells = [f"{k:.1f} ({n / k:.0f}/s)"]
+        for label in list(calls)[1:]:
+            diff = float(np.abs(outputs["keras"] - outputs[label]).max())
+            t = median[label]
+            cells.append(f"{t:.1f} ({n / t:.0f}/s) | {k / t:.2f} | {diff:.1e}")
+        rows.append(f"| {size} | {n} | " + " | ".join(cells) + " |")
     return rows
 
 
@@ -219,6 +237,11 @@ def main() -> None:
         "cold, Keras against ONNX Runtime with its conversion (what `--runtime auto` decides)",
     )
     parser.add_argument(
+        "--runtimes",
+        default="openvino,openvino-bf16,onnxruntime",
+        help="with --end-to-end: the runtimes to compare with Keras",
+    )
+    parser.add_argument(
         "--spin",
         type=int,
         default=0,
@@ -239,18 +262,24 @@ def main() -> None:
     if args.end_to_end:
         counts = [int(n) for n in args.end_to_end.split(",") if n]
         os.environ["FINETUNE_CACHE_DIR"] = tempfile.mkdtemp(prefix="inference-runtimes-cache-")
-        print("| px | images | keras, s | onnx, converting, s | onnx, cached, s "
-              "| keras / converting | keras / cached | max logit diff |")  # fmt: skip
-        print("|---|---|---|---|---|---|---|---|")
+        runtimes = [r for r in args.runtimes.split(",") if r]
+        head = "".join(
+            f" | {r}, {how}, s | keras / that | max logit diff"
+            for r in runtimes
+            for how in ("converting", "cached")
+        )
+        print(f"| px | images | keras, s{head} |")
+        print("|---" * (3 + 6 * len(runtimes)) + "|")
         for size in sizes:
-            for row in end_to_end(size, counts, args.rounds):
+            for row in end_to_end(size, counts, args.rounds, runtimes):
                 print(row, flush=True)
         return
     print(
         "| px | round | keras | keras folded | keras snapshot | onnxruntime | litert "
-        "| onnxruntime / snapshot |"
+        "| openvino | openvino bf16 | onnxruntime / snapshot | openvino / snapshot "
+        "| openvino bf16 / snapshot |"
     )
-    print("|---|---|---|---|---|---|---|---|")
+    print("|---" * 12 + "|")
     for size in sizes:
         for row in measure(size, args.steps, args.rounds):
             print(row, flush=True)

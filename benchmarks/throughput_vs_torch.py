@@ -36,13 +36,16 @@ depthwise filter gradient), `partial` (the top
 `cached`: the top's step on the frozen groups' output computed once, with `cache_fill`, what
 an unaugmented partial phase runs, and `streamed`: the frozen groups in ONNX Runtime then the
 top's step, measured and not used: RESULTS.md, fifth slice), `head` (frozen backbone,
-the step through it; for `finetune`, also `streamed`: the frozen backbone in ONNX Runtime then
-the head's step on its output, one after the other, what `--head-augment` runs from 40,000
-image-epochs on), `head_cached` (finetune only: the head's step on cached pooled features,
-plus `cache_fill`, the feature extraction that fills the cache once) and `infer` (for
-`finetune`, also the model converted by `finetune.inference.OnnxForward` and run by ONNX
-Runtime: what `predict` and `evaluate` run from 40,000 images on, its threads spinning between
-calls; and with its threads sleeping between calls, as the cache fill runs it).
+the step through it; for `finetune`, also `streamed`: the frozen backbone in OpenVINO, float32,
+then the head's step on its output, one after the other, what `--head-augment` runs from
+`finetune.inference.AUTO_MIN_IMAGES` image-epochs on), `head_cached` (finetune only: the
+head's step on cached pooled features, plus `cache_fill`, the feature extraction that fills
+the cache once) and `infer` (for `finetune`,
+also the model converted by `finetune.inference.OpenVinoForward` and run by OpenVINO in
+float32 (what the cache fill, and `predict` and `evaluate` on a CPU without bfloat16, run from
+`AUTO_MIN_IMAGES` images on) and in bfloat16 (what `predict` and `evaluate` run from
+`AUTO_BF16_MIN_IMAGES` on a CPU with it), and by `OnnxForward` in ONNX Runtime, its threads
+spinning between calls as `predict` runs it).
 
 Usage: .venv/bin/python benchmarks/throughput_vs_torch.py [--help]; prints markdown tables and
 writes benchmarks/out/throughput_vs_torch-<time>.json.
@@ -198,11 +201,11 @@ def finetune_child(args: argparse.Namespace, bf16: bool, fold: bool = True) -> d
             fit_model = folded(model)
             compile_for(fit_model)
             row = time_calls(lambda m=fit_model: m.train_on_batch(x, y), args.warmup, args.steps)
-            if fold and not bf16:  # `--head-augment` from 40,000 image-epochs on
-                from finetune.inference import OnnxForward
+            if fold and not bf16:  # `--head-augment` from AUTO_MIN_IMAGES image-epochs on
+                from finetune.inference import OpenVinoForward
 
                 extractor, head = split_at_pool(model)
-                onnx = OnnxForward(extractor)  # as streamed: threads sleep between calls
+                onnx = OpenVinoForward(extractor)  # float32, as training's features
                 compile_for(head)
 
                 def streamed_step(h=head, f=onnx):
@@ -210,6 +213,7 @@ def finetune_child(args: argparse.Namespace, bf16: bool, fold: bool = True) -> d
 
                 # One after the other here; in training the pipeline overlaps them.
                 row["streamed"] = time_calls(streamed_step, args.warmup, args.steps)
+                row["streamed"]["runtime"] = onnx.runtime
         elif mode == "head_cached":
             freeze_backbone(model)
             extractor, head = split_at_pool(model)
@@ -230,17 +234,19 @@ def finetune_child(args: argparse.Namespace, bf16: bool, fold: bool = True) -> d
                 live = folded(model, frozen_only=False, snapshot=False)
                 row["live"] = time_calls(lambda m=live: m.predict_on_batch(x), args.warmup,
                                          args.steps)  # fmt: skip
-            if fold and not bf16:  # what predict/evaluate run from 40,000 images on
-                from finetune.inference import OnnxForward
+            if fold and not bf16:  # what predict/evaluate run from AUTO_MIN_IMAGES images on
+                from finetune.inference import OnnxForward, OpenVinoForward
 
                 start = time.perf_counter()
                 onnx = OnnxForward(model, spin=True)  # as `predict` and `evaluate` run it
                 row["onnx_conversion_s"] = time.perf_counter() - start
                 row["onnxruntime"] = time_calls(lambda f=onnx: f(x), args.warmup, args.steps)
-                asleep = OnnxForward(model)  # as the cache fill runs it
-                row["onnxruntime_sleeping"] = time_calls(
-                    lambda f=asleep: f(x), args.warmup, args.steps
-                )
+                for key, bf in (("openvino", False), ("openvino_bf16", True)):
+                    start = time.perf_counter()
+                    ov = OpenVinoForward(model, bfloat16=bf)
+                    row[f"{key}_conversion_s"] = time.perf_counter() - start
+                    row[key] = time_calls(lambda f=ov: f(x), args.warmup, args.steps)
+                    row[key]["runtime"] = ov.runtime
         if mode in ("full", "full_bn", "partial", "head"):
             row["trainable_weights"] = int(sum(np.prod(w.shape) for w in model.trainable_weights))
             row["finite_check_ms"] = finite_check_ms(model)
@@ -427,10 +433,12 @@ def summarise(report: dict) -> dict:
                 if onnx and fp32:
                     cell["finetune_onnx"] = onnx["images_per_s"]
                     cell["ratio_onnx"] = onnx["images_per_s"] / cell["best_torch"]
-                asleep = run["modes"].get("infer", {}).get("onnxruntime_sleeping")
-                if asleep and fp32:
-                    cell["finetune_onnx_sleeping"] = asleep["images_per_s"]
-                    cell["ratio_onnx_sleeping"] = asleep["images_per_s"] / cell["best_torch"]
+                for key in ("openvino", "openvino_bf16"):
+                    ov = run["modes"].get("infer", {}).get(key)
+                    if ov and fp32:
+                        cell[f"finetune_{key}"] = ov["images_per_s"]
+                        cell[f"ratio_{key}"] = ov["images_per_s"] / cell["best_torch"]
+                        cell[f"{key}_runtime"] = ov.get("runtime", key)
             if mode == "full_bn" and run and run.get("status") == "ok":
                 plain = run["modes"].get(mode, {}).get("keras_batchnorm")
                 if plain and fp32:
@@ -440,6 +448,7 @@ def summarise(report: dict) -> dict:
                 streamed = run["modes"].get(mode, {}).get("streamed")
                 if streamed and fp32:
                     cell["finetune_streamed"] = streamed["images_per_s"]
+                    cell["streamed_runtime"] = streamed.get("runtime", "onnxruntime")
                     cell["ratio_streamed"] = streamed["images_per_s"] / cell["best_torch"]
                 cached = run["modes"].get(mode, {}).get("cached")
                 if mode == "partial" and cached and fp32:
@@ -489,10 +498,10 @@ def markdown(report: dict) -> str:
                          f"({fmt(c['finetune_cached_5'])}) | | | | | | {best} "
                          f"| {fmt(c.get('ratio_cached_5'), 2)} |")  # fmt: skip
         if c.get("finetune_streamed"):
-            what = ("head, streamed: ONNX Runtime features + head step (--head-augment"
-                    if c["mode"] == "head" else "partial: ONNX Runtime below the cut + top "
-                    "step (measured, not used; would be augmented")  # fmt: skip
-            lines.append(f"| {c['size']} | {what} from 40,000 image-epochs) "
+            what = (f"head, streamed: {c['streamed_runtime']} features + head step "
+                    "(--head-augment" if c["mode"] == "head" else "partial: onnxruntime below "
+                    "the cut + top step (measured, not used; would be augmented")  # fmt: skip
+            lines.append(f"| {c['size']} | {what}, where auto converts) "
                          f"| {fmt(c['finetune_streamed'])} | | | | | | {best} "
                          f"| {fmt(c.get('ratio_streamed'), 2)} |")  # fmt: skip
         if c.get("finetune_live"):
@@ -500,13 +509,14 @@ def markdown(report: dict) -> str:
                          f"(predict/evaluate below 256 images) | {fmt(c['finetune_live'])} "
                          f"| | | | | | {best} | {fmt(c.get('ratio_live'), 2)} |")  # fmt: skip
         if c.get("finetune_onnx"):
-            lines.append(f"| {c['size']} | infer, ONNX Runtime (predict/evaluate from 40,000 "
-                         f"images) | {fmt(c['finetune_onnx'])} | | | | | | {best} "
+            lines.append(f"| {c['size']} | infer, ONNX Runtime (--runtime onnxruntime) "
+                         f"| {fmt(c['finetune_onnx'])} | | | | | | {best} "
                          f"| {fmt(c.get('ratio_onnx'), 2)} |")  # fmt: skip
-        if c.get("finetune_onnx_sleeping"):
-            lines.append(f"| {c['size']} | infer, ONNX Runtime, threads sleeping (the cache "
-                         f"fill) | {fmt(c['finetune_onnx_sleeping'])} | | | | | | {best} "
-                         f"| {fmt(c.get('ratio_onnx_sleeping'), 2)} |")  # fmt: skip
+        for key in ("openvino", "openvino_bf16"):
+            if c.get(f"finetune_{key}"):
+                lines.append(f"| {c['size']} | infer, {c[f'{key}_runtime']} (--runtime "
+                             f"{c[f'{key}_runtime']}) | {fmt(c[f'finetune_{key}'])} "
+                             f"| | | | | | {best} | {fmt(c.get(f'ratio_{key}'), 2)} |")  # fmt: skip
     lines += ["", "| px | mode | finetune fp32 | finetune bf16 | bf16 / fp32 | bf16 / best torch "
               "fp32 | torch cl fp32 | torch cl bf16 autocast | torch bf16 / fp32 |",
               "|---" * 9 + "|"]  # fmt: skip

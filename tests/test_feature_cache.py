@@ -131,13 +131,15 @@ def test_features_above_the_memory_limit_go_to_disk_with_the_same_result(digits,
 
 
 @pytest.mark.slow
-def test_features_computed_by_onnx_runtime_train_the_same_head(digits):
-    """The cache fill in ONNX Runtime (what "auto" picks for 40,000+ images) is the same head."""
+@pytest.mark.parametrize("runtime", ["openvino", "onnxruntime"])
+def test_features_computed_by_a_float32_runtime_train_the_same_head(digits, runtime):
+    """The cache fill in OpenVINO (what "auto" picks for many images) or ONNX Runtime, float32,
+    is the same head."""
     with_keras, keras_records = head_phase_run(digits, feature_cache=True, runtime="keras")
-    with_onnx, onnx_records = head_phase_run(digits, feature_cache=True, runtime="onnxruntime")
+    with_onnx, onnx_records = head_phase_run(digits, feature_cache=True, runtime=runtime)
 
     assert [r["features_runtime"] for r in keras_records] == ["keras"] * 3
-    assert [r["features_runtime"] for r in onnx_records] == ["onnxruntime"] * 3
+    assert [r["features_runtime"] for r in onnx_records] == [runtime] * 3
     # The features differ by rounding only (~1e-6), and so do the trained heads.
     for a, b in zip(head_weights(with_keras), head_weights(with_onnx), strict=True):
         np.testing.assert_allclose(a, b, atol=1e-4)
@@ -146,19 +148,21 @@ def test_features_computed_by_onnx_runtime_train_the_same_head(digits):
 
 
 @pytest.mark.slow
-def test_an_augmented_frozen_phase_streams_onnx_runtime_features_to_the_same_head(digits):
-    """`--head-augment` with ONNX Runtime chosen: the frozen backbone runs there, batch by
-    batch as the augmentation makes them, and the head trains as through the backbone."""
+@pytest.mark.parametrize("runtime", ["openvino", "onnxruntime"])
+def test_an_augmented_frozen_phase_streams_converted_features_to_the_same_head(digits, runtime):
+    """`--head-augment` with a converted model chosen (float32): the frozen backbone runs
+    there, batch by batch as the augmentation makes them, and the head trains as through the
+    backbone."""
     through, slow_records = head_phase_run(
         digits, feature_cache=True, runtime="keras", augment=True
     )
     streamed, fast_records = head_phase_run(
-        digits, feature_cache=True, runtime="onnxruntime", augment=True
+        digits, feature_cache=True, runtime=runtime, augment=True
     )
     assert [r.get("features_streamed") for r in slow_records] == [None] * 3
     assert [r["features_cached"] for r in slow_records] == [False] * 3
     assert [r.get("features_streamed") for r in fast_records] == [True] * 3
-    assert [r["features_runtime"] for r in fast_records] == ["onnxruntime"] * 3
+    assert [r["features_runtime"] for r in fast_records] == [runtime] * 3
     assert [r["features_cached"] for r in fast_records] == [False] * 3
     for a, b in zip(head_weights(through), head_weights(streamed), strict=True):
         np.testing.assert_allclose(a, b, atol=1e-4)

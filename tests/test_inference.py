@@ -1,4 +1,5 @@
-"""Batch inference in Keras or ONNX Runtime: the same outputs, the choice, and the guard."""
+"""Batch inference in Keras, OpenVINO or ONNX Runtime: the same outputs, the choice, and the
+guard."""
 
 from __future__ import annotations
 
@@ -9,16 +10,21 @@ import keras
 import numpy as np
 import pytest
 
+import finetune.inference as inference
 from finetune.backbones.registry import get_backbone
 from finetune.config import Config
 from finetune.errors import ConfigError, FinetuneError
 from finetune.fold import fold_batchnorm
 from finetune.inference import (
+    AUTO_BF16_MIN_IMAGES,
     AUTO_MIN_IMAGES,
+    BF16_TOLERANCE,
     ENV_VAR,
     GuardedForward,
     OnnxForward,
+    OpenVinoForward,
     conversion_file,
+    cpu_has_bfloat16,
     guarded_forward,
     model_digest,
     predict_batches,
@@ -50,12 +56,23 @@ def images(n: int, seed: int = 0) -> np.ndarray:
     return np.random.default_rng(seed).integers(0, 256, (n, SIZE, SIZE, 3), dtype=np.uint8)
 
 
-def test_auto_picks_onnx_runtime_from_the_threshold_on(monkeypatch):
+@pytest.mark.parametrize("bf16", [True, False])
+def test_auto_picks_openvino_from_the_thresholds_on(monkeypatch, bf16):
     monkeypatch.delenv(ENV_VAR, raising=False)
-    assert resolve_runtime(None, AUTO_MIN_IMAGES - 1) == "keras"
-    assert resolve_runtime(None, AUTO_MIN_IMAGES) == "onnxruntime"
+    monkeypatch.setattr(inference, "cpu_has_bfloat16", lambda: bf16)  # either kind of CPU
+    assert AUTO_BF16_MIN_IMAGES < AUTO_MIN_IMAGES
+    assert resolve_runtime(None, AUTO_BF16_MIN_IMAGES - 1) == "keras"
+    expected = "openvino-bf16" if bf16 else "keras"
+    assert resolve_runtime(None, AUTO_BF16_MIN_IMAGES) == expected
+    assert resolve_runtime(None, AUTO_MIN_IMAGES - 1) == expected
+    assert resolve_runtime(None, AUTO_MIN_IMAGES) == ("openvino-bf16" if bf16 else "openvino")
+    # Features to train on stay in float32.
+    assert resolve_runtime(None, AUTO_MIN_IMAGES - 1, training=True) == "keras"
+    assert resolve_runtime(None, AUTO_MIN_IMAGES, training=True) == "openvino"
+    assert resolve_runtime("openvino-bf16", 1, training=True) == "openvino-bf16"  # asked for
     assert resolve_runtime("auto", 10) == "keras"
     assert resolve_runtime("ONNXRuntime", 10) == "onnxruntime"
+    assert resolve_runtime(" OpenVINO-bf16", 10) == "openvino-bf16"
     assert resolve_runtime("keras", 10**6) == "keras"
     monkeypatch.setenv(ENV_VAR, "keras")
     assert resolve_runtime(None, 10**6) == "keras"
@@ -63,7 +80,7 @@ def test_auto_picks_onnx_runtime_from_the_threshold_on(monkeypatch):
 
 
 def test_an_unknown_runtime_is_named_with_the_choices(monkeypatch):
-    named = r"runtime \(--runtime\) is 'tflite'.*auto, keras, onnxruntime"
+    named = r"runtime \(--runtime\) is 'tflite'.*auto, keras, openvino, openvino-bf16, onnxruntime"
     with pytest.raises(ConfigError, match=named):
         resolve_runtime("tflite", 1)
     monkeypatch.setenv(ENV_VAR, "gpu")
@@ -84,35 +101,105 @@ def test_onnx_runtime_computes_the_keras_models_function():
 
 
 @pytest.mark.slow
-def test_a_run_predicts_the_same_in_both_runtimes_tta_included():
+def test_openvino_computes_the_keras_models_function_in_float32():
+    model = classifier(0)
+    x = images(20).astype(np.float32)
+    expected = model.predict_on_batch(x)
+    forward = OpenVinoForward(model)
+    assert forward.runtime == "openvino"
+    got = forward(x)
+    assert got.shape == expected.shape == (20, 3)
+    np.testing.assert_allclose(got, expected, atol=1e-4 * max(1.0, np.abs(expected).max()))
+    np.testing.assert_allclose(forward(x[:3]), expected[:3], atol=1e-4)  # any batch size
+    assert np.abs(OpenVinoForward(classifier(1))(x) - expected).max() > 1e-2
+
+
+@pytest.mark.slow
+def test_openvino_bf16_is_near_float32_where_the_cpu_has_it():
+    model = classifier(0)
+    x = images(20).astype(np.float32)
+    expected = model.predict_on_batch(x)
+    scale = max(1.0, float(np.abs(expected).max()))
+    if cpu_has_bfloat16():
+        forward = OpenVinoForward(model, bfloat16=True)
+        assert forward.runtime == "openvino-bf16"
+        difference = float(np.abs(forward(x) - expected).max())
+        # Really bfloat16 (float32 rounds to ~1e-5), and within the guard's bound.
+        assert 1e-3 * scale < difference < BF16_TOLERANCE * scale
+    else:
+        with pytest.warns(RuntimeWarning, match="no bfloat16 support.*float32"):
+            forward = OpenVinoForward(model, bfloat16=True)
+        assert forward.runtime == "openvino"
+        np.testing.assert_allclose(forward(x), expected, atol=1e-4 * scale)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("asked", ["openvino-bf16", "auto"])
+def test_bfloat16_too_far_from_keras_computes_in_float32(tmp_path, monkeypatch, asked):
+    monkeypatch.setenv("FINETUNE_CACHE_DIR", str(tmp_path))
+    monkeypatch.setattr(inference, "BF16_TOLERANCE", 0.0)  # as a model bfloat16 does not suit
+    model = classifier(0)
+    fast = fold_batchnorm(model, frozen_only=False)
+    x = images(16).astype(np.float32)
+    n = AUTO_BF16_MIN_IMAGES if asked == "auto" else 16
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        forward = guarded_forward(model, fast, asked, n)
+        out = forward(x)
+    said = [str(w.message) for w in caught if issubclass(w.category, RuntimeWarning)]
+    if not cpu_has_bfloat16():  # nothing to check on this CPU: float32 from the start
+        assert forward.runtime in ("openvino", "keras")
+        return
+    # Float32 OpenVINO, not Keras: as precise, and still faster.
+    assert forward.runtime == "openvino" and isinstance(forward, GuardedForward)
+    np.testing.assert_allclose(out, fast.predict_on_batch(x), atol=1e-4)
+    if asked == "auto":
+        assert said == []  # auto chose bfloat16 itself: no warning
+    else:
+        assert len(said) == 1 and "bfloat16 outputs differ" in said[0] and "float32" in said[0]
+    # What was kept for this request is the float32 model, loaded as such next time.
+    again = guarded_forward(model, fast, asked, n)
+    assert again.from_cache and again.runtime == "openvino"
+    np.testing.assert_allclose(again(x), out, atol=1e-6)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("runtime", ["openvino", "onnxruntime"])
+def test_a_run_predicts_the_same_in_keras_and_a_float32_runtime_tta_included(runtime):
     model = classifier(0)
     run = Run(model=model, config=Config(), class_names=["a", "b", "c"], image_size=SIZE)
     x = images(40)
     with_keras = run.predict_view_logits(x, batch_size=16, tta=2, runtime="keras")
     assert run.last_runtime == "keras"
-    with_onnx = run.predict_view_logits(x, batch_size=16, tta=2, runtime="onnxruntime")
-    assert run.last_runtime == "onnxruntime"
+    with_onnx = run.predict_view_logits(x, batch_size=16, tta=2, runtime=runtime)
+    assert run.last_runtime == runtime
     assert with_onnx.shape == (2, 40, 3)
     np.testing.assert_allclose(with_onnx, with_keras, atol=1e-4)
     # The augmented view really is another view, in both runtimes alike.
     assert np.abs(with_keras[1] - with_keras[0]).max() > 1e-3
     np.testing.assert_allclose(
-        run.predict_proba(x, runtime="onnxruntime"), run.predict_proba(x, runtime="keras"),
-        atol=1e-5,
-    )  # fmt: skip
+        run.predict_proba(x, runtime=runtime), run.predict_proba(x, runtime="keras"), atol=1e-5
+    )
 
 
 @pytest.mark.slow
-def test_outputs_that_disagree_with_keras_fall_back_to_keras_with_a_warning(tmp_path):
-    # ONNX Runtime is given another network than the Keras reference: the first batch shows it.
+@pytest.mark.parametrize("runtime", ["openvino", "openvino-bf16", "onnxruntime"])
+def test_outputs_that_disagree_with_keras_fall_back_to_keras_with_a_warning(tmp_path, runtime):
+    # The runtime is given another network than the Keras reference: the first batch shows it
+    # (in bfloat16 too: its looser bound still catches another network, then in float32).
     fast = fold_batchnorm(classifier(0), frozen_only=False)
     other = classifier(1)
-    cache = tmp_path / "other.onnx"
-    forward = GuardedForward(other, fast, "onnxruntime", cache)
-    assert forward.runtime == "onnxruntime"
+    cache = tmp_path / "other.conversion"
+    forward = GuardedForward(other, fast, runtime, cache)
+    assert forward.runtime in (runtime, "openvino")  # "openvino": a CPU without bfloat16
     x = images(24).astype(np.float32)
-    with pytest.warns(RuntimeWarning, match="differ from Keras' by up to .*running it with Keras"):
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
         out = predict_batches(forward, x, batch_size=8)
+    said = [str(w.message) for w in caught if issubclass(w.category, RuntimeWarning)]
+    if runtime == "openvino-bf16" and cpu_has_bfloat16():
+        assert len(said) == 2 and "bfloat16 outputs differ" in said[0]
+    assert "differ from Keras' by up to" in said[-1] and "running it with Keras" in said[-1]
     assert forward.runtime == "keras" and "differ" in forward.reason
     np.testing.assert_allclose(out, fast.predict_on_batch(x), atol=1e-5)
     assert not cache.exists()  # a conversion that failed the check is not kept
@@ -129,37 +216,39 @@ def test_the_digest_follows_architecture_and_weights():
 
 
 @pytest.mark.slow
-def test_a_verified_conversion_is_kept_and_reused(tmp_path, monkeypatch):
+@pytest.mark.parametrize(("runtime", "folder"), [("openvino", "openvino"), ("onnxruntime", "onnx")])
+def test_a_verified_conversion_is_kept_and_reused(tmp_path, monkeypatch, runtime, folder):
     monkeypatch.setenv("FINETUNE_CACHE_DIR", str(tmp_path))
     monkeypatch.delenv(ENV_VAR, raising=False)
     model = classifier(0)
     fast = fold_batchnorm(model, frozen_only=False)
     x = images(16).astype(np.float32)
-    cache = conversion_file(model)
-    assert cache.parent == tmp_path / "onnx" and not cache.exists()
+    cache = conversion_file(model, runtime)
+    assert cache.parent == tmp_path / folder and not cache.exists()
 
-    first = guarded_forward(model, fast, "onnxruntime", 16)
+    first = guarded_forward(model, fast, runtime, 16)
     assert isinstance(first, GuardedForward) and not first.from_cache
     assert not cache.exists()  # kept only once the first batch has passed the check
     expected = first(x)
     assert cache.is_file()
 
     os.utime(cache, (1e9, 1e9))
-    again = guarded_forward(model, fast, "onnxruntime", 16)
-    assert again.from_cache and again.runtime == "onnxruntime"
+    again = guarded_forward(model, fast, runtime, 16)
+    assert again.from_cache and again.runtime == runtime
     assert cache.stat().st_mtime > 1e9  # used: the last to be evicted
     np.testing.assert_array_equal(again(x), expected)
     # A cached conversion does not change what "auto" picks: below the threshold, Keras.
     assert not isinstance(guarded_forward(model, fast, None, 16), GuardedForward)
-    # Another model's conversion is another file.
-    assert conversion_file(classifier(1)) != cache
+    # Another model's conversion, or another runtime's, is another file.
+    assert conversion_file(classifier(1), runtime) != cache
+    assert conversion_file(model, "openvino-bf16") not in (cache, conversion_file(model))
 
     # A damaged file is converted again and replaced.
-    cache.write_bytes(b"not an onnx model")
-    repaired = guarded_forward(model, fast, "onnxruntime", 16)
-    assert not repaired.from_cache and repaired.runtime == "onnxruntime"
+    cache.write_bytes(b"not a converted model")
+    repaired = guarded_forward(model, fast, runtime, 16)
+    assert not repaired.from_cache and repaired.runtime == runtime
     np.testing.assert_allclose(repaired(x), expected, atol=1e-5)
-    assert guarded_forward(model, fast, "onnxruntime", 16).from_cache
+    assert guarded_forward(model, fast, runtime, 16).from_cache
 
 
 def _spinning(forward: OnnxForward) -> str:
@@ -186,8 +275,8 @@ def test_predict_lets_onnx_runtimes_threads_spin_and_training_does_not(tmp_path,
     run.predict_logits(images(8), runtime="onnxruntime")  # loads the kept conversion
     assert [_spinning(f) for f in made] == ["1", "1"]
     fast = fold_batchnorm(model, frozen_only=False)
-    assert _spinning(guarded_forward(model, fast, "onnxruntime", 8).onnx) == "0"  # training's
-    assert _spinning(GuardedForward(model, fast, "onnxruntime").onnx) == "0"  # streamed phase's
+    assert _spinning(guarded_forward(model, fast, "onnxruntime", 8).converted) == "0"  # training
+    assert _spinning(GuardedForward(model, fast, "onnxruntime").converted) == "0"  # streamed
 
 
 class _NumpyOp(keras.layers.Layer):
@@ -202,11 +291,12 @@ class _NumpyOp(keras.layers.Layer):
 
 
 @pytest.mark.slow
-def test_a_model_that_cannot_be_converted_runs_in_keras_with_a_warning():
+@pytest.mark.parametrize(("runtime", "target"), [("openvino", "OpenVINO"), ("onnxruntime", "ONNX")])
+def test_a_model_that_cannot_be_converted_runs_in_keras_with_a_warning(runtime, target):
     inputs = keras.Input((4,))
     model = keras.Model(inputs, keras.layers.Dense(2)(_NumpyOp()(inputs)))
-    with pytest.warns(RuntimeWarning, match="converting .* to ONNX failed"):
-        forward = GuardedForward(model, model, "onnxruntime")
+    with pytest.warns(RuntimeWarning, match=f"converting .* to {target} failed"):
+        forward = GuardedForward(model, model, runtime)
     assert forward.runtime == "keras"
     x = np.ones((3, 4), np.float32)
     with warnings.catch_warnings():
@@ -215,14 +305,15 @@ def test_a_model_that_cannot_be_converted_runs_in_keras_with_a_warning():
 
 
 def test_only_the_most_recently_used_conversions_are_kept(tmp_path):
-    for age, name in enumerate(["newest", "middle", "old", "oldest"]):
-        f = tmp_path / f"{name}.onnx"
+    names = ["newest.onnx", "middle.blob", "old.onnx", "oldest.blob"]
+    for age, name in enumerate(names):
+        f = tmp_path / name
         f.write_bytes(b"x")
         os.utime(f, (1e9 - age * 100, 1e9 - age * 100))
     (tmp_path / "notes.txt").write_text("not a conversion")
     gone = prune_conversions(tmp_path, keep=2)
-    assert sorted(f.name for f in gone) == ["old.onnx", "oldest.onnx"]
-    assert sorted(f.name for f in tmp_path.iterdir()) == ["middle.onnx", "newest.onnx", "notes.txt"]
+    assert sorted(f.name for f in gone) == ["old.onnx", "oldest.blob"]
+    assert sorted(f.name for f in tmp_path.iterdir()) == ["middle.blob", "newest.onnx", "notes.txt"]
 
 
 @pytest.mark.slow
@@ -238,8 +329,28 @@ def test_onnx_runtime_failing_on_a_batch_falls_back_to_keras(tmp_path):
         def run(self, *args, **kwargs):
             raise RuntimeError("injected failure")
 
-    forward.onnx.session = Broken()
+    forward.converted.session = Broken()
     with pytest.warns(RuntimeWarning, match="ONNX Runtime failed on a batch .*injected failure"):
+        out = forward(x)
+    assert forward.runtime == "keras"
+    np.testing.assert_allclose(out, fast.predict_on_batch(x), atol=1e-5)
+
+
+@pytest.mark.slow
+def test_openvino_failing_on_a_batch_falls_back_to_keras(tmp_path):
+    model = classifier(0)
+    fast = fold_batchnorm(model, frozen_only=False)
+    forward = GuardedForward(model, fast, "openvino", tmp_path / "m.blob")
+    x = images(8).astype(np.float32)
+    forward(x)  # checked, kept
+    assert (tmp_path / "m.blob").is_file()
+
+    class Broken:  # an injected fault: the request fails at run time
+        def infer(self, *args, **kwargs):
+            raise RuntimeError("injected failure")
+
+    forward.converted.request = Broken()
+    with pytest.warns(RuntimeWarning, match="OpenVINO failed on a batch .*injected failure"):
         out = forward(x)
     assert forward.runtime == "keras"
     np.testing.assert_allclose(out, fast.predict_on_batch(x), atol=1e-5)

@@ -357,8 +357,9 @@ def evaluate(
     runtime: Annotated[
         str | None,
         typer.Option(
-            help="auto|keras|onnxruntime: what runs the model (auto: ONNX Runtime from 40,000 "
-            "images on; default: $FINETUNE_RUNTIME or auto)."
+            help="auto|keras|openvino|openvino-bf16|onnxruntime: what runs the model (auto: "
+            "Keras below 2,000 images; from there OpenVINO, in bfloat16 on a CPU with it, else "
+            "in float32 from 15,000; default: $FINETUNE_RUNTIME or auto)."
         ),
     ] = None,
 ) -> None:
@@ -400,8 +401,9 @@ def predict(
     runtime: Annotated[
         str | None,
         typer.Option(
-            help="auto|keras|onnxruntime: what runs a run's model (auto: ONNX Runtime from 40,000 "
-            "images on; default: $FINETUNE_RUNTIME or auto)."
+            help="auto|keras|openvino|openvino-bf16|onnxruntime: what runs a run's model "
+            "(auto: Keras below 2,000 images; from there OpenVINO, in bfloat16 on a CPU with "
+            "it, else in float32 from 15,000; default: $FINETUNE_RUNTIME or auto)."
         ),
     ] = None,
 ) -> None:

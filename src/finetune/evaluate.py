@@ -276,8 +276,8 @@ def evaluate(
             split.
         progress: show progress bars while decoding and predicting. Defaults to True.
         tta: test-time augmentation copies per image (see `Run.predict_proba`). Defaults to 1.
-        runtime: "auto", "keras" or "onnxruntime" (see `Run.predict_proba`). Defaults to None
-            (`FINETUNE_RUNTIME`, or "auto").
+        runtime: "auto", "keras", "openvino", "openvino-bf16" or "onnxruntime" (see
+            `Run.predict_proba`). Defaults to None (`FINETUNE_RUNTIME`, or "auto").
 
     Returns:
         The metrics (see `classification_metrics`) plus `data` (what was evaluated) and `tta`.

@@ -1,43 +1,54 @@
-"""Batch inference in the fastest correct runtime: Keras, or ONNX Runtime for many images.
+"""Batch inference in the fastest correct runtime: Keras, or OpenVINO for many images.
 
 `predict`, `evaluate` and the frozen phase's feature-cache fill call a Keras model on many
 images. Keras runs it batch by batch with every BatchNorm folded into its convolution and, for
-256 images or more, the weights compiled in (`finetune.fold`, `snapshot=True`); ONNX Runtime
-runs the same network 1.03-1.6x as fast again on a small CPU (EfficientNet-Lite0, 224 to 64
-px), but converting the model to ONNX first (tf2onnx) takes 4-5 s, which pays back only over
-tens of thousands of images (benchmarks/inference_runtimes.py --end-to-end; figures in
-benchmarks/RESULTS.md, ninth slice).
+256 images or more, the weights compiled in (`finetune.fold`, `snapshot=True`). OpenVINO runs
+the same network 1.1-1.6x as fast again in float32 on a small CPU (EfficientNet-Lite0, 224 to
+64 px), and 2.5-3.2x as fast in bfloat16 where the CPU has it (AMX, AVX512-BF16); converting
+the model first takes 1-3.5 s, which pays back from 15,000 images in float32 and from 2,000 in
+bfloat16 (benchmarks/inference_runtimes.py --end-to-end; benchmarks/RESULTS.md, tenth slice).
+ONNX Runtime (converting: 4-6 s) is as fast as float32 OpenVINO, and stays available by name.
 
 So the runtime is chosen per call:
 - `"keras"`: the folded Keras model.
-- `"onnxruntime"`: the model converted to ONNX (once: see below) and run by ONNX Runtime.
-- `"auto"` (the default): ONNX Runtime from `AUTO_MIN_IMAGES` images on (counting each
-  test-time augmentation view, and for training the images times the epochs), Keras below.
+- `"openvino"`, `"openvino-bf16"`, `"onnxruntime"`: the model converted (once: see below) and
+  run by OpenVINO in float32 or bfloat16, or by ONNX Runtime.
+- `"auto"` (the default): Keras below `AUTO_BF16_MIN_IMAGES` images (counting each test-time
+  augmentation view, and for training the images times the epochs); from there, for
+  predictions on a CPU with bfloat16, OpenVINO in bfloat16; otherwise Keras below
+  `AUTO_MIN_IMAGES` and OpenVINO in float32 from there. Features to train on are always
+  float32: bfloat16 moves a pretrained backbone's features by about 10%.
 
 The choice can be given per call (`runtime=`, `--runtime` on the command line) or for the
 whole process with the environment variable `FINETUNE_RUNTIME`.
 
-ONNX Runtime is guarded: its outputs on the first batch are compared with the Keras model's,
-and if they differ by more than rounding (`TOLERANCE`), or the conversion fails, a warning
-says so and Keras computes everything. The results of the two runtimes differ by rounding
-only (about 1e-5 in the logits), so a prediction's class never depends on the choice except
-for a near tie.
+Every converted model is guarded: its outputs on the first batch are compared with the Keras
+model's (`GuardedForward`). In float32 they differ by rounding only (about 1e-5 in the logits),
+so a prediction's class never depends on the choice except for a near tie. In bfloat16 the
+logits move by 1.5-3% of their size for most trained models: on the accuracy benchmark 0.75-1.9%
+of the predicted classes changed, and the accuracy by -0.09 to -0.11 points on average, within
+the 0.3 points issue 7 allows for a bfloat16 default. Some models move far more (13% for one
+trained with BatchNorm in training mode, 5.8% of the classes changed): where the median image
+moves by more than `BF16_TOLERANCE`, OpenVINO computes in float32 instead. A conversion that
+fails, or float32 outputs that differ by more than rounding (`TOLERANCE`), mean Keras computes
+everything, and a warning says so.
 
-A conversion that passed that check is kept in the user cache (`finetune.cache`, folder
-`onnx/`), named by a hash of the model's architecture and weights and of the converter's and
-runtime's versions. The same model converts only once: later calls (another `finetune predict`
-of the same run, the feature-cache fill of another run with the same backbone and image size)
-load the verified file in a fraction of a second, without checking it again (its name binds it
-to those exact weights and versions, finetune's included). The `KEEP_CONVERSIONS` most
-recently used conversions are kept, older ones deleted. A folder that cannot be written only
-means converting every time. Whether a conversion is cached never changes which runtime "auto"
-chooses, so results do not depend on what ran before (up to the rare fallback to Keras, which
-says so).
+A conversion that passed that check is kept in the user cache (`finetune.cache`, folders
+`openvino/` and `onnx/`), named by a hash of the model's architecture and weights, of the
+runtime asked for, and of the converter's and runtime's versions. The same model converts
+only once: later calls (another `finetune predict` of the same run, the feature-cache fill of
+another run with the same backbone and image size) load the verified file in a fraction of a
+second, without checking it again (its name binds it to those exact weights and versions,
+finetune's included). The `KEEP_CONVERSIONS` most recently used conversions of each runtime
+are kept, older ones deleted. A folder that cannot be written only means converting every
+time. Whether a conversion is cached never changes which runtime "auto" chooses, so results do
+not depend on what ran before (up to the rare fallback to Keras, which says so).
 """
 
 from __future__ import annotations
 
 import contextlib
+import functools
 import hashlib
 import importlib.metadata
 import os
@@ -52,16 +63,25 @@ import numpy as np
 
 from finetune.errors import ConfigError
 
-RUNTIMES = ("auto", "keras", "onnxruntime")
+RUNTIMES = ("auto", "keras", "openvino", "openvino-bf16", "onnxruntime")
+# The runtimes that run a converted copy of the model (checked against Keras first).
+CONVERTED = ("openvino", "openvino-bf16", "onnxruntime")
 ENV_VAR = "FINETUNE_RUNTIME"
 # Where converting pays, measured end to end on a 2-core Xeon (EfficientNet-Lite0, against
-# Keras with the weights compiled in): not yet at 30,000 images at 64 px (0.93x), even at
-# 30,000 at 128 px (1.00x), not yet at 15,000 at 224 px (0.96x). (Against Keras reading its
-# weights on every call, as before the ninth slice, it paid from 5,000-8,500.)
-AUTO_MIN_IMAGES = 40000
+# Keras with the weights compiled in; benchmarks/RESULTS.md, tenth slice). "auto" converts to
+# OpenVINO in float32 from AUTO_MIN_IMAGES images on, and, for predictions on a CPU with
+# bfloat16, in bfloat16 from AUTO_BF16_MIN_IMAGES on.
+AUTO_MIN_IMAGES = 15000
+AUTO_BF16_MIN_IMAGES = 2000
 # Largest allowed difference from Keras on the first batch, relative to the outputs' largest
-# magnitude (at least 1). Measured differences are below 1e-5.
+# magnitude (at least 1). Measured differences are below 1e-5 in float32.
 TOLERANCE = 1e-3
+# For bfloat16 (8 bits of mantissa), the median over a batch's images of each one's largest
+# difference relative to its largest output (see `GuardedForward`). Measured on models trained
+# by the accuracy benchmark (10,000 test images): 1.6% (`default` recipe; 0.75% of the
+# predicted classes changed), 3.2% (`linear_probe`; 1.9%), 13% (`fastai`, BatchNorm trained;
+# 5.8%): the last computes in float32.
+BF16_TOLERANCE = 0.05
 # Conversions kept in the cache (the most recently used; about 13 MB each for Lite0).
 KEEP_CONVERSIONS = 16
 
@@ -69,7 +89,7 @@ Forward = Callable[[np.ndarray], np.ndarray]
 
 
 def requested_runtime(runtime: str | None) -> str:
-    """The runtime asked for: "auto", "keras" or "onnxruntime".
+    """The runtime asked for: one of `RUNTIMES`.
 
     Args:
         runtime: a name; None takes `FINETUNE_RUNTIME` from the environment, or "auto".
@@ -83,28 +103,39 @@ def requested_runtime(runtime: str | None) -> str:
     name = runtime.strip().lower()
     if name not in RUNTIMES:
         raise ConfigError(
-            f"{where} is {runtime!r}; use one of {', '.join(RUNTIMES)} "
-            f"(auto: ONNX Runtime from {AUTO_MIN_IMAGES} images on, Keras below)."
+            f"{where} is {runtime!r}; use one of {', '.join(RUNTIMES)} (auto: Keras below "
+            f"{AUTO_MIN_IMAGES} images, OpenVINO from there; see `finetune predict --help`)."
         )
     return name
 
 
-def resolve_runtime(runtime: str | None, num_images: int) -> str:
-    """The runtime to use for `num_images` images: "keras" or "onnxruntime".
+def resolve_runtime(runtime: str | None, num_images: int, *, training: bool = False) -> str:
+    """The runtime to use for `num_images` images: "keras", "openvino", "openvino-bf16" or
+    "onnxruntime".
+
+    "auto" picks Keras below `AUTO_MIN_IMAGES` images and OpenVINO in float32 from there; for
+    predictions (not `training`) on a CPU with bfloat16, OpenVINO in bfloat16 from
+    `AUTO_BF16_MIN_IMAGES`. Features for training stay in float32: a pretrained backbone's
+    features move by 10% in bfloat16 (the median image; benchmarks/RESULTS.md, tenth slice).
 
     Args:
-        runtime: "auto", "keras" or "onnxruntime"; None takes `FINETUNE_RUNTIME` from the
-            environment, or "auto".
-        num_images: how many images the call will run. Only the request and this decide, not
-            whether a conversion is cached: the same call always gives the same numbers.
+        runtime: a name from `RUNTIMES`; None takes `FINETUNE_RUNTIME` from the environment,
+            or "auto".
+        num_images: how many images the call will run. Only the request, this, `training`
+            and the CPU decide, not whether a conversion is cached: the same call on the same
+            machine always gives the same numbers.
+        training: the outputs are features to train on (the cache fill, a streamed phase).
+            Defaults to False.
 
     Raises:
         ConfigError: an unknown runtime name.
     """
     name = requested_runtime(runtime)
-    if name == "auto":
-        return "onnxruntime" if num_images >= AUTO_MIN_IMAGES else "keras"
-    return name
+    if name != "auto":
+        return name
+    if not training and num_images >= AUTO_BF16_MIN_IMAGES and cpu_has_bfloat16():
+        return "openvino-bf16"
+    return "openvino" if num_images >= AUTO_MIN_IMAGES else "keras"
 
 
 def _intra_op_threads() -> int:
@@ -137,14 +168,21 @@ def _version(package: str) -> str:
         return "none"
 
 
-def conversion_file(model: keras.Model) -> Path:
-    """Where a verified ONNX conversion of `model` is kept (the file may not exist yet)."""
+def conversion_file(model: keras.Model, runtime: str = "onnxruntime") -> Path:
+    """Where a verified conversion of `model` for `runtime` is kept (it may not exist yet):
+    an ONNX file for "onnxruntime", a compiled OpenVINO model for "openvino" and
+    "openvino-bf16"."""
     from finetune.cache import cache_dir
 
-    packages = ("keras-finetune", "keras", "tensorflow-cpu", "tf2onnx", "onnxruntime")
+    if runtime == "onnxruntime":
+        packages = ("keras-finetune", "keras", "tensorflow-cpu", "tf2onnx", "onnxruntime")
+        folder, suffix, tag = "onnx", ".onnx", "v1"
+    else:
+        packages = ("keras-finetune", "keras", "tensorflow-cpu", "openvino")
+        folder, suffix, tag = "openvino", ".blob", f"{runtime} {_intra_op_threads()} threads"
     versions = "|".join(f"{p} {_version(p)}" for p in packages)
-    key = hashlib.sha256(f"{model_digest(model)}|{versions}|v1".encode()).hexdigest()
-    return cache_dir("onnx") / f"{key[:40]}.onnx"
+    key = hashlib.sha256(f"{model_digest(model)}|{versions}|{tag}".encode()).hexdigest()
+    return cache_dir(folder) / f"{key[:40]}{suffix}"
 
 
 class OnnxForward:
@@ -167,6 +205,8 @@ class OnnxForward:
         Exception: whatever tf2onnx or ONNX Runtime raise for a model they cannot convert or a
             file they cannot load.
     """
+
+    runtime = "onnxruntime"
 
     def __init__(self, model: keras.Model, cached: Path | None = None, *, spin: bool = False):
         import onnxruntime as ort
@@ -195,6 +235,139 @@ class OnnxForward:
         return self.session.run(None, {self.input_name: x})[0]
 
 
+@functools.cache
+def cpu_has_bfloat16() -> bool:
+    """Whether OpenVINO can run bfloat16 on this CPU (AVX512-BF16 or AMX); False without
+    OpenVINO."""
+    try:
+        import openvino as ov
+
+        return "BF16" in ov.Core().get_property("CPU", "OPTIMIZATION_CAPABILITIES")
+    except Exception:  # not installed, or no CPU plugin
+        return False
+
+
+def openvino_model(model: keras.Model) -> Any:
+    """`model`'s forward pass (inference mode, float32 images of any batch size) as an
+    OpenVINO model, read by OpenVINO's TensorFlow front end from a traced function.
+
+    The front end is called directly, not through `openvino.convert_model`: that tool sends
+    usage data to Intel unless the user opted out, and finetune sends nothing anywhere.
+    """
+    import tensorflow as tf
+    from openvino.frontend import FrontEndManager
+    from openvino.frontend.tensorflow.utils import create_tf_graph_iterator
+
+    spec = tf.TensorSpec([None, *model.inputs[0].shape[1:]], tf.float32)
+    function = tf.function(lambda x: model(x, training=False), autograph=False)
+    graph = create_tf_graph_iterator(function.get_concrete_function(spec), None, None, None, False)
+    frontend = FrontEndManager().load_by_framework("tf")
+    return frontend.convert(frontend.load(graph))
+
+
+class OpenVinoForward:
+    """A Keras model converted to OpenVINO and run by its CPU plugin on float32 batches.
+
+    Converting takes about 1 s for EfficientNet-Lite0 (tracing the model and OpenVINO's
+    TensorFlow front end), against 4-6 s to ONNX. In float32 the outputs differ from Keras'
+    by rounding (about 1e-5); bfloat16 (AMX and AVX512-BF16 on recent Xeons) is 2.5-3.2x as
+    fast as Keras, and moves the logits by 1.5-3% of their size for most trained models but
+    by 13% for some (benchmarks/RESULTS.md, tenth slice): `GuardedForward` checks it.
+
+    Args:
+        model: a single-input, single-output Keras model (not modified).
+        cached: a verified compiled model (`serialized` of an earlier one for the same model,
+            precision and thread count) to load instead of converting, or None. Defaults to
+            None.
+        bfloat16: compute in bfloat16 where the CPU has it (`cpu_has_bfloat16`); float32
+            otherwise, with a warning. Defaults to False (float32).
+
+    Attributes:
+        runtime: "openvino-bf16" when it computes in bfloat16, "openvino" otherwise (a loaded
+            model: whichever it was compiled for).
+        serialized: the compiled model's bytes when converted here, None when loaded.
+
+    Raises:
+        Exception: whatever OpenVINO or TensorFlow raise for a model they cannot convert or a
+            file they cannot load.
+    """
+
+    def __init__(self, model: keras.Model, cached: Path | None = None, *, bfloat16: bool = False):
+        import io
+        import threading
+
+        import openvino as ov
+
+        if bfloat16 and not cpu_has_bfloat16():
+            warnings.warn(
+                "this CPU has no bfloat16 support (AVX512-BF16 or AMX); OpenVINO runs in float32.",
+                RuntimeWarning,
+                stacklevel=3,
+            )
+            bfloat16 = False
+        self._core = ov.Core()
+        self._converted: Any = None  # the OpenVINO model, to compile again in float32
+        self.serialized: bytes | None = None
+        if cached is not None:
+            # The precision is not part of OpenVINO's compiled model (importing sets it): it
+            # is kept on the file's first line.
+            tag, _, blob = cached.read_bytes().partition(b"\n")
+            if tag not in (b"bf16", b"f32"):
+                raise ValueError(f"{cached} is not a kept OpenVINO model")
+            bf16 = tag == b"bf16" and cpu_has_bfloat16()
+            self._compiled(self._core.import_model(io.BytesIO(blob), "CPU", self._config(bf16)))
+        else:
+            self._converted = openvino_model(model)
+            self._compile(bfloat16)
+        self.lock = threading.Lock()  # an infer request runs one batch at a time
+
+    @staticmethod
+    def _config(bfloat16: bool) -> dict[str, Any]:
+        return {
+            "PERFORMANCE_HINT": "LATENCY",  # one batch at a time on every core
+            "INFERENCE_NUM_THREADS": _intra_op_threads(),
+            # Always given: OpenVINO's default on a CPU with bfloat16 is bfloat16.
+            "INFERENCE_PRECISION_HINT": "bf16" if bfloat16 else "f32",
+        }
+
+    def _compile(self, bfloat16: bool) -> None:
+        self._compiled(self._core.compile_model(self._converted, "CPU", self._config(bfloat16)))
+        tag = b"bf16" if self.runtime == "openvino-bf16" else b"f32"
+        self.serialized = tag + b"\n" + self.compiled.export_model().getvalue()
+
+    def _compiled(self, compiled: Any) -> None:
+        import openvino as ov
+
+        self.compiled = compiled
+        precision = compiled.get_property("INFERENCE_PRECISION_HINT")
+        self.runtime = "openvino-bf16" if precision == ov.Type.bf16 else "openvino"
+        self.request = compiled.create_infer_request()
+
+    @property
+    def can_use_float32(self) -> bool:
+        """Whether `use_float32` can recompile it (it was converted here, not loaded)."""
+        return self._converted is not None
+
+    def use_float32(self) -> None:
+        """Compiles the same model again in float32 (0.1 s) and computes in it from now on."""
+        self._compile(False)
+
+    def __call__(self, batch: np.ndarray) -> np.ndarray:
+        x = np.ascontiguousarray(batch, np.float32)
+        with self.lock:
+            # Copied: the request's output buffer is reused by the next call.
+            return np.array(self.request.infer([x])[0], np.float32)
+
+
+def converted_forward(
+    model: keras.Model, runtime: str, cached: Path | None = None, *, spin: bool = False
+) -> OnnxForward | OpenVinoForward:
+    """`model` converted for `runtime` (one of `CONVERTED`), or loaded from `cached`."""
+    if runtime == "onnxruntime":
+        return OnnxForward(model, cached, spin=spin)
+    return OpenVinoForward(model, cached, bfloat16=runtime == "openvino-bf16")
+
+
 def keras_forward(model: keras.Model) -> Forward:
     """Calls `model` (typically folded) on one batch, as NumPy."""
 
@@ -205,21 +378,31 @@ def keras_forward(model: keras.Model) -> Forward:
 
 
 class GuardedForward:
-    """ONNX Runtime checked against Keras on its first batch, or Keras alone.
+    """A converted copy of the model checked against Keras on its first batch, or Keras alone.
 
     Args:
-        model: the Keras model to convert (the plain one; ONNX Runtime folds BatchNorm itself).
+        model: the Keras model to convert (the plain one; the runtimes fold BatchNorm
+            themselves).
         fast: the Keras model to compare with and to fall back on (the folded one).
-        runtime: "keras" or "onnxruntime" (see `resolve_runtime`).
-        cache: where the verified conversion of `model` is kept (`conversion_file(model)`):
-            loaded without a new check when it exists, written once the first batch has
-            passed the check otherwise; None converts every time. Defaults to None.
+        runtime: "keras", or one of `CONVERTED` (see `resolve_runtime`).
+        cache: where the verified conversion of `model` is kept (`conversion_file(model,
+            runtime)`): loaded without a new check when it exists, written once the first
+            batch has passed the check otherwise; None converts every time. Defaults to None.
         spin: see `OnnxForward`. Defaults to False.
+        quiet: bfloat16 outputs too far from Keras' switch OpenVINO to float32 without a
+            warning (`runtime` says so): for "auto", which chose bfloat16 itself. Defaults to
+            False (asked for by name: a warning says why it computes in float32).
+
+    The check on the first batch: in float32, the largest difference from Keras' outputs
+    must be rounding (`TOLERANCE`, relative to their largest magnitude); in bfloat16, the
+    median over the images of each one's largest difference, relative to its largest output,
+    must stay within `BF16_TOLERANCE`, else OpenVINO computes in float32 and is checked again.
+    Outputs that fail the check are replaced by Keras', which computes from then on.
 
     Attributes:
-        runtime: what computes the outputs now: "onnxruntime", or "keras" (asked for, or fallen
-            back to; `reason` then says why).
-        from_cache: the ONNX model was loaded from the cache.
+        runtime: what computes the outputs now: "openvino", "openvino-bf16", "onnxruntime",
+            or "keras" (asked for, or fallen back to; `reason` then says why).
+        from_cache: the converted model was loaded from the cache.
     """
 
     def __init__(
@@ -230,71 +413,106 @@ class GuardedForward:
         cache: Path | None = None,
         *,
         spin: bool = False,
+        quiet: bool = False,
     ):
         self.keras = keras_forward(fast)
-        self.runtime, self.reason = runtime, ""
-        self.onnx: OnnxForward | None = None
+        self.runtime, self.reason, self.quiet = runtime, "", quiet
+        self.converted: OnnxForward | OpenVinoForward | None = None
         self.cache, self.from_cache = cache, False
         self._checked = False
-        if runtime != "onnxruntime":
+        if runtime not in CONVERTED:
             return
         if cache is not None and cache.is_file():
             try:
-                self.onnx = OnnxForward(model, cached=cache, spin=spin)
+                self.converted = converted_forward(model, runtime, cache, spin=spin)
+                self.runtime = self.converted.runtime
                 self.from_cache = self._checked = True  # it passed the check when written
                 _touch(cache)
                 return
             except Exception:  # unreadable (damaged): convert again and replace it
                 cache.unlink(missing_ok=True)
         try:
-            self.onnx = OnnxForward(model, spin=spin)
+            self.converted = converted_forward(model, runtime, spin=spin)
+            self.runtime = self.converted.runtime
         except Exception as error:  # any conversion failure: Keras is always correct
-            self._fall_back(f"converting {model.name} to ONNX failed ({error})")
+            target = "ONNX" if runtime == "onnxruntime" else "OpenVINO"
+            self._fall_back(f"converting {model.name} to {target} failed ({error})")
+
+    @property
+    def _name(self) -> str:
+        return "ONNX Runtime" if self.runtime == "onnxruntime" else "OpenVINO"
 
     def _fall_back(self, reason: str) -> None:
-        self.runtime, self.reason, self.onnx = "keras", reason, None
+        self.runtime, self.reason, self.converted = "keras", reason, None
         warnings.warn(f"{reason}; running it with Keras instead.", RuntimeWarning, stacklevel=3)
 
     def __call__(self, batch: np.ndarray) -> np.ndarray:
-        if self.onnx is None:
+        if self.converted is None:
             return self.keras(batch)
         try:
-            out = self.onnx(batch)
+            out = self.converted(batch)
         except Exception as error:  # a model that converts but does not run: Keras runs it
-            self._fall_back(f"ONNX Runtime failed on a batch of shape {batch.shape} ({error})")
+            self._fall_back(f"{self._name} failed on a batch of shape {batch.shape} ({error})")
             return self.keras(batch)
         if not self._checked:
             self._checked = True
             reference = self.keras(batch)
-            scale = max(1.0, float(np.max(np.abs(reference))) if reference.size else 1.0)
-            if out.shape != reference.shape:
-                self._fall_back(
-                    f"ONNX Runtime's outputs have shape {out.shape}, Keras' {reference.shape}"
-                )
-                return reference
-            difference = float(np.max(np.abs(out - reference))) if out.size else 0.0
-            if not difference <= TOLERANCE * scale:
-                self._fall_back(
-                    f"ONNX Runtime's outputs differ from Keras' by up to {difference:.3g} on the "
-                    f"first batch (allowed: {TOLERANCE * scale:.3g})"
-                )
+            problem = self._disagreement(out, reference)
+            if problem and self.runtime == "openvino-bf16" and self.converted.can_use_float32:
+                self.converted.use_float32()
+                self.runtime = self.converted.runtime
+                if not self.quiet:
+                    warnings.warn(
+                        f"OpenVINO's bfloat16 {problem}; computing in float32 instead.",
+                        RuntimeWarning,
+                        stacklevel=2,
+                    )
+                out = self.converted(batch)
+                problem = self._disagreement(out, reference)
+            if problem:
+                self._fall_back(f"{self._name}'s {problem}")
                 return reference
             self._keep()
         return out
 
+    def _disagreement(self, out: np.ndarray, reference: np.ndarray) -> str:
+        """What is wrong with `out` as `reference` computed by this runtime, or ""."""
+        if out.shape != reference.shape:
+            return f"outputs have shape {out.shape}, Keras' {reference.shape}"
+        if not out.size:
+            return ""
+        if self.runtime == "openvino-bf16":
+            rows = out.reshape(len(out), -1), reference.reshape(len(reference), -1)
+            difference = np.max(np.abs(rows[0] - rows[1]), axis=1)
+            relative = float(np.median(difference / np.maximum(1.0, np.max(np.abs(rows[1]), 1))))
+            if not relative <= BF16_TOLERANCE:
+                return (
+                    f"outputs differ from Keras' by {relative:.1%} of their size (the median "
+                    f"over the first batch; allowed: {BF16_TOLERANCE:.0%})"
+                )
+            return ""
+        scale = max(1.0, float(np.max(np.abs(reference))))
+        difference = float(np.max(np.abs(out - reference)))
+        if not difference <= TOLERANCE * scale:
+            return (
+                f"outputs differ from Keras' by up to {difference:.3g} on the first batch "
+                f"(allowed: {TOLERANCE * scale:.3g})"
+            )
+        return ""
+
     def _keep(self) -> None:
         """Writes the verified conversion to the cache; a cache that cannot be written costs
         only time next call."""
-        if self.cache is None or self.onnx is None or self.onnx.serialized is None:
+        if self.cache is None or self.converted is None or self.converted.serialized is None:
             return
         from finetune.atomic import DiskFullError, write_file_atomic
 
-        data = self.onnx.serialized
+        data = self.converted.serialized
         try:
             write_file_atomic(self.cache, lambda tmp: tmp.write_bytes(data))
         except (OSError, DiskFullError) as error:
             warnings.warn(
-                f"could not keep the ONNX conversion in {self.cache} ({error}); it will be "
+                f"could not keep the conversion in {self.cache} ({error}); it will be "
                 "converted again next time",
                 RuntimeWarning,
                 stacklevel=3,
@@ -320,7 +538,7 @@ def prune_conversions(folder: Path, keep: int | None = None) -> list[Path]:
     """
     keep = KEEP_CONVERSIONS if keep is None else keep
     files = []
-    for f in folder.glob("*.onnx"):
+    for f in (*folder.glob("*.onnx"), *folder.glob("*.blob")):
         if f.name.startswith("."):  # another writer's file, not renamed into place yet
             continue
         try:
@@ -387,30 +605,36 @@ def guarded_forward(
     num_images: int,
     *,
     spin: bool = False,
+    training: bool = False,
 ) -> Forward:
     """The forward pass for `num_images` images of `model` in the runtime chosen for them.
 
     Args:
         model: the plain Keras model (what is converted, and what the cache is keyed on).
         fast: the same function for Keras to run (its folded form).
-        runtime: "auto", "keras", "onnxruntime" or None (see `resolve_runtime`).
+        runtime: a name from `RUNTIMES`, or None (see `resolve_runtime`).
         num_images: how many images will go through it.
         spin: ONNX Runtime's threads spin between calls (see `OnnxForward`): for inference
             with nothing else running. Defaults to False.
+        training: the outputs are features to train on (see `resolve_runtime`). Defaults
+            to False.
 
     Returns:
-        `keras_forward(fast)`, or a `GuardedForward` (with the conversion cache) when ONNX
-        Runtime is chosen; its `runtime` attribute says which one computes.
+        `keras_forward(fast)`, or a `GuardedForward` (with the conversion cache) when another
+        runtime is chosen; its `runtime` attribute says which one computes.
     """
-    if resolve_runtime(runtime, num_images) == "keras":
+    chosen = resolve_runtime(runtime, num_images, training=training)
+    if chosen == "keras":
         return keras_forward(fast)
-    return GuardedForward(model, fast, "onnxruntime", usable_conversion_file(model), spin=spin)
+    cache = usable_conversion_file(model, chosen)
+    quiet = requested_runtime(runtime) == "auto"  # it chose bfloat16 itself
+    return GuardedForward(model, fast, chosen, cache, spin=spin, quiet=quiet)
 
 
-def usable_conversion_file(model: keras.Model) -> Path | None:
-    """`conversion_file(model)`, or None without a usable cache folder (read-only, no home):
-    then nothing is kept and every call converts."""
+def usable_conversion_file(model: keras.Model, runtime: str = "onnxruntime") -> Path | None:
+    """`conversion_file(model, runtime)`, or None without a usable cache folder (read-only, no
+    home): then nothing is kept and every call converts."""
     try:
-        return conversion_file(model)
+        return conversion_file(model, runtime)
     except (OSError, RuntimeError):
         return None

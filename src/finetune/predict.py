@@ -127,8 +127,9 @@ def predict(
         top_k: how many classes per image. Defaults to 5.
         tta: test-time augmentation copies per image, for a run (see `Run.predict_proba`).
             Defaults to 1.
-        runtime: what runs a run's model: "auto", "keras" or "onnxruntime" (see
-            `Run.predict_proba`). Defaults to None (`FINETUNE_RUNTIME`, or "auto").
+        runtime: what runs a run's model: "auto", "keras", "openvino", "openvino-bf16" or
+            "onnxruntime" (see `Run.predict_proba`). Defaults to None (`FINETUNE_RUNTIME`,
+            or "auto").
 
     Returns:
         One `Prediction` per image file, in input order.

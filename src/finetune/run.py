@@ -209,9 +209,11 @@ class Run:
                 so repeatable). Defaults to 1 (no augmentation).
             temperature: divide the logits by this instead of the run's `temperature` (1.0
                 gives the uncalibrated probabilities). Defaults to None (the run's).
-            runtime: "keras", "onnxruntime" (the model converted to ONNX, checked against
-                Keras on the first batch, and kept in the user cache) or "auto" (ONNX Runtime from
-                `finetune.inference.AUTO_MIN_IMAGES` images on); see `finetune.inference`.
+            runtime: "keras"; "openvino", "openvino-bf16" or "onnxruntime" (the model
+                converted, checked against Keras on the first batch, and kept in the user
+                cache); or "auto" (Keras for few images, OpenVINO for many: bfloat16 from
+                `finetune.inference.AUTO_BF16_MIN_IMAGES` images on a CPU with it, float32
+                from `AUTO_MIN_IMAGES`); see `finetune.inference`.
                 Defaults to None (the environment variable `FINETUNE_RUNTIME`, or "auto").
                 `last_runtime` says which one computed the last call.
 

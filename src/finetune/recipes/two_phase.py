@@ -124,8 +124,9 @@ class PhaseData:
             Defaults to 2.
         train_paths: the file of each training image, to name the images of a batch whose
             loss is not finite. Defaults to None.
-        runtime: what computes the cached features: "keras", "onnxruntime" or "auto" (see
-            `finetune.inference`). Defaults to None (`FINETUNE_RUNTIME`, or "auto").
+        runtime: what computes the cached (or streamed) features: "auto", "keras",
+            "openvino", "openvino-bf16" or "onnxruntime" (see `finetune.inference`). Defaults
+            to None (`FINETUNE_RUNTIME`, or "auto").
     """
 
     train_images: np.ndarray
@@ -215,16 +216,19 @@ class PhaseData:
         epoch and its output can be computed once (where the backbone can be cut: `fit_phases`)."""
         return self.feature_cache and not self.augments(phase)
 
-    def may_stream_features(self, phase: Phase) -> bool:
-        """Whether `phase` (frozen backbone, augmented) may compute the backbone's features in
-        ONNX Runtime while the head trains: ONNX Runtime is chosen for its forward passes
-        (`runtime`, and the training images times the epochs; see `finetune.inference`)."""
+    def stream_runtime(self, phase: Phase) -> str | None:
+        """The runtime that may compute the backbone's features while the head trains in
+        `phase` (frozen backbone, augmented): the one chosen for its forward passes (`runtime`,
+        and the training images times the epochs; see `finetune.inference`), or None when
+        that is Keras (training through the backbone is then as fast) or the phase cannot
+        stream."""
         from finetune.inference import resolve_runtime
 
         if not (self.feature_cache and phase.unfreeze_groups is None and self.augments(phase)):
-            return False
+            return None
         images = len(self.train_images) * phase.epochs
-        return resolve_runtime(self.runtime, images) == "onnxruntime"
+        chosen = resolve_runtime(self.runtime, images, training=True)
+        return None if chosen == "keras" else chosen
 
 
 def two_phase_plan(recipe: RecipeConfig, num_groups: int | None = None) -> list[Phase]:
@@ -475,7 +479,7 @@ class _Features:
         self.datasets: tuple[Callable[[int], tf.data.Dataset], tf.data.Dataset | None] | None
         self.datasets = None
         self.layer: str | None = None  # whose output `datasets` holds
-        self.runtime = ""  # what computed the features: "keras" or "onnxruntime"
+        self.runtime = ""  # what computed the features: "keras", "openvino", ...
 
     def forget(self) -> None:
         """Drops the features (the backbone is about to change, or they are no longer needed)."""
@@ -509,7 +513,7 @@ class _Features:
             d = self.data
             fast = fold_batchnorm(extractor, frozen_only=False, snapshot=True)  # inference only
             total = len(d.train_images) + (len(d.val_images) if d.has_val else 0)
-            forward = guarded_forward(extractor, fast, d.runtime, total)
+            forward = guarded_forward(extractor, fast, d.runtime, total, training=True)
             train = self.store.compute(fast, d.train_images, d.batch_size, "train", forward)
 
             def train_from(first_epoch: int, train=train) -> tf.data.Dataset:
@@ -530,11 +534,12 @@ class _Features:
         val = self.store.compute(fast, d.val_images, d.batch_size, "val", forward)
         return feature_dataset(val, d.val_labels, d.num_classes, batch_size=d.batch_size)
 
-    def streamed(self, augment: bool):
-        """The head, augmented training batches turned into features by ONNX Runtime on the
-        fly, and the validation features (computed once); None when it cannot be done: the
-        backbone is random while training (dropout inside it), or ONNX Runtime fell back to
-        Keras (then training through the backbone is as fast and exact)."""
+    def streamed(self, augment: bool, runtime: str):
+        """The head, augmented training batches turned into features by `runtime` (one of
+        `finetune.inference.CONVERTED`) on the fly, and the validation features (computed
+        once); None when it cannot be done: the backbone is random while training (dropout
+        inside it), or the runtime fell back to Keras (then training through the backbone is
+        as fast and exact)."""
         from finetune.inference import GuardedForward
 
         extractor, head = split_at_pool(self.model)
@@ -543,16 +548,17 @@ class _Features:
         self.forget()  # other features, if any, are not needed any more
         d = self.data
         fast = fold_batchnorm(extractor, frozen_only=False, snapshot=True)
-        forward = GuardedForward(extractor, fast, "onnxruntime", usable_conversion_file(extractor))
+        cache = usable_conversion_file(extractor, runtime)
+        forward = GuardedForward(extractor, fast, runtime, cache)
         forward(np.asarray(d.train_images[: d.batch_size], np.float32))  # the check, here
-        if forward.runtime != "onnxruntime":
+        if forward.runtime == "keras":
             return None
         width = int(np.prod(extractor.output.shape[1:]))
 
         def train_from(first_epoch: int) -> tf.data.Dataset:
             return streamed_features(d.train_dataset(augment, first_epoch), forward, width)
 
-        self.runtime = "onnxruntime"
+        self.runtime = forward.runtime
         return head, train_from, self._val_features(fast, forward)
 
 
@@ -598,9 +604,10 @@ def fit_phases(
         One dict per epoch: phase, epoch, loss, accuracy, val_loss, val_accuracy, learning_rate,
         and `features_cached` (True when the phase trained on cached features: the head on the
         backbone's, or the top groups on the frozen groups'; `features_layer` then names the
-        layer whose output they are, and `features_runtime` says whether Keras or ONNX Runtime
-        computed them, as it does with `features_streamed`, True when an augmented frozen
-        phase took its features from ONNX Runtime batch by batch); with
+        layer whose output they are, and `features_runtime` says which runtime computed them:
+        "keras", "openvino", "openvino-bf16" or "onnxruntime", as it does with
+        `features_streamed`, True when an augmented frozen phase took its features from a
+        converted model batch by batch); with
         `recipe.average_last_epochs`, `averaged` on the epochs whose mean the final phase ends
         with (`finetune.recipes.averaging`; that phase then has no early stopping).
     """
@@ -665,8 +672,8 @@ def fit_phases(
             split = streamed = None
             if cut is not None and data.uses_feature_cache(phase):
                 split = features.head_and_datasets(cut)
-            elif data.may_stream_features(phase):
-                streamed = features.streamed(phase.augment)
+            elif (stream_runtime := data.stream_runtime(phase)) is not None:
+                streamed = features.streamed(phase.augment, stream_runtime)
             cached = split is not None
             if split is not None:
                 fit_model, train_from, val_ds = split
@@ -708,7 +715,7 @@ def fit_phases(
                 if cached:
                     how = f" ({what} on cached features, computed by {features.runtime})"
                 elif streamed is not None:
-                    how = " (head on backbone features computed by onnxruntime as it goes)"
+                    how = f" (head on backbone features computed by {features.runtime} as it goes)"
                 again = f", going on after epoch {first_epoch}" if going_on else ""
                 print(
                     f"Phase '{phase.name}': up to {phase.epochs} epoch(s) at learning rate "

@@ -396,3 +396,34 @@ def test_a_bad_runtime_in_the_environment_stops_train_before_any_work(tmp_path, 
     with pytest.raises(ConfigError, match=f"{ENV_VAR} is 'gpu'"):
         finetune.train(tmp_path / "photos", out=tmp_path / "run", progress=False)
     assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("how", ["finetune", "plain"])
+def test_openvino_is_imported_with_its_usage_data_sender_off(how):
+    # Importing OpenVINO starts Intel's usage-data collection (on unless the user opted out);
+    # finetune sends nothing anywhere. Checked in a fresh process: after finetune's conversion,
+    # OpenVINO's tools hold their no-op stand-in, and the sender's package still imports; a
+    # plain `import openvino` (the check that this one can fail) holds the sender.
+    import subprocess
+    import sys
+
+    script = (
+        "import keras, numpy as np\n"
+        "if '" + how + "' == 'finetune':\n"
+        "    from finetune.inference import OpenVinoForward\n"
+        "    inputs = keras.Input((8, 8, 3))\n"
+        "    flat = keras.layers.Flatten()(inputs)\n"
+        "    model = keras.Model(inputs, keras.layers.Dense(2)(flat))\n"
+        "    assert OpenVinoForward(model)(np.ones((2, 8, 8, 3), np.float32)).shape == (2, 2)\n"
+        "else:\n"
+        "    import openvino\n"
+        "import openvino.tools.ovc.telemetry_utils as used, openvino_telemetry\n"
+        "print(used.tm.__name__)\n"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, timeout=300
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    expected = "openvino.tools.ovc.telemetry_stub" if how == "finetune" else "openvino_telemetry"
+    assert done.stdout.strip().splitlines()[-1] == expected

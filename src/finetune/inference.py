@@ -235,13 +235,37 @@ class OnnxForward:
         return self.session.run(None, {self.input_name: x})[0]
 
 
+def import_openvino() -> Any:
+    """`import openvino`, with its usage-data sender off.
+
+    Importing OpenVINO starts Intel's usage-data collection (the `openvino_telemetry`
+    package; on by default unless the user opted out or a CI variable is set) and sends an
+    event. finetune sends nothing anywhere: when OpenVINO is first imported here, the sender's
+    package is hidden for the length of the import, so that OpenVINO's tools bind to their own
+    no-op stand-in (`openvino.tools.ovc.telemetry_stub`), which they use when it is not
+    installed. The package is importable again afterwards. A process that imported OpenVINO
+    before keeps what it chose.
+    """
+    import sys
+
+    if "openvino" in sys.modules or "openvino_telemetry" in sys.modules:
+        import openvino
+
+        return openvino
+    sys.modules["openvino_telemetry"] = None  # type: ignore[assignment]  # import -> ImportError
+    try:
+        import openvino
+    finally:
+        del sys.modules["openvino_telemetry"]
+    return openvino
+
+
 @functools.cache
 def cpu_has_bfloat16() -> bool:
     """Whether OpenVINO can run bfloat16 on this CPU (AVX512-BF16 or AMX); False without
     OpenVINO."""
     try:
-        import openvino as ov
-
+        ov = import_openvino()
         return "BF16" in ov.Core().get_property("CPU", "OPTIMIZATION_CAPABILITIES")
     except Exception:  # not installed, or no CPU plugin
         return False
@@ -255,6 +279,8 @@ def openvino_model(model: keras.Model) -> Any:
     usage data to Intel unless the user opted out, and finetune sends nothing anywhere.
     """
     import tensorflow as tf
+
+    import_openvino()
     from openvino.frontend import FrontEndManager
     from openvino.frontend.tensorflow.utils import create_tf_graph_iterator
 
@@ -296,8 +322,7 @@ class OpenVinoForward:
         import io
         import threading
 
-        import openvino as ov
-
+        ov = import_openvino()
         if bfloat16 and not cpu_has_bfloat16():
             warnings.warn(
                 "this CPU has no bfloat16 support (AVX512-BF16 or AMX); OpenVINO runs in float32.",
@@ -336,8 +361,7 @@ class OpenVinoForward:
         self.serialized = tag + b"\n" + self.compiled.export_model().getvalue()
 
     def _compiled(self, compiled: Any) -> None:
-        import openvino as ov
-
+        ov = import_openvino()
         self.compiled = compiled
         precision = compiled.get_property("INFERENCE_PRECISION_HINT")
         self.runtime = "openvino-bf16" if precision == ov.Type.bf16 else "openvino"

@@ -427,3 +427,31 @@ def test_openvino_is_imported_with_its_usage_data_sender_off(how):
     assert done.returncode == 0, done.stderr[-2000:]
     expected = "openvino.tools.ovc.telemetry_stub" if how == "finetune" else "openvino_telemetry"
     assert done.stdout.strip().splitlines()[-1] == expected
+
+
+@pytest.mark.slow
+def test_the_temperature_is_fitted_on_float32_logits(tmp_path, monkeypatch):
+    # "auto" would pick bfloat16 for these many images on a CPU with it; the calibration's
+    # logits, something fitted on, stay float32 (Keras, below the float32 threshold).
+    from pathlib import Path
+
+    from finetune.data.pipeline import PreparedData
+    from finetune.train import _calibrate
+
+    monkeypatch.setenv("FINETUNE_CACHE_DIR", str(tmp_path))
+    monkeypatch.delenv(ENV_VAR, raising=False)
+    monkeypatch.setattr(inference, "AUTO_BF16_MIN_IMAGES", 16)
+    monkeypatch.setattr(inference, "cpu_has_bfloat16", lambda: True)
+    run = Run(model=classifier(0), config=Config(), class_names=["a", "b", "c"], image_size=SIZE)
+    x = images(24)
+    y = np.arange(24) % 3
+    none = np.zeros((0, SIZE, SIZE, 3), np.uint8)
+    data = PreparedData(
+        root=Path("x"), class_names=["a", "b", "c"], image_size=SIZE,
+        splits={"train": [], "val": [], "test": []},
+        images={"train": none, "val": x, "test": none},
+        labels={"train": y[:0], "val": y, "test": y[:0]}, seed=0,
+    )  # fmt: skip
+    assert resolve_runtime(None, len(x)) == "openvino-bf16"  # what predictions would use
+    record = _calibrate(run, data, progress=False)
+    assert run.last_runtime == "keras" and record["temperature"] > 0

@@ -16,8 +16,9 @@ So the runtime is chosen per call:
 - `"auto"` (the default): Keras below `AUTO_BF16_MIN_IMAGES` images (counting each test-time
   augmentation view, and for training the images times the epochs); from there, for
   predictions on a CPU with bfloat16, OpenVINO in bfloat16; otherwise Keras below
-  `AUTO_MIN_IMAGES` and OpenVINO in float32 from there. Features to train on are always
-  float32: bfloat16 moves a pretrained backbone's features by about 10%.
+  `AUTO_MIN_IMAGES` and OpenVINO in float32 from there. What something is fitted on
+  (features to train on, logits to fit a temperature on) is float32: bfloat16 moves a
+  pretrained backbone's features by about 10%.
 
 The choice can be given per call (`runtime=`, `--runtime` on the command line) or for the
 whole process with the environment variable `FINETUNE_RUNTIME`.
@@ -115,7 +116,7 @@ def resolve_runtime(runtime: str | None, num_images: int, *, training: bool = Fa
 
     "auto" picks Keras below `AUTO_MIN_IMAGES` images and OpenVINO in float32 from there; for
     predictions (not `training`) on a CPU with bfloat16, OpenVINO in bfloat16 from
-    `AUTO_BF16_MIN_IMAGES`. Features for training stay in float32: a pretrained backbone's
+    `AUTO_BF16_MIN_IMAGES`. What is fitted on stays in float32: a pretrained backbone's
     features move by 10% in bfloat16 (the median image; benchmarks/RESULTS.md, tenth slice).
 
     Args:
@@ -124,8 +125,8 @@ def resolve_runtime(runtime: str | None, num_images: int, *, training: bool = Fa
         num_images: how many images the call will run. Only the request, this, `training`
             and the CPU decide, not whether a conversion is cached: the same call on the same
             machine always gives the same numbers.
-        training: the outputs are features to train on (the cache fill, a streamed phase).
-            Defaults to False.
+        training: the outputs are something to fit on (features to train on in the cache
+            fill or a streamed phase, logits to fit a temperature on). Defaults to False.
 
     Raises:
         ConfigError: an unknown runtime name.
@@ -640,7 +641,7 @@ def guarded_forward(
         num_images: how many images will go through it.
         spin: ONNX Runtime's threads spin between calls (see `OnnxForward`): for inference
             with nothing else running. Defaults to False.
-        training: the outputs are features to train on (see `resolve_runtime`). Defaults
+        training: the outputs are something to fit on (see `resolve_runtime`). Defaults
             to False.
 
     Returns:

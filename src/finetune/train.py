@@ -727,10 +727,13 @@ def finish_run(
 def _calibrate(run: Run, data: PreparedData, progress: bool) -> dict[str, Any]:
     """Fits the run's temperature on the validation split; returns what to record."""
     from finetune.calibration import choose_temperature
+    from finetune.inference import resolve_runtime
 
     if progress:
         print("Calibrating the probabilities on the val split (temperature scaling)...")
-    logits = run.predict_logits(data.images["val"], progress=progress)
+    # What is fitted on is computed in float32, as features to train on are.
+    runtime = resolve_runtime(None, len(data.images["val"]), training=True)
+    logits = run.predict_logits(data.images["val"], progress=progress, runtime=runtime)
     labels = data.labels["val"]
     record: dict[str, Any] = {"fitted_on": f"val split ({len(labels)} images)"}
     run.temperature, note = choose_temperature(logits, labels)

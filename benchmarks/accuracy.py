@@ -28,6 +28,9 @@ Usage:
     .venv/bin/python benchmarks/accuracy.py                        # 10 and 100 per class, seeds 0-2
     .venv/bin/python benchmarks/accuracy.py --sizes full --seeds 0  # the full training set
     .venv/bin/python benchmarks/accuracy.py --summary-only          # print the table again
+    .venv/bin/python benchmarks/accuracy.py --score-runtimes keras,openvino-bf16
+        # also score every trained model in these inference runtimes (accuracy_<runtime>,
+        # agreement_<runtime>: the share of predicted classes equal to the default's)
 """
 
 from __future__ import annotations

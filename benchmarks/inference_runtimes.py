@@ -1,20 +1,22 @@
-"""Batch inference of one classifier in five runtimes, side by side (issue 7's inference lever).
+"""Batch inference of one classifier in seven runtimes, side by side (issue 7's inference lever).
 
 EfficientNet-Lite0 classifier from `build_classifier` (random weights, BatchNorm set as trained:
 `trained_like.py`; 10 classes), a batch of 32 random images as float32 pixels in [0, 255], in
 one process: the Keras model as it was (`predict_on_batch`), the folded models `Run` predicts
 with (`fold_batchnorm(model, frozen_only=False)` below 256 images, with `snapshot=True` from
 there on), the same model exported to ONNX (Keras' exporter, tf2onnx) and run by ONNX Runtime
-(CPU, 2 intra-op threads), and converted to LiteRT (TFLiteConverter, float32) and run by its
-interpreter (XNNPACK, 2 threads). Per round, each runtime runs 2 warm-up calls, then `--steps`
-timed calls; the table gives images/s of the median call, per round, rounds taking turns. The
-largest difference of each export's logits from the Keras model's is printed too, and how long
-each conversion took.
+(CPU, 2 intra-op threads), converted to LiteRT (TFLiteConverter, float32) and run by its
+interpreter (XNNPACK, 2 threads), and converted by `finetune.inference.OpenVinoForward` and run
+by OpenVINO in float32 and in bfloat16. Per round, each runtime runs 2 warm-up calls, then
+`--steps` timed calls; the table gives images/s of the median call, per round, rounds taking
+turns. The largest difference of each runtime's logits from the Keras model's is printed too,
+and how long each conversion took.
 
 With `--end-to-end 500,2000,5000`, whole `Run.predict_logits` calls instead, cold (a fresh
-`Run` each time, as a new `finetune predict` process), with `runtime="keras"` and
-`runtime="onnxruntime"`, converting (conversion and first-batch check included: where
-`--runtime auto` should switch) and with the conversion cached (a private cache folder).
+`Run` each time, as a new `finetune predict` or `evaluate` process), with `runtime="keras"` and
+each of `--runtimes` (default: openvino, openvino-bf16, onnxruntime), converting (conversion
+and first-batch check included: where `--runtime auto` should switch) and with the conversion
+cached (a private cache folder).
 
 With `--spin N`, whole `Run.predict_view_logits` calls on N images in ONNX Runtime (conversion
 kept), with 1 and 3 test-time augmentation views, its worker threads spinning between batches
@@ -22,7 +24,7 @@ kept), with 1 and 3 test-time augmentation views, its worker threads spinning be
 taking turns.
 
 Usage: .venv/bin/python benchmarks/inference_runtimes.py [--sizes 64,128,224] [--steps 8]
-    [--rounds 2] [--end-to-end 1000,4000] [--spin 5000]
+    [--rounds 2] [--end-to-end 1000,4000 [--runtimes openvino,openvino-bf16]] [--spin 5000]
 """
 
 from __future__ import annotations

@@ -236,7 +236,8 @@ def main() -> None:
         "--end-to-end",
         default="",
         help="instead: image counts N (e.g. 1000,4000) for whole `Run.predict_logits` calls, "
-        "cold, Keras against ONNX Runtime with its conversion (what `--runtime auto` decides)",
+        "cold, Keras against each of --runtimes with its conversion (what `--runtime auto` "
+        "decides)",
     )
     parser.add_argument(
         "--runtimes",

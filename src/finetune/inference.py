@@ -5,9 +5,10 @@ images. Keras runs it batch by batch with every BatchNorm folded into its convol
 256 images or more, the weights compiled in (`finetune.fold`, `snapshot=True`). OpenVINO runs
 the same network 1.1-1.6x as fast again in float32 on a small CPU (EfficientNet-Lite0, 224 to
 64 px), and 2.5-3.2x as fast in bfloat16 where the CPU has it (AMX, AVX512-BF16); converting
-the model first takes 1-3.5 s, which pays back from 15,000 images in float32 and from 2,000 in
-bfloat16 (benchmarks/inference_runtimes.py --end-to-end; benchmarks/RESULTS.md, tenth slice).
-ONNX Runtime (converting: 4-6 s) is as fast as float32 OpenVINO, and stays available by name.
+the model first takes about 1 s (1-3.5 s more per call end to end, the first-batch check
+included), which pays back from 15,000 images in float32 and from 2,000 in bfloat16
+(benchmarks/inference_runtimes.py --end-to-end; benchmarks/RESULTS.md, tenth slice). ONNX
+Runtime (converting: 4-6 s) runs at 0.85-0.95x float32 OpenVINO, and stays available by name.
 
 So the runtime is chosen per call:
 - `"keras"`: the folded Keras model.
@@ -26,13 +27,13 @@ whole process with the environment variable `FINETUNE_RUNTIME`.
 Every converted model is guarded: its outputs on the first batch are compared with the Keras
 model's (`GuardedForward`). In float32 they differ by rounding only (about 1e-5 in the logits),
 so a prediction's class never depends on the choice except for a near tie. In bfloat16 the
-logits move by 1.5-3% of their size for most trained models: on the accuracy benchmark 0.75-1.9%
-of the predicted classes changed, and the accuracy by -0.09 to -0.11 points on average, within
-the 0.3 points issue 7 allows for a bfloat16 default. Some models move far more (13% for one
-trained with BatchNorm in training mode, 5.8% of the classes changed): where the median image
-moves by more than `BF16_TOLERANCE`, OpenVINO computes in float32 instead. A conversion that
-fails, or float32 outputs that differ by more than rounding (`TOLERANCE`), mean Keras computes
-everything, and a warning says so.
+logits move by 1.5-3% of their size for most trained models: on the accuracy benchmark
+0.75-1.9% of the predicted classes changed, and the accuracy by -0.09 and -0.04 points on
+average (two recipes, 3 seeds each), within the 0.3 points issue 7 allows for a bfloat16
+default. Some models move far more (13% for one trained with BatchNorm in training mode, 5.8%
+of the classes changed): where the median image moves by more than `BF16_TOLERANCE`, OpenVINO
+computes in float32 instead. A conversion that fails, or float32 outputs that differ by more
+than rounding (`TOLERANCE`), mean Keras computes everything, and a warning says so.
 
 A conversion that passed that check is kept in the user cache (`finetune.cache`, folders
 `openvino/` and `onnx/`), named by a hash of the model's architecture and weights, of the
@@ -40,10 +41,13 @@ runtime asked for, and of the converter's and runtime's versions. The same model
 only once: later calls (another `finetune predict` of the same run, the feature-cache fill of
 another run with the same backbone and image size) load the verified file in a fraction of a
 second, without checking it again (its name binds it to those exact weights and versions,
-finetune's included). The `KEEP_CONVERSIONS` most recently used conversions of each runtime
-are kept, older ones deleted. A folder that cannot be written only means converting every
-time. Whether a conversion is cached never changes which runtime "auto" chooses, so results do
-not depend on what ran before (up to the rare fallback to Keras, which says so).
+finetune's included). The `KEEP_CONVERSIONS` most recently used conversions of each folder
+are kept (OpenVINO's two precisions share one), older ones deleted. A folder that cannot be
+written only means converting every time. Whether a conversion is cached never changes which
+runtime "auto" chooses, so results do not depend on what ran before, up to a fallback: to
+Keras, which says so; or to float32 for a model whose bfloat16 outputs were found too far from
+Keras' on some first batch, which is kept as such (a model near the bound might have passed
+with another first batch).
 """
 
 from __future__ import annotations
@@ -104,8 +108,8 @@ def requested_runtime(runtime: str | None) -> str:
     name = runtime.strip().lower()
     if name not in RUNTIMES:
         raise ConfigError(
-            f"{where} is {runtime!r}; use one of {', '.join(RUNTIMES)} (auto: Keras below "
-            f"{AUTO_MIN_IMAGES} images, OpenVINO from there; see `finetune predict --help`)."
+            f"{where} is {runtime!r}; use one of {', '.join(RUNTIMES)} (auto: Keras for few "
+            "images, OpenVINO for many; see `finetune predict --help`)."
         )
     return name
 
@@ -180,7 +184,10 @@ def conversion_file(model: keras.Model, runtime: str = "onnxruntime") -> Path:
         folder, suffix, tag = "onnx", ".onnx", "v1"
     else:
         packages = ("keras-finetune", "keras", "tensorflow-cpu", "openvino")
-        folder, suffix, tag = "openvino", ".blob", f"{runtime} {_intra_op_threads()} threads"
+        # What "openvino-bf16" gives depends on the CPU: a cache shared by two machines keeps
+        # one conversion for each kind.
+        bf16 = "bf16 cpu" if cpu_has_bfloat16() else "no bf16 cpu"
+        folder, suffix, tag = "openvino", ".blob", f"{runtime} {_intra_op_threads()} threads {bf16}"
     versions = "|".join(f"{p} {_version(p)}" for p in packages)
     key = hashlib.sha256(f"{model_digest(model)}|{versions}|{tag}".encode()).hexdigest()
     return cache_dir(folder) / f"{key[:40]}{suffix}"
@@ -453,6 +460,13 @@ class GuardedForward:
                 self.runtime = self.converted.runtime
                 self.from_cache = self._checked = True  # it passed the check when written
                 _touch(cache)
+                if runtime != self.runtime and cpu_has_bfloat16() and not quiet:
+                    warnings.warn(
+                        f"OpenVINO's bfloat16 outputs for {model.name} were found too far from "
+                        "Keras' before; computing in float32 (kept so in the cache).",
+                        RuntimeWarning,
+                        stacklevel=2,
+                    )
                 return
             except Exception:  # unreadable (damaged): convert again and replace it
                 cache.unlink(missing_ok=True)
@@ -484,15 +498,19 @@ class GuardedForward:
             reference = self.keras(batch)
             problem = self._disagreement(out, reference)
             if problem and self.runtime == "openvino-bf16" and self.converted.can_use_float32:
-                self.converted.use_float32()
-                self.runtime = self.converted.runtime
                 if not self.quiet:
                     warnings.warn(
                         f"OpenVINO's bfloat16 {problem}; computing in float32 instead.",
                         RuntimeWarning,
                         stacklevel=2,
                     )
-                out = self.converted(batch)
+                try:
+                    self.converted.use_float32()
+                    self.runtime = self.converted.runtime
+                    out = self.converted(batch)
+                except Exception as error:  # as above: Keras runs it
+                    self._fall_back(f"OpenVINO failed in float32 ({error})")
+                    return reference
                 problem = self._disagreement(out, reference)
             if problem:
                 self._fall_back(f"{self._name}'s {problem}")

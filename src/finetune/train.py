@@ -731,7 +731,7 @@ def _calibrate(run: Run, data: PreparedData, progress: bool) -> dict[str, Any]:
 
     if progress:
         print("Calibrating the probabilities on the val split (temperature scaling)...")
-    # What is fitted on is computed in float32, as features to train on are.
+    # What is fitted on is computed in float32 under "auto", as features to train on are.
     runtime = resolve_runtime(None, len(data.images["val"]), training=True)
     logits = run.predict_logits(data.images["val"], progress=progress, runtime=runtime)
     labels = data.labels["val"]

@@ -655,8 +655,8 @@ def fit_phases(
             factors = None
             # Below `cut` nothing trains: its output may be computed once (no augmentation),
             # and only what is above it trained on that. An augmented frozen backbone may run
-            # in ONNX Runtime as the head trains; an augmented cut does not (measured: 1.08x,
-            # and one round in three 1.4x slower, ONNX Runtime and TensorFlow taking turns
+            # in OpenVINO as the head trains; an augmented cut does not (ONNX Runtime measured
+            # 1.08x, and one round in three 1.4x slower, ONNX Runtime and TensorFlow taking turns
             # with a heavy step on 2 cores; benchmarks/RESULTS.md).
             cut: str | None = POOL_LAYER
             if phase.unfreeze_groups is None:
@@ -678,8 +678,8 @@ def fit_phases(
             if split is not None:
                 fit_model, train_from, val_ds = split
             elif streamed is not None:
-                # Frozen backbone, augmented: its forward pass in ONNX Runtime, the head in
-                # Keras on its output (the same training up to rounding, faster).
+                # Frozen backbone, augmented: its forward pass in a converted model, the head
+                # in Keras on its output (the same training up to rounding, faster).
                 fit_model, train_from, val_ds = streamed
             else:
                 # The same layers and weights, with each frozen BatchNorm folded into the

@@ -181,6 +181,9 @@ def test_the_runtime_option_of_evaluate_and_predict(trained, tmp_path):
     with_onnx = json.loads(invoke("evaluate", out, "--json", "--runtime", "onnxruntime"))
     assert (with_keras["runtime"], with_onnx["runtime"]) == ("keras", "onnxruntime")
     assert with_onnx["loss"] == pytest.approx(with_keras["loss"], abs=1e-5)
+    with_openvino = json.loads(invoke("evaluate", out, "--json", "--runtime", "OpenVINO"))
+    assert with_openvino["runtime"] == "openvino"
+    assert with_openvino["loss"] == pytest.approx(with_keras["loss"], abs=1e-5)
     # The default for a few images is Keras ("auto" switches at 2,000), even now that this
     # model's conversion is cached: what ran before does not change the numbers.
     assert json.loads(invoke("evaluate", out, "--json"))["runtime"] == "keras"

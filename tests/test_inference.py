@@ -89,29 +89,19 @@ def test_an_unknown_runtime_is_named_with_the_choices(monkeypatch):
 
 
 @pytest.mark.slow
-def test_onnx_runtime_computes_the_keras_models_function():
+@pytest.mark.parametrize("convert", [OnnxForward, OpenVinoForward])
+def test_a_float32_runtime_computes_the_keras_models_function(convert):
     model = classifier(0)
     x = images(20).astype(np.float32)
     expected = model.predict_on_batch(x)
-    got = OnnxForward(model)(x)
-    assert got.shape == expected.shape == (20, 3)
-    np.testing.assert_allclose(got, expected, atol=1e-4 * max(1.0, np.abs(expected).max()))
-    # A different network gives different outputs: the comparison above can fail.
-    assert np.abs(OnnxForward(classifier(1))(x) - expected).max() > 1e-2
-
-
-@pytest.mark.slow
-def test_openvino_computes_the_keras_models_function_in_float32():
-    model = classifier(0)
-    x = images(20).astype(np.float32)
-    expected = model.predict_on_batch(x)
-    forward = OpenVinoForward(model)
-    assert forward.runtime == "openvino"
+    forward = convert(model)
+    assert forward.runtime in ("onnxruntime", "openvino")  # float32, whatever the CPU
     got = forward(x)
     assert got.shape == expected.shape == (20, 3)
     np.testing.assert_allclose(got, expected, atol=1e-4 * max(1.0, np.abs(expected).max()))
     np.testing.assert_allclose(forward(x[:3]), expected[:3], atol=1e-4)  # any batch size
-    assert np.abs(OpenVinoForward(classifier(1))(x) - expected).max() > 1e-2
+    # A different network gives different outputs: the comparison above can fail.
+    assert np.abs(convert(classifier(1))(x) - expected).max() > 1e-2
 
 
 @pytest.mark.slow
@@ -326,41 +316,28 @@ def test_only_the_most_recently_used_conversions_are_kept(tmp_path):
     assert sorted(f.name for f in tmp_path.iterdir()) == ["middle.blob", "newest.onnx", "notes.txt"]
 
 
-@pytest.mark.slow
-def test_onnx_runtime_failing_on_a_batch_falls_back_to_keras(tmp_path):
-    model = classifier(0)
-    fast = fold_batchnorm(model, frozen_only=False)
-    forward = GuardedForward(model, fast, "onnxruntime", tmp_path / "m.onnx")
-    x = images(8).astype(np.float32)
-    forward(x)  # checked, kept
-    assert (tmp_path / "m.onnx").is_file()
+class _Broken:  # an injected fault: the runtime fails at run time
+    def run(self, *args, **kwargs):  # ONNX Runtime's session
+        raise RuntimeError("injected failure")
 
-    class Broken:  # an injected fault: the session fails at run time
-        def run(self, *args, **kwargs):
-            raise RuntimeError("injected failure")
-
-    forward.converted.session = Broken()
-    with pytest.warns(RuntimeWarning, match="ONNX Runtime failed on a batch .*injected failure"):
-        out = forward(x)
-    assert forward.runtime == "keras"
-    np.testing.assert_allclose(out, fast.predict_on_batch(x), atol=1e-5)
+    infer = run  # OpenVINO's infer request
 
 
 @pytest.mark.slow
-def test_openvino_failing_on_a_batch_falls_back_to_keras(tmp_path):
+@pytest.mark.parametrize(
+    ("runtime", "name", "attribute"),
+    [("onnxruntime", "ONNX Runtime", "session"), ("openvino", "OpenVINO", "request")],
+)
+def test_a_runtime_failing_on_a_batch_falls_back_to_keras(tmp_path, runtime, name, attribute):
     model = classifier(0)
     fast = fold_batchnorm(model, frozen_only=False)
-    forward = GuardedForward(model, fast, "openvino", tmp_path / "m.blob")
+    forward = GuardedForward(model, fast, runtime, tmp_path / "m.conversion")
     x = images(8).astype(np.float32)
     forward(x)  # checked, kept
-    assert (tmp_path / "m.blob").is_file()
+    assert (tmp_path / "m.conversion").is_file()
 
-    class Broken:  # an injected fault: the request fails at run time
-        def infer(self, *args, **kwargs):
-            raise RuntimeError("injected failure")
-
-    forward.converted.request = Broken()
-    with pytest.warns(RuntimeWarning, match="OpenVINO failed on a batch .*injected failure"):
+    setattr(forward.converted, attribute, _Broken())
+    with pytest.warns(RuntimeWarning, match=f"{name} failed on a batch .*injected failure"):
         out = forward(x)
     assert forward.runtime == "keras"
     np.testing.assert_allclose(out, fast.predict_on_batch(x), atol=1e-5)

@@ -222,7 +222,7 @@ def run_one(
     # Scored in Keras (float32) whatever "auto" would pick on this CPU, so that figures stay
     # comparable across machines and commits; --score-runtimes adds the others.
     predicted = run.predict_proba(test[0], progress=False, runtime="keras").argmax(axis=1)
-    scored = {"runtime": run.last_runtime}
+    scored = {}
     for runtime in runtimes:
         other = run.predict_proba(test[0], progress=False, runtime=runtime).argmax(axis=1)
         scored[f"accuracy_{runtime}"] = float(accuracy_score(test[1], other))

@@ -205,15 +205,15 @@ def finetune_child(args: argparse.Namespace, bf16: bool, fold: bool = True) -> d
                 from finetune.inference import OpenVinoForward
 
                 extractor, head = split_at_pool(model)
-                onnx = OpenVinoForward(extractor)  # float32, as training's features
+                converted = OpenVinoForward(extractor)  # float32, as training's features
                 compile_for(head)
 
-                def streamed_step(h=head, f=onnx):
+                def streamed_step(h=head, f=converted):
                     return h.train_on_batch(f(x).reshape(len(x), -1), y)
 
                 # One after the other here; in training the pipeline overlaps them.
                 row["streamed"] = time_calls(streamed_step, args.warmup, args.steps)
-                row["streamed"]["runtime"] = onnx.runtime
+                row["streamed"]["runtime"] = converted.runtime
         elif mode == "head_cached":
             freeze_backbone(model)
             extractor, head = split_at_pool(model)

@@ -232,10 +232,17 @@ def test_a_verified_conversion_is_kept_and_reused(tmp_path, monkeypatch, runtime
     computes = "openvino" if runtime == "openvino-bf16" and not cpu_has_bfloat16() else runtime
     assert first.runtime == computes
     os.utime(cache, (1e9, 1e9))
-    again = guarded_forward(model, fast, runtime, 16)
+    made: list[keras.Model] = []  # the Keras view, made only when needed
+
+    def making() -> keras.Model:
+        made.append(fast)
+        return fast
+
+    again = guarded_forward(model, making, runtime, 16)
     assert again.from_cache and again.runtime == computes  # a bfloat16 model loads as such
     assert cache.stat().st_mtime > 1e9  # used: the last to be evicted
     np.testing.assert_array_equal(again(x), expected)
+    assert made == []  # a kept conversion is not checked again: no Keras view made
     # A cached conversion does not change what "auto" picks: below the threshold, Keras.
     assert not isinstance(guarded_forward(model, fast, None, 16), GuardedForward)
     # Another model's conversion, or another runtime's, is another file.

@@ -5,10 +5,10 @@ images. Keras runs it batch by batch with every BatchNorm folded into its convol
 256 images or more, the weights compiled in (`finetune.fold`, `snapshot=True`). OpenVINO runs
 the same network 1.1-1.6x as fast again in float32 on a small CPU (EfficientNet-Lite0, 224 to
 64 px), and 2.5-3.2x as fast in bfloat16 where the CPU has it (AMX, AVX512-BF16); converting
-the model first takes about 1 s (1-3.5 s more per call end to end, the first-batch check
+the model first takes about 1 s (1.2-3.7 s more per call end to end, the first-batch check
 included), which pays back from 15,000 images in float32 and from 2,000 in bfloat16
 (benchmarks/inference_runtimes.py --end-to-end; benchmarks/RESULTS.md, tenth slice). ONNX
-Runtime (converting: 4-6 s) runs at 0.85-0.95x float32 OpenVINO, and stays available by name.
+Runtime (converting: 4-6 s) runs at 0.85-0.98x float32 OpenVINO, and stays available by name.
 
 So the runtime is chosen per call:
 - `"keras"`: the folded Keras model.
@@ -27,13 +27,14 @@ whole process with the environment variable `FINETUNE_RUNTIME`.
 Every converted model is guarded: its outputs on the first batch are compared with the Keras
 model's (`GuardedForward`). In float32 they differ by rounding only (about 1e-5 in the logits),
 so a prediction's class never depends on the choice except for a near tie. In bfloat16 the
-logits move by 1.5-3% of their size for most trained models: on the accuracy benchmark
-0.75-1.9% of the predicted classes changed, and the accuracy by -0.09 and -0.04 points on
-average (two recipes, 3 seeds each), within the 0.3 points issue 7 allows for a bfloat16
-default. Some models move far more (13% for one trained with BatchNorm in training mode, 5.8%
-of the classes changed): where the median image moves by more than `BF16_TOLERANCE`, OpenVINO
-computes in float32 instead. A conversion that fails, or float32 outputs that differ by more
-than rounding (`TOLERANCE`), mean Keras computes everything, and a warning says so.
+logits moved by 1.6-3.2% of their size (the median image) for two of the accuracy
+benchmark's recipes: 0.75-1.9% of the predicted classes changed, and the accuracy by -0.09
+and -0.04 points on average (3 seeds each), within the 0.3 points issue 7 allows for a
+bfloat16 default. Some models move far more (13% for one trained with BatchNorm in training
+mode, 5.8% of the classes changed): where the median image moves by more than
+`BF16_TOLERANCE`, OpenVINO computes in float32 instead. A conversion that fails, or float32
+outputs that differ by more than rounding (`TOLERANCE`), mean Keras computes everything, and a
+warning says so.
 
 A conversion that passed that check is kept in the user cache (`finetune.cache`, folders
 `openvino/` and `onnx/`), named by a hash of the model's architecture and weights, of the
@@ -305,8 +306,9 @@ class OpenVinoForward:
     Converting takes about 1 s for EfficientNet-Lite0 (tracing the model and OpenVINO's
     TensorFlow front end), against 4-6 s to ONNX. In float32 the outputs differ from Keras'
     by rounding (about 1e-5); bfloat16 (AMX and AVX512-BF16 on recent Xeons) is 2.5-3.2x as
-    fast as Keras, and moves the logits by 1.5-3% of their size for most trained models but
-    by 13% for some (benchmarks/RESULTS.md, tenth slice): `GuardedForward` checks it.
+    fast as Keras, and moved the logits by 1.6-3.2% of their size (the median image) for two
+    of the accuracy benchmark's recipes, by 13% for a third (benchmarks/RESULTS.md, tenth
+    slice): `GuardedForward` checks it.
 
     Args:
         model: a single-input, single-output Keras model (not modified).
@@ -340,7 +342,6 @@ class OpenVinoForward:
             bfloat16 = False
         self._core = ov.Core()
         self._converted: Any = None  # the OpenVINO model, to compile again in float32
-        self.serialized: bytes | None = None
         if cached is not None:
             # The precision is not part of OpenVINO's compiled model (importing sets it): it
             # is kept on the file's first line.
@@ -365,8 +366,15 @@ class OpenVinoForward:
 
     def _compile(self, bfloat16: bool) -> None:
         self._compiled(self._core.compile_model(self._converted, "CPU", self._config(bfloat16)))
+
+    @property
+    def serialized(self) -> bytes | None:
+        """The compiled model's bytes, its precision on the first line, when converted here
+        (made when asked for: about 13 MB for Lite0); None when loaded."""
+        if self._converted is None:
+            return None
         tag = b"bf16" if self.runtime == "openvino-bf16" else b"f32"
-        self.serialized = tag + b"\n" + self.compiled.export_model().getvalue()
+        return tag + b"\n" + self.compiled.export_model().getvalue()
 
     def _compiled(self, compiled: Any) -> None:
         ov = import_openvino()
@@ -381,7 +389,8 @@ class OpenVinoForward:
         return self._converted is not None
 
     def use_float32(self) -> None:
-        """Compiles the same model again in float32 (0.1 s) and computes in it from now on."""
+        """Compiles the same model again in float32 (0.05-0.06 s for Lite0) and computes in it
+        from now on."""
         self._compile(False)
 
     def __call__(self, batch: np.ndarray) -> np.ndarray:
@@ -400,6 +409,10 @@ def converted_forward(
     return OpenVinoForward(model, cached, bfloat16=runtime == "openvino-bf16")
 
 
+def _made(fast: keras.Model | Callable[[], keras.Model]) -> keras.Model:
+    return fast if isinstance(fast, keras.Model) else fast()
+
+
 def keras_forward(model: keras.Model) -> Forward:
     """Calls `model` (typically folded) on one batch, as NumPy."""
 
@@ -415,7 +428,9 @@ class GuardedForward:
     Args:
         model: the Keras model to convert (the plain one; the runtimes fold BatchNorm
             themselves).
-        fast: the Keras model to compare with and to fall back on (the folded one).
+        fast: the Keras model to compare with and to fall back on (the folded one), or a
+            function that makes it, called only when it is needed (the first batch's check,
+            a fallback): a loaded conversion usually needs it never.
         runtime: "keras", or one of `CONVERTED` (see `resolve_runtime`).
         cache: where the verified conversion of `model` is kept (`conversion_file(model,
             runtime)`): loaded without a new check when it exists, written once the first
@@ -440,14 +455,14 @@ class GuardedForward:
     def __init__(
         self,
         model: keras.Model,
-        fast: keras.Model,
+        fast: keras.Model | Callable[[], keras.Model],
         runtime: str,
         cache: Path | None = None,
         *,
         spin: bool = False,
         quiet: bool = False,
     ):
-        self.keras = keras_forward(fast)
+        self._fast, self._keras_forward = fast, None
         self.runtime, self.reason, self.quiet = runtime, "", quiet
         self.converted: OnnxForward | OpenVinoForward | None = None
         self.cache, self.from_cache = cache, False
@@ -476,6 +491,12 @@ class GuardedForward:
         except Exception as error:  # any conversion failure: Keras is always correct
             target = "ONNX" if runtime == "onnxruntime" else "OpenVINO"
             self._fall_back(f"converting {model.name} to {target} failed ({error})")
+
+    def keras(self, batch: np.ndarray) -> np.ndarray:
+        """`batch` through the Keras model (made on first use when `fast` is a function)."""
+        if self._keras_forward is None:
+            self._keras_forward = keras_forward(_made(self._fast))
+        return self._keras_forward(batch)
 
     @property
     def _name(self) -> str:
@@ -643,7 +664,7 @@ def predict_batches(
 
 def guarded_forward(
     model: keras.Model,
-    fast: keras.Model,
+    fast: keras.Model | Callable[[], keras.Model],
     runtime: str | None,
     num_images: int,
     *,
@@ -654,7 +675,8 @@ def guarded_forward(
 
     Args:
         model: the plain Keras model (what is converted, and what the cache is keyed on).
-        fast: the same function for Keras to run (its folded form).
+        fast: the same function for Keras to run (its folded form), or a function that makes
+            it when it is needed (see `GuardedForward`).
         runtime: a name from `RUNTIMES`, or None (see `resolve_runtime`).
         num_images: how many images will go through it.
         spin: ONNX Runtime's threads spin between calls (see `OnnxForward`): for inference
@@ -663,12 +685,12 @@ def guarded_forward(
             to False.
 
     Returns:
-        `keras_forward(fast)`, or a `GuardedForward` (with the conversion cache) when another
+        `keras_forward` of `fast`, or a `GuardedForward` (with the conversion cache) when another
         runtime is chosen; its `runtime` attribute says which one computes.
     """
     chosen = resolve_runtime(runtime, num_images, training=training)
     if chosen == "keras":
-        return keras_forward(fast)
+        return keras_forward(_made(fast))
     cache = usable_conversion_file(model, chosen)
     quiet = requested_runtime(runtime) == "auto"  # it chose bfloat16 itself
     return GuardedForward(model, fast, chosen, cache, spin=spin, quiet=quiet)

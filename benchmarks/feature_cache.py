@@ -8,13 +8,14 @@ both include building the model (a few seconds). The images are the bundled
 Fashion-MNIST sample (2,500 images, 10 classes) at --image-size.
 
 With `--augmented`: the head phase augmented (`--head-augment`), where nothing can be cached,
-through the frozen backbone in Keras against the backbone's features streamed from ONNX Runtime
-as the augmentation makes each batch (`FINETUNE_RUNTIME=keras` / `onnxruntime`; the conversion
-is kept in the user cache after the first round, as for a user's second run).
+through the frozen backbone in Keras against the backbone's features streamed from each of
+`--runtimes` as the augmentation makes each batch (`FINETUNE_RUNTIME=keras` / `openvino-bf16`
+...; the conversion is kept in the user cache after the first round, as for a user's second
+run, unless `--cold`: then every round converts, in a cache folder of its own).
 
 Usage:
     .venv/bin/python benchmarks/feature_cache.py [--image-size 64] [--epochs 5] [--rounds 3]
-        [--augmented]
+        [--augmented [--runtimes openvino,openvino-bf16] [--cold]]
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ import dataclasses
 import json
 import os
 import statistics
+import tempfile
 import time
 from pathlib import Path
 
@@ -59,8 +61,15 @@ def main(argv: list[str] | None = None) -> None:
         "--augmented",
         action="store_true",
         help="instead: the head phase augmented (--head-augment), through the frozen backbone "
-        "in Keras (FINETUNE_RUNTIME=keras) against its features streamed from ONNX Runtime "
-        "(FINETUNE_RUNTIME=onnxruntime)",
+        "in Keras (FINETUNE_RUNTIME=keras) against its features streamed "
+        "(FINETUNE_RUNTIME=<each of --runtimes>)",
+    )
+    parser.add_argument("--runtimes", default="openvino,openvino-bf16",
+                        help="with --augmented: the runtimes to stream from")  # fmt: skip
+    parser.add_argument(
+        "--cold",
+        action="store_true",
+        help="with --augmented: every round converts (a new cache folder)",
     )
     args = parser.parse_args(argv)
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
@@ -85,27 +94,39 @@ def main(argv: list[str] | None = None) -> None:
             base, recipe=dataclasses.replace(base.recipe, feature_cache=cached)
         )
 
+    from finetune.cache import cache_dir
+
+    weights = cache_dir("weights")  # the converted backbone weights, shared by every folder
+    scratch = tempfile.TemporaryDirectory(prefix="finetune-bench-")
+
     def in_runtime(runtime: str):
         def setup():
             os.environ["FINETUNE_RUNTIME"] = runtime
+            if args.cold:  # an empty conversion cache, the weights linked in
+                folder = Path(tempfile.mkdtemp(dir=scratch.name))
+                (folder / "weights").symlink_to(weights, target_is_directory=True)
+                os.environ["FINETUNE_CACHE_DIR"] = str(folder)
             return base
 
         return setup
 
     if args.augmented:
-        slow_name, fast_name = "Keras, through the frozen backbone", "ONNX Runtime, streamed"
-        variants = {fast_name: in_runtime("onnxruntime"), slow_name: in_runtime("keras")}
+        slow_name = "Keras, through the frozen backbone"
+        fast_names = [f"{r}, streamed" for r in args.runtimes.split(",") if r]
+        variants = {name: in_runtime(name.split(",")[0]) for name in fast_names}
+        variants[slow_name] = in_runtime("keras")
         out_file = "feature_stream.json"
     else:
-        slow_name, fast_name = "through the frozen backbone", "on cached features"
-        variants = {fast_name: with_cache(True), slow_name: with_cache(False)}
+        slow_name, fast_names = "through the frozen backbone", ["on cached features"]
+        variants = {fast_names[0]: with_cache(True), slow_name: with_cache(False)}
         out_file = "feature_cache.json"
     times, accuracy = timed_rounds(data, args.rounds, variants)
-    slow, fast = statistics.median(times[slow_name]), statistics.median(times[fast_name])
-    print(f"median {slow_name}: {slow:.1f} s")
-    print(f"median {fast_name}: {fast:.1f} s")
-    print(f"speed-up: {slow / fast:.2f}x (validation accuracy {accuracy[slow_name]:.4f} vs "
-          f"{accuracy[fast_name]:.4f})")  # fmt: skip
+    slow = statistics.median(times[slow_name])
+    print(f"median {slow_name}: {slow:.1f} s (validation accuracy {accuracy[slow_name]:.4f})")
+    for fast_name in fast_names:
+        fast = statistics.median(times[fast_name])
+        print(f"median {fast_name}: {fast:.1f} s, speed-up {slow / fast:.2f}x (validation "
+              f"accuracy {accuracy[fast_name]:.4f})")  # fmt: skip
     out = REPO / "benchmarks" / "out"
     out.mkdir(parents=True, exist_ok=True)
     (out / out_file).write_text(json.dumps({"args": vars(args), "seconds": times}))

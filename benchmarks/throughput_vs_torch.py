@@ -34,11 +34,14 @@ own BatchNorm instead, as before the seventh slice in RESULTS.md, with the eight
 depthwise filter gradient), `partial` (the top
 `--partial-groups` layer groups and the head train, BatchNorm frozen; for `finetune`, also
 `cached`: the top's step on the frozen groups' output computed once, with `cache_fill`, what
-an unaugmented partial phase runs, and `streamed`: the frozen groups in ONNX Runtime then the
-top's step, measured and not used: RESULTS.md, fifth slice), `head` (frozen backbone,
-the step through it; for `finetune`, also `streamed`: the frozen backbone in OpenVINO, float32,
-then the head's step on its output, one after the other, what `--head-augment` runs from
-`finetune.inference.AUTO_MIN_IMAGES` image-epochs on), `head_cached` (finetune only: the
+an unaugmented partial phase runs (and `cache_fill_bf16`, the fill in bfloat16 OpenVINO, what
+"auto" runs from `AUTO_BF16_MIN_IMAGES` images on a CPU with it), and `streamed`: the
+frozen groups in ONNX Runtime then the top's step, measured and not used: RESULTS.md, fifth
+slice), `head` (frozen backbone,
+the step through it; for `finetune`, also `streamed` and `streamed_bf16`: the frozen backbone
+in OpenVINO, float32 or bfloat16, then the head's step on its output, one after the other, what
+`--head-augment` runs from `finetune.inference.AUTO_MIN_IMAGES` image-epochs on, or from
+`AUTO_BF16_MIN_IMAGES` on a CPU with bfloat16), `head_cached` (finetune only: the
 head's step on cached pooled features, plus `cache_fill`, the feature extraction that fills
 the cache once) and `infer` (for `finetune`,
 also the model converted by `finetune.inference.OpenVinoForward` and run by OpenVINO in
@@ -173,7 +176,7 @@ def finetune_child(args: argparse.Namespace, bf16: bool, fold: bool = True) -> d
                 )
             cut = cut_layer(model, spec, groups, size * size * 3) if mode == "partial" else None
             if cut is not None and fold and not bf16:  # as `fit_phases` trains the top groups
-                from finetune.inference import OnnxForward
+                from finetune.inference import OnnxForward, OpenVinoForward
 
                 lower, top = split_at_cut(model, cut)
                 top = folded(top)
@@ -184,6 +187,10 @@ def finetune_child(args: argparse.Namespace, bf16: bool, fold: bool = True) -> d
                 row["cache_fill"] = time_calls(
                     lambda f=below: f.predict_on_batch(x), args.warmup, args.steps
                 )
+                # The fill from AUTO_BF16_MIN_IMAGES images on a CPU with bfloat16.
+                fill = OpenVinoForward(lower, bfloat16=True)
+                row["cache_fill_bf16"] = time_calls(lambda f=fill: f(x), args.warmup, args.steps)
+                row["cache_fill_bf16"]["runtime"] = fill.runtime
                 acts = np.asarray(below.predict_on_batch(x), "float32").reshape(len(x), -1)
                 row["cached"] = time_calls(
                     lambda t=top, a=acts: t.train_on_batch(a, y), args.warmup, args.steps
@@ -201,19 +208,22 @@ def finetune_child(args: argparse.Namespace, bf16: bool, fold: bool = True) -> d
             fit_model = folded(model)
             compile_for(fit_model)
             row = time_calls(lambda m=fit_model: m.train_on_batch(x, y), args.warmup, args.steps)
-            if fold and not bf16:  # `--head-augment` from AUTO_MIN_IMAGES image-epochs on
+            if fold and not bf16:  # `--head-augment` where "auto" streams
                 from finetune.inference import OpenVinoForward
 
                 extractor, head = split_at_pool(model)
-                converted = OpenVinoForward(extractor)  # float32, as training's features
                 compile_for(head)
+                # Float32 (from AUTO_MIN_IMAGES image-epochs on a CPU without bfloat16) and
+                # bfloat16 (from AUTO_BF16_MIN_IMAGES on a CPU with it).
+                for key, bf in (("streamed", False), ("streamed_bf16", True)):
+                    converted = OpenVinoForward(extractor, bfloat16=bf)
 
-                def streamed_step(h=head, f=converted):
-                    return h.train_on_batch(f(x).reshape(len(x), -1), y)
+                    def streamed_step(h=head, f=converted):
+                        return h.train_on_batch(f(x).reshape(len(x), -1), y)
 
-                # One after the other here; in training the pipeline overlaps them.
-                row["streamed"] = time_calls(streamed_step, args.warmup, args.steps)
-                row["streamed"]["runtime"] = converted.runtime
+                    # One after the other here; in training the pipeline overlaps them.
+                    row[key] = time_calls(streamed_step, args.warmup, args.steps)
+                    row[key]["runtime"] = converted.runtime
         elif mode == "head_cached":
             freeze_backbone(model)
             extractor, head = split_at_pool(model)
@@ -445,17 +455,24 @@ def summarise(report: dict) -> dict:
                     cell["finetune_keras_bn"] = plain["images_per_s"]
                     cell["ratio_keras_bn"] = plain["images_per_s"] / cell["best_torch"]
             if mode in ("head", "partial") and run and run.get("status") == "ok":
-                streamed = run["modes"].get(mode, {}).get("streamed")
-                if streamed and fp32:
-                    cell["finetune_streamed"] = streamed["images_per_s"]
-                    cell["streamed_runtime"] = streamed.get("runtime", "onnxruntime")
-                    cell["ratio_streamed"] = streamed["images_per_s"] / cell["best_torch"]
+                for key in ("streamed", "streamed_bf16"):
+                    streamed = run["modes"].get(mode, {}).get(key)
+                    if streamed and fp32:
+                        cell[f"finetune_{key}"] = streamed["images_per_s"]
+                        cell[f"{key}_runtime"] = streamed.get("runtime", "onnxruntime")
+                        cell[f"ratio_{key}"] = streamed["images_per_s"] / cell["best_torch"]
                 cached = run["modes"].get(mode, {}).get("cached")
                 if mode == "partial" and cached and fp32:
                     fill = run["modes"][mode]["cache_fill"]["images_per_s"]
                     cell["finetune_cached"] = cached["images_per_s"]
                     cell["finetune_cached_5"] = 5 / (1 / fill + 5 / cached["images_per_s"])
                     cell["ratio_cached_5"] = cell["finetune_cached_5"] / cell["best_torch"]
+                    fill_bf16 = run["modes"][mode].get("cache_fill_bf16")
+                    if fill_bf16:
+                        per_image = 1 / fill_bf16["images_per_s"] + 5 / cached["images_per_s"]
+                        cell["finetune_cached_5_bf16"] = 5 / per_image
+                        cell["cache_fill_bf16_runtime"] = fill_bf16.get("runtime")
+                        cell["ratio_cached_5_bf16"] = 5 / per_image / cell["best_torch"]
             if cell["finetune"] and cell["finetune-unfolded"]:
                 cell["fold_gain"] = cell["finetune"] / cell["finetune-unfolded"]
             if cell["finetune"] and cell["finetune-bf16"]:
@@ -497,13 +514,20 @@ def markdown(report: dict) -> str:
                          f"(5 epochs + fill) | {fmt(c['finetune_cached'])} "
                          f"({fmt(c['finetune_cached_5'])}) | | | | | | {best} "
                          f"| {fmt(c.get('ratio_cached_5'), 2)} |")  # fmt: skip
-        if c.get("finetune_streamed"):
-            what = (f"head, streamed: {c['streamed_runtime']} features + head step "
+        if c.get("finetune_cached_5_bf16"):
+            lines.append(f"| {c['size']} | partial, unaugmented, the fill in "
+                         f"{c['cache_fill_bf16_runtime']} (5 epochs + fill) "
+                         f"| ({fmt(c['finetune_cached_5_bf16'])}) | | | | | | {best} "
+                         f"| {fmt(c.get('ratio_cached_5_bf16'), 2)} |")  # fmt: skip
+        for key in ("streamed", "streamed_bf16"):
+            if not c.get(f"finetune_{key}"):
+                continue
+            what = (f"head, streamed: {c[f'{key}_runtime']} features + head step "
                     "(--head-augment" if c["mode"] == "head" else "partial: onnxruntime below "
                     "the cut + top step (measured, not used; would be augmented")  # fmt: skip
             lines.append(f"| {c['size']} | {what}, where auto converts) "
-                         f"| {fmt(c['finetune_streamed'])} | | | | | | {best} "
-                         f"| {fmt(c.get('ratio_streamed'), 2)} |")  # fmt: skip
+                         f"| {fmt(c[f'finetune_{key}'])} | | | | | | {best} "
+                         f"| {fmt(c.get(f'ratio_{key}'), 2)} |")  # fmt: skip
         if c.get("finetune_live"):
             lines.append(f"| {c['size']} | infer, Keras reading the weights on every call "
                          f"(predict/evaluate below 256 images) | {fmt(c['finetune_live'])} "

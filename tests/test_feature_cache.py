@@ -180,6 +180,40 @@ def test_an_augmented_frozen_phase_streams_converted_features_to_the_same_head(d
     )
 
 
+@pytest.mark.slow
+@pytest.mark.parametrize("augment", [False, True])
+def test_auto_trains_the_head_on_bfloat16_features_where_the_cpu_has_it(
+    digits, monkeypatch, tmp_path, augment
+):
+    """From `AUTO_BF16_MIN_IMAGES` features on such a CPU, the cache fill or the streamed
+    phase computes in bfloat16: a head near the float32 one, not the same."""
+    import finetune.inference as inference
+
+    if not inference.cpu_has_bfloat16():
+        pytest.skip("this CPU has no bfloat16: auto computes features in float32")
+    monkeypatch.delenv(inference.ENV_VAR, raising=False)
+    monkeypatch.setattr(inference, "AUTO_BF16_MIN_IMAGES", len(digits.images["train"]))
+    monkeypatch.setenv("FINETUNE_CACHE_DIR", str(tmp_path))  # checked, not loaded
+    monkeypatch.setattr(inference, "BF16_TOLERANCE", 0.0)  # features have their own bound
+    exact, exact_records = head_phase_run(
+        digits, feature_cache=True, runtime="keras", augment=augment
+    )
+    auto, auto_records = head_phase_run(digits, feature_cache=True, augment=augment)
+
+    assert [r["features_runtime"] for r in auto_records] == ["openvino-bf16"] * 3
+    assert [r.get("features_streamed") for r in auto_records] == [augment or None] * 3
+    pairs = list(zip(head_weights(exact), head_weights(auto), strict=True))
+    assert max(np.abs(a - b).max() for a, b in pairs) > 1e-4  # really bfloat16
+    for a, b in pairs:  # measured: 0.3-10% (a bias)
+        assert np.linalg.norm(b - a) < 0.2 * np.linalg.norm(a)
+    for e, f in zip(exact_records, auto_records, strict=True):
+        assert f["val_loss"] == pytest.approx(e["val_loss"], rel=0.03)  # measured: <1%
+    # The same run again (its conversion now loaded from the cache): the same head, exactly.
+    again, _ = head_phase_run(digits, feature_cache=True, augment=augment)
+    for a, b in zip(head_weights(auto), head_weights(again), strict=True):
+        np.testing.assert_array_equal(a, b)
+
+
 def partial_phase_run(
     data, *, feature_cache: bool, runtime=None, augment=False, train_batchnorm=False, average=0
 ):

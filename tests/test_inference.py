@@ -9,6 +9,7 @@ import warnings
 import keras
 import numpy as np
 import pytest
+from PIL import Image
 
 import finetune.inference as inference
 from finetune.backbones.registry import get_backbone
@@ -18,6 +19,7 @@ from finetune.fold import fold_batchnorm
 from finetune.inference import (
     AUTO_BF16_MIN_IMAGES,
     AUTO_MIN_IMAGES,
+    BF16_FEATURE_TOLERANCE,
     BF16_TOLERANCE,
     ENV_VAR,
     GuardedForward,
@@ -33,7 +35,9 @@ from finetune.inference import (
     usable_conversion_file,
 )
 from finetune.model import build_classifier
+from finetune.recipes.feature_cache import split_at_pool
 from finetune.run import Run
+from tests.helpers import FASHION
 
 SIZE = 32
 SPEC = get_backbone("efficientnet_lite0")
@@ -52,6 +56,14 @@ def classifier(seed: int) -> keras.Model:
     return model
 
 
+def fashion_images(n: int, size: int) -> np.ndarray:
+    """`n` bundled Fashion-MNIST images (real pictures, every class), RGB at `size` px."""
+    files = sorted(FASHION.glob("*/*.png"))
+    chosen = files[:: max(1, len(files) // n)][:n]
+    pictures = [Image.open(f).convert("RGB").resize((size, size), Image.BILINEAR) for f in chosen]
+    return np.stack([np.asarray(p, np.float32) for p in pictures])
+
+
 def images(n: int, seed: int = 0) -> np.ndarray:
     return np.random.default_rng(seed).integers(0, 256, (n, SIZE, SIZE, 3), dtype=np.uint8)
 
@@ -66,10 +78,10 @@ def test_auto_picks_openvino_from_the_thresholds_on(monkeypatch, bf16):
     assert resolve_runtime(None, AUTO_BF16_MIN_IMAGES) == expected
     assert resolve_runtime(None, AUTO_MIN_IMAGES - 1) == expected
     assert resolve_runtime(None, AUTO_MIN_IMAGES) == ("openvino-bf16" if bf16 else "openvino")
-    # Features to train on stay in float32.
-    assert resolve_runtime(None, AUTO_MIN_IMAGES - 1, training=True) == "keras"
-    assert resolve_runtime(None, AUTO_MIN_IMAGES, training=True) == "openvino"
-    assert resolve_runtime("openvino-bf16", 1, training=True) == "openvino-bf16"  # asked for
+    # Logits to fit a temperature on stay in float32.
+    assert resolve_runtime(None, AUTO_MIN_IMAGES - 1, float32=True) == "keras"
+    assert resolve_runtime(None, AUTO_MIN_IMAGES, float32=True) == "openvino"
+    assert resolve_runtime("openvino-bf16", 1, float32=True) == "openvino-bf16"  # asked for
     assert resolve_runtime("auto", 10) == "keras"
     assert resolve_runtime("ONNXRuntime", 10) == "onnxruntime"
     assert resolve_runtime(" OpenVINO-bf16", 10) == "openvino-bf16"
@@ -197,6 +209,40 @@ def test_outputs_that_disagree_with_keras_fall_back_to_keras_with_a_warning(tmp_
     assert forward.runtime == "keras" and "differ" in forward.reason
     np.testing.assert_allclose(out, fast.predict_on_batch(x), atol=1e-5)
     assert not cache.exists()  # a conversion that failed the check is not kept
+
+
+@pytest.mark.slow
+def test_bfloat16_features_are_held_to_their_length_not_their_largest_value(tmp_path):
+    """A pretrained backbone's features move by about 10% of their largest value in bfloat16
+    (too far for logits) but by about 5% of their length: features to train on compute in
+    bfloat16; another network's features still fail the check."""
+    if not cpu_has_bfloat16():
+        pytest.skip("this CPU has no bfloat16: OpenVINO computes in float32 from the start")
+    keras.utils.set_random_seed(0)
+    model = build_classifier(SPEC, 3, image_size=64)  # ImageNet weights
+    extractor, _ = split_at_pool(model)
+    fast = fold_batchnorm(extractor, frozen_only=False, snapshot=True)
+    x = fashion_images(32, 64)
+    reference = fast.predict_on_batch(x)
+
+    as_logits = GuardedForward(extractor, fast, "openvino-bf16", quiet=True)
+    as_logits(x)
+    assert as_logits.runtime == "openvino"  # float32: the logits' bound is 5% of the largest
+    as_features = GuardedForward(extractor, fast, "openvino-bf16", quiet=True, features=True)
+    out = as_features(x)
+    assert as_features.runtime == "openvino-bf16"
+    length = np.linalg.norm(out - reference, axis=1) / np.linalg.norm(reference, axis=1)
+    assert 1e-3 < np.median(length) < BF16_FEATURE_TOLERANCE  # really bfloat16, within bound
+
+    keras.utils.set_random_seed(1)
+    scratch, _ = split_at_pool(build_classifier(SPEC, 3, image_size=64, weights=None))
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        wrong = GuardedForward(scratch, fast, "openvino-bf16", features=True)
+        np.testing.assert_allclose(wrong(x), reference, atol=1e-5)  # Keras' answer
+    said = [str(w.message) for w in caught if issubclass(w.category, RuntimeWarning)]
+    assert len(said) == 2 and "bfloat16 features differ from Keras'" in said[0]
+    assert wrong.runtime == "keras"  # and float32 did not agree either
 
 
 def test_the_digest_follows_architecture_and_weights():

@@ -214,11 +214,13 @@ class RecipeConfig:
         feature_cache: in a phase without augmentation, compute the output of what is
             frozen once and train the rest on it (the head on the backbone's features; the top
             groups of a partly unfrozen backbone on the output of the groups below); in an
-            augmented frozen phase, let a converted model (float32 OpenVINO under "auto")
-            compute the features batch by batch when it is chosen (`finetune.inference`). The
-            weights end up as training through the whole network would leave them, up to
-            float rounding (except behind a backbone with dropout inside, see
-            `finetune.recipes.feature_cache`). Defaults to True.
+            augmented frozen phase, let a converted model (OpenVINO under "auto") compute the
+            features batch by batch when it is chosen (`finetune.inference`). The weights end
+            up as training through the whole network would leave them, up to float rounding
+            (except behind a backbone with dropout inside, see
+            `finetune.recipes.feature_cache`), or near them where "auto" chose bfloat16 (from
+            2,000 images on a CPU with it: within the seeds' spread on the accuracy benchmark).
+            Defaults to True.
         calibrate: after training, fit a temperature on the validation split so the
             probabilities say how sure the model really is (`finetune.calibration`); the run
             stores it and `predict` / `evaluate` apply it. Needs a validation split.

@@ -731,8 +731,8 @@ def _calibrate(run: Run, data: PreparedData, progress: bool) -> dict[str, Any]:
 
     if progress:
         print("Calibrating the probabilities on the val split (temperature scaling)...")
-    # What is fitted on is computed in float32 under "auto", as features to train on are.
-    runtime = resolve_runtime(None, len(data.images["val"]), training=True)
+    # The temperature is fitted on logits computed in float32 under "auto".
+    runtime = resolve_runtime(None, len(data.images["val"]), float32=True)
     logits = run.predict_logits(data.images["val"], progress=progress, runtime=runtime)
     labels = data.labels["val"]
     record: dict[str, Any] = {"fitted_on": f"val split ({len(labels)} images)"}

@@ -227,7 +227,7 @@ class PhaseData:
         if not (self.feature_cache and phase.unfreeze_groups is None and self.augments(phase)):
             return None
         images = len(self.train_images) * phase.epochs
-        chosen = resolve_runtime(self.runtime, images, training=True)
+        chosen = resolve_runtime(self.runtime, images)
         return None if chosen == "keras" else chosen
 
 
@@ -513,7 +513,7 @@ class _Features:
             d = self.data
             fast = fold_batchnorm(extractor, frozen_only=False, snapshot=True)  # inference only
             total = len(d.train_images) + (len(d.val_images) if d.has_val else 0)
-            forward = guarded_forward(extractor, fast, d.runtime, total, training=True)
+            forward = guarded_forward(extractor, fast, d.runtime, total, features=True)
             train = self.store.compute(fast, d.train_images, d.batch_size, "train", forward)
 
             def train_from(first_epoch: int, train=train) -> tf.data.Dataset:
@@ -540,7 +540,7 @@ class _Features:
         once); None when it cannot be done: the backbone is random while training (dropout
         inside it), or the runtime fell back to Keras (then training through the backbone is
         as fast and exact)."""
-        from finetune.inference import GuardedForward
+        from finetune.inference import GuardedForward, requested_runtime
 
         extractor, head = split_at_pool(self.model)
         if has_random_layers(extractor):
@@ -549,7 +549,8 @@ class _Features:
         d = self.data
         fast = fold_batchnorm(extractor, frozen_only=False, snapshot=True)
         cache = usable_conversion_file(extractor, runtime)
-        forward = GuardedForward(extractor, fast, runtime, cache)
+        quiet = requested_runtime(d.runtime) == "auto"  # it chose bfloat16 itself
+        forward = GuardedForward(extractor, fast, runtime, cache, quiet=quiet, features=True)
         forward(np.asarray(d.train_images[: d.batch_size], np.float32))  # the check, here
         if forward.runtime == "keras":
             return None

@@ -65,6 +65,9 @@ RECIPES = (
     "default",
     "auto",
 )
+# Run only when named in --recipes: the head alone on augmented images (--head-augment), the
+# phase whose features "auto" streams from OpenVINO (bfloat16 on a CPU with it).
+EXTRA_RECIPES = ("linear_probe_augmented",)
 # Epoch budget per training-set size: about 150 steps at 10 per class, 400 at 100 per class,
 # 3,750 (two epochs: one per phase for the two-phase recipes) on the full training set.
 EPOCHS = {"10": 40, "100": 12, "full": 2}
@@ -149,6 +152,9 @@ def recipe_config(name: str, epochs: int, seed: int, image_size: int, labels: np
         ),
         "linear_probe": lambda: RecipeConfig(
             head_epochs=epochs, finetune_epochs=0, head_lr=1e-3, **constant
+        ),
+        "linear_probe_augmented": lambda: RecipeConfig(
+            head_epochs=epochs, finetune_epochs=0, head_lr=1e-3, head_augment=True, **constant
         ),
         "seed_docs": lambda: RecipeConfig(
             head_epochs=0, finetune_epochs=epochs, finetune_lr=1e-3,
@@ -238,6 +244,10 @@ def run_one(
         "macro_f1": float(f1_score(test[1], predicted, average="macro")),
         "train_seconds": train_seconds,
         "epochs_run": len(run.history),
+        # Which runtime computed the features a phase trained on, where it had any.
+        "features_runtime": sorted(
+            {r["features_runtime"] for r in run.history if r.get("features_runtime")}
+        ),
         "config": config.to_dict()["recipe"],
         **scored,
     }
@@ -252,7 +262,7 @@ def summary(results: list[dict]) -> str:
     ]
     sizes = [s for s in ("10", "100", "full") if any(r["size"] == s for r in results)]
     for size in sizes:
-        for name in RECIPES:
+        for name in RECIPES + EXTRA_RECIPES:
             rows = [r for r in results if r["size"] == size and r["recipe"] == name]
             if not rows:
                 continue

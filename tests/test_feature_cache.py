@@ -133,8 +133,8 @@ def test_features_above_the_memory_limit_go_to_disk_with_the_same_result(digits,
 @pytest.mark.slow
 @pytest.mark.parametrize("runtime", ["openvino", "onnxruntime"])
 def test_features_computed_by_a_float32_runtime_train_the_same_head(digits, runtime):
-    """The cache fill in OpenVINO (what "auto" picks for many images) or ONNX Runtime, float32,
-    is the same head."""
+    """The cache fill in float32 OpenVINO (what "auto" picks for many images on a CPU without
+    bfloat16) or ONNX Runtime is the same head."""
     with_keras, keras_records = head_phase_run(digits, feature_cache=True, runtime="keras")
     with_onnx, onnx_records = head_phase_run(digits, feature_cache=True, runtime=runtime)
 
@@ -242,15 +242,22 @@ def weights_by_group(model) -> dict[str, list[np.ndarray]]:
     return grouped
 
 
-def test_a_partial_phase_trains_the_same_top_groups_on_cached_activations(digits):
+def test_a_partial_phase_trains_the_same_top_groups_on_cached_activations(digits, monkeypatch):
     """No augmentation, top 3 groups unfrozen: the groups below run once, the top groups and
-    the head train on their stored output exactly as through the whole network."""
+    the head train on their stored output exactly as through the whole network; in float32
+    even where "auto" would compute a head's features in bfloat16."""
+    import finetune.inference as inference
+
+    monkeypatch.delenv(inference.ENV_VAR, raising=False)
+    monkeypatch.setattr(inference, "cpu_has_bfloat16", lambda: True)
+    monkeypatch.setattr(inference, "AUTO_BF16_MIN_IMAGES", 1)
     through, slow_records = partial_phase_run(digits, feature_cache=False)
     cached, fast_records = partial_phase_run(digits, feature_cache=True)
 
     assert [r["features_cached"] for r in slow_records] == [False] * 3
     assert [r["features_cached"] for r in fast_records] == [True] * 3
     assert [r["features_layer"] for r in fast_records] == ["block5c_add"] * 3
+    assert [r["features_runtime"] for r in fast_records] == ["keras"] * 3
     seed_everything(5)
     initial = weights_by_group(build_classifier(SPEC, 4, image_size=SIZE, head=ModelConfig()))
     slow, fast = weights_by_group(through), weights_by_group(cached)

@@ -25,6 +25,7 @@ from finetune.inference import (
     GuardedForward,
     OnnxForward,
     OpenVinoForward,
+    bfloat16_difference,
     conversion_file,
     cpu_has_bfloat16,
     guarded_forward,
@@ -211,6 +212,25 @@ def test_outputs_that_disagree_with_keras_fall_back_to_keras_with_a_warning(tmp_
     assert not cache.exists()  # a conversion that failed the check is not kept
 
 
+def test_the_bfloat16_measures_of_outputs_and_of_features():
+    reference = np.ones((5, 100), np.float32)  # 5 images, 100 features of 1 (length 10)
+    out = reference.copy()
+    out[:, 7] += 0.5  # one feature of each image moves by half
+    # Logits: the largest difference, relative to the largest output (at least 1).
+    assert bfloat16_difference(out, reference) == pytest.approx(0.5)
+    # Features: the difference's length relative to the features' (0.5 / 10).
+    assert bfloat16_difference(out, reference, features=True) == pytest.approx(0.05)
+    assert BF16_TOLERANCE < 0.5 and BF16_FEATURE_TOLERANCE > 0.05  # refused as logits only
+    # The median image decides: two images far off do not, three do.
+    out[:2] = -reference[:2]
+    assert bfloat16_difference(out, reference, features=True) == pytest.approx(0.05)
+    out[:3] = -reference[:3]
+    assert bfloat16_difference(out, reference, features=True) == pytest.approx(2.0)
+    # Any output shape: one row per image.
+    cube = reference.reshape(5, 10, 10)
+    assert bfloat16_difference(cube * 1.1, cube, features=True) == pytest.approx(0.1)
+
+
 @pytest.mark.slow
 def test_bfloat16_features_are_held_to_their_length_not_their_largest_value(tmp_path):
     """A pretrained backbone's features move by about 10% of their largest value in bfloat16
@@ -295,6 +315,8 @@ def test_a_verified_conversion_is_kept_and_reused(tmp_path, monkeypatch, runtime
     assert conversion_file(classifier(1), runtime) != cache
     other = "openvino" if runtime == "openvino-bf16" else "openvino-bf16"
     assert conversion_file(model, other) != cache
+    # One checked as features to train on (a looser bound in bfloat16) is another file too.
+    assert conversion_file(model, runtime, features=True) != cache
 
     # A damaged file is converted again and replaced.
     cache.write_bytes(b"not a converted model")
@@ -476,8 +498,8 @@ def test_openvino_is_imported_with_its_usage_data_sender_off(how):
 
 @pytest.mark.slow
 def test_the_temperature_is_fitted_on_float32_logits(tmp_path, monkeypatch):
-    # "auto" would pick bfloat16 for these many images on a CPU with it; the calibration's
-    # logits, something fitted on, stay float32 (Keras, below the float32 threshold).
+    # "auto" would pick bfloat16 for these many images on a CPU with it; the logits a
+    # temperature is fitted on stay float32 (Keras, below the float32 threshold).
     from pathlib import Path
 
     from finetune.data.pipeline import PreparedData

@@ -179,7 +179,8 @@ def train(
         bool | None,
         typer.Option(
             "--head-augment/--no-head-augment",
-            help="Augment phase 1 too (through the frozen backbone; default: cached features).",
+            help="Augment phase 1 too (through the frozen backbone, or streamed from OpenVINO "
+            "from 2,000 image-epochs; default: cached features).",
         ),
     ] = None,
     recipe: Annotated[

@@ -17,8 +17,9 @@ So the runtime is chosen per call:
 - `"auto"` (the default): Keras below `AUTO_BF16_MIN_IMAGES` images (counting each test-time
   augmentation view, and for training the images times the epochs); from there, on a CPU with
   bfloat16, OpenVINO in bfloat16, for predictions and for the features a head trains on (the
-  feature-cache fill, a streamed `--head-augment` phase); otherwise Keras below
-  `AUTO_MIN_IMAGES` and OpenVINO in float32 from there. Logits to fit a temperature on stay
+  head's feature-cache fill, a streamed `--head-augment` phase); otherwise Keras below
+  `AUTO_MIN_IMAGES` and OpenVINO in float32 from there. Logits to fit a temperature on, and
+  the cached input of the top layer groups (whose accuracy in bfloat16 is not measured), stay
   float32 (`float32=True`).
 
 The choice can be given per call (`runtime=`, `--runtime` on the command line) or for the
@@ -34,7 +35,7 @@ bfloat16 default. Some models move far more (13% for one trained with BatchNorm 
 mode, 5.8% of the classes changed): where the median image moves by more than
 `BF16_TOLERANCE`, OpenVINO computes in float32 instead. A pretrained backbone's features move
 by 5-6% in bfloat16 (relative to their length, the median image); heads trained on them scored
--0.03 to +0.17 points against float32 features on average over 3 seeds, for three recipes
+-0.03 to +0.17 points against float32 features on average over 3 seeds, for four recipes
 (cached and streamed features; benchmarks/RESULTS.md, eleventh slice). Features are held to
 `BF16_FEATURE_TOLERANCE` of that measure. A conversion that fails, or float32 outputs that
 differ by more than rounding (`TOLERANCE`), mean Keras computes everything, and a warning says
@@ -78,9 +79,9 @@ RUNTIMES = ("auto", "keras", "openvino", "openvino-bf16", "onnxruntime")
 CONVERTED = ("openvino", "openvino-bf16", "onnxruntime")
 ENV_VAR = "FINETUNE_RUNTIME"
 # Where converting pays, measured end to end on a 2-core Xeon (EfficientNet-Lite0, against
-# Keras with the weights compiled in; benchmarks/RESULTS.md, tenth slice). "auto" converts to
-# OpenVINO in float32 from AUTO_MIN_IMAGES images on, and, for predictions on a CPU with
-# bfloat16, in bfloat16 from AUTO_BF16_MIN_IMAGES on.
+# Keras with the weights compiled in; benchmarks/RESULTS.md, tenth and eleventh slices). "auto"
+# converts to OpenVINO in float32 from AUTO_MIN_IMAGES images on, and, on a CPU with bfloat16,
+# in bfloat16 from AUTO_BF16_MIN_IMAGES on (predictions, and the features a head trains on).
 AUTO_MIN_IMAGES = 15000
 AUTO_BF16_MIN_IMAGES = 2000
 # Largest allowed difference from Keras on the first batch, relative to the outputs' largest
@@ -181,10 +182,13 @@ def _version(package: str) -> str:
         return "none"
 
 
-def conversion_file(model: keras.Model, runtime: str = "onnxruntime") -> Path:
+def conversion_file(
+    model: keras.Model, runtime: str = "onnxruntime", *, features: bool = False
+) -> Path:
     """Where a verified conversion of `model` for `runtime` is kept (it may not exist yet):
     an ONNX file for "onnxruntime", a compiled OpenVINO model for "openvino" and
-    "openvino-bf16"."""
+    "openvino-bf16"; `features`: checked as features to train on (see `GuardedForward`),
+    another file than one checked as outputs."""
     from finetune.cache import cache_dir
 
     if runtime == "onnxruntime":
@@ -196,6 +200,8 @@ def conversion_file(model: keras.Model, runtime: str = "onnxruntime") -> Path:
         # one conversion for each kind.
         bf16 = "bf16 cpu" if cpu_has_bfloat16() else "no bf16 cpu"
         folder, suffix, tag = "openvino", ".blob", f"{runtime} {_intra_op_threads()} threads {bf16}"
+    if features:  # what passed the looser check for features is never loaded for logits
+        tag += " checked as features"
     versions = "|".join(f"{p} {_version(p)}" for p in packages)
     key = hashlib.sha256(f"{model_digest(model)}|{versions}|{tag}".encode()).hexdigest()
     return cache_dir(folder) / f"{key[:40]}{suffix}"
@@ -559,21 +565,13 @@ class GuardedForward:
         if not out.size:
             return ""
         if self.runtime == "openvino-bf16":
-            rows = out.reshape(len(out), -1), reference.reshape(len(reference), -1)
-            if self.features:  # lengths: every feature counts, as for the head that learns
-                size = np.linalg.norm(rows[1], axis=1)
-                difference = np.linalg.norm(rows[0] - rows[1], axis=1)
-                allowed, what = BF16_FEATURE_TOLERANCE, "features differ from Keras' by"
-            else:  # the largest logit difference: what changes a predicted class
-                size = np.max(np.abs(rows[1]), axis=1)
-                difference = np.max(np.abs(rows[0] - rows[1]), axis=1)
-                allowed, what = BF16_TOLERANCE, "outputs differ from Keras' by"
-            floor = 1e-6 if self.features else 1.0
-            relative = float(np.median(difference / np.maximum(floor, size)))
+            relative = bfloat16_difference(out, reference, features=self.features)
+            allowed = BF16_FEATURE_TOLERANCE if self.features else BF16_TOLERANCE
             if not relative <= allowed:
+                what = "features" if self.features else "outputs"
                 return (
-                    f"{what} {relative:.1%} of their size (the median over the first batch; "
-                    f"allowed: {allowed:.0%})"
+                    f"{what} differ from Keras' by {relative:.1%} of their size (the median "
+                    f"over the first batch; allowed: {allowed:.0%})"
                 )
             return ""
         scale = max(1.0, float(np.max(np.abs(reference))))
@@ -604,6 +602,22 @@ class GuardedForward:
             )
             return
         prune_conversions(self.cache.parent)
+
+
+def bfloat16_difference(out: np.ndarray, reference: np.ndarray, *, features: bool = False) -> float:
+    """How far `out` is from `reference` (one row per image), as `GuardedForward` checks
+    bfloat16: the median over the images of each one's largest difference relative to its
+    largest magnitude (at least 1), what changes a predicted class; or, for `features`, of the
+    length of each one's difference relative to the length of its reference, where every
+    feature counts, as for the head that learns from them."""
+    rows = out.reshape(len(out), -1), reference.reshape(len(reference), -1)
+    if features:
+        size = np.maximum(1e-6, np.linalg.norm(rows[1], axis=1))
+        difference = np.linalg.norm(rows[0] - rows[1], axis=1)
+    else:
+        size = np.maximum(1.0, np.max(np.abs(rows[1]), axis=1))
+        difference = np.max(np.abs(rows[0] - rows[1]), axis=1)
+    return float(np.median(difference / size))
 
 
 def _touch(path: Path) -> None:
@@ -714,15 +728,17 @@ def guarded_forward(
     chosen = resolve_runtime(runtime, num_images, float32=float32)
     if chosen == "keras":
         return keras_forward(_made(fast))
-    cache = usable_conversion_file(model, chosen)
+    cache = usable_conversion_file(model, chosen, features=features)
     quiet = requested_runtime(runtime) == "auto"  # it chose bfloat16 itself
     return GuardedForward(model, fast, chosen, cache, spin=spin, quiet=quiet, features=features)
 
 
-def usable_conversion_file(model: keras.Model, runtime: str = "onnxruntime") -> Path | None:
+def usable_conversion_file(
+    model: keras.Model, runtime: str = "onnxruntime", *, features: bool = False
+) -> Path | None:
     """`conversion_file(model, runtime)`, or None without a usable cache folder (read-only, no
     home): then nothing is kept and every call converts."""
     try:
-        return conversion_file(model, runtime)
+        return conversion_file(model, runtime, features=features)
     except (OSError, RuntimeError):
         return None

@@ -513,7 +513,10 @@ class _Features:
             d = self.data
             fast = fold_batchnorm(extractor, frozen_only=False, snapshot=True)  # inference only
             total = len(d.train_images) + (len(d.val_images) if d.has_val else 0)
-            forward = guarded_forward(extractor, fast, d.runtime, total, features=True)
+            # bfloat16 for the head's features (as measured); the top groups' input in float32.
+            forward = guarded_forward(
+                extractor, fast, d.runtime, total, features=True, float32=layer != POOL_LAYER
+            )
             train = self.store.compute(fast, d.train_images, d.batch_size, "train", forward)
 
             def train_from(first_epoch: int, train=train) -> tf.data.Dataset:
@@ -548,7 +551,7 @@ class _Features:
         self.forget()  # other features, if any, are not needed any more
         d = self.data
         fast = fold_batchnorm(extractor, frozen_only=False, snapshot=True)
-        cache = usable_conversion_file(extractor, runtime)
+        cache = usable_conversion_file(extractor, runtime, features=True)
         quiet = requested_runtime(d.runtime) == "auto"  # it chose bfloat16 itself
         forward = GuardedForward(extractor, fast, runtime, cache, quiet=quiet, features=True)
         forward(np.asarray(d.train_images[: d.batch_size], np.float32))  # the check, here

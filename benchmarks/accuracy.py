@@ -302,7 +302,10 @@ def main(argv: list[str] | None = None) -> None:
     )
     if not args.summary_only:
         import finetune.recipes.auto  # noqa: F401  (loaded now: later edits cannot mix in)
+        from finetune.inference import requested_runtime
 
+        # Checked (a typo stops it before any training) and parsed once.
+        score_runtimes = [requested_runtime(r) for r in args.score_runtimes.split(",") if r]
         folder = find_data()
         train = load_split(folder, "train", args.image_size, args.out / "cache")
         test = load_split(folder, "test", args.image_size, args.out / "cache")
@@ -321,7 +324,7 @@ def main(argv: list[str] | None = None) -> None:
                     print(f"[{time.strftime('%H:%M:%S')}] {name}, {size}, seed {seed}", flush=True)
                     result = run_one(
                         name, size, seed, train[0][rows], train[1][rows], test, args.image_size,
-                        runtimes=[r for r in args.score_runtimes.split(",") if r],
+                        runtimes=score_runtimes,
                     )  # fmt: skip
                     print(
                         f"    accuracy {100 * result['accuracy']:.1f}%  macro-F1 "

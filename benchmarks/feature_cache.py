@@ -5,7 +5,7 @@ images twice per round, once through the frozen backbone (`feature_cache = false
 features computed once (`feature_cache = true`), alternating the order between rounds, and
 prints the median wall time of each and their ratio. The times are whole `fit_run` calls, so
 both include building the model (a few seconds). The cache is filled by the runtime "auto"
-picks (bfloat16 OpenVINO for these 2,250 training and validation images on a CPU with it;
+picks (bfloat16 OpenVINO for these 2,500 training and validation images on a CPU with it;
 `FINETUNE_RUNTIME=keras` for the fill in Keras). The images are the bundled
 Fashion-MNIST sample (2,500 images, 10 classes) at --image-size.
 
@@ -49,7 +49,8 @@ def timed_rounds(data, rounds: int, variants: dict) -> tuple[dict, dict]:
             run = fit_run(data, config, None, progress=False)
             times[name].append(time.perf_counter() - start)
             accuracy[name] = run.history[-1]["val_accuracy"]
-            how = {k: run.history[-1].get(k) for k in ("features_cached", "features_streamed")}
+            keys = ("features_cached", "features_streamed", "features_runtime")
+            how = {k: run.history[-1].get(k) for k in keys}
             print(f"  round {round_ + 1}, {name} {how}: {times[name][-1]:.1f} s", flush=True)
     return times, accuracy
 
@@ -96,15 +97,10 @@ def main(argv: list[str] | None = None) -> None:
             base, recipe=dataclasses.replace(base.recipe, feature_cache=cached)
         )
 
-    from finetune.cache import cache_dir
-
-    weights = cache_dir("weights")  # the converted backbone weights, shared by every folder
-    scratch = tempfile.TemporaryDirectory(prefix="finetune-bench-")
-
-    def in_runtime(runtime: str):
+    def in_runtime(runtime: str, cold: bool = False):
         def setup():
             os.environ["FINETUNE_RUNTIME"] = runtime
-            if args.cold:  # an empty conversion cache, the weights linked in
+            if cold:  # an empty conversion cache, the weights linked in
                 folder = Path(tempfile.mkdtemp(dir=scratch.name))
                 (folder / "weights").symlink_to(weights, target_is_directory=True)
                 os.environ["FINETUNE_CACHE_DIR"] = str(folder)
@@ -113,9 +109,17 @@ def main(argv: list[str] | None = None) -> None:
         return setup
 
     if args.augmented:
+        if args.cold:
+            from finetune.cache import cache_dir
+
+            weights = cache_dir("weights")  # the converted backbone weights, shared
+            scratch = tempfile.TemporaryDirectory(prefix="finetune-bench-")
         slow_name = "Keras, through the frozen backbone"
-        fast_names = [f"{r}, streamed" for r in args.runtimes.split(",") if r]
-        variants = {name: in_runtime(name.split(",")[0]) for name in fast_names}
+        runtimes = [r for r in args.runtimes.split(",") if r]
+        fast_names = [f"{r}, streamed" for r in runtimes]
+        variants = {
+            name: in_runtime(r, args.cold) for name, r in zip(fast_names, runtimes, strict=True)
+        }
         variants[slow_name] = in_runtime("keras")
         out_file = "feature_stream.json"
     else:

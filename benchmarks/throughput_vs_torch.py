@@ -34,8 +34,8 @@ own BatchNorm instead, as before the seventh slice in RESULTS.md, with the eight
 depthwise filter gradient), `partial` (the top
 `--partial-groups` layer groups and the head train, BatchNorm frozen; for `finetune`, also
 `cached`: the top's step on the frozen groups' output computed once, with `cache_fill`, what
-an unaugmented partial phase runs (and `cache_fill_bf16`, the fill in bfloat16 OpenVINO, what
-"auto" runs from `AUTO_BF16_MIN_IMAGES` images on a CPU with it), and `streamed`: the
+an unaugmented partial phase runs (and `cache_fill_bf16`, the fill in bfloat16 OpenVINO:
+measured, not used, "auto" fills the top groups' input in float32), and `streamed`: the
 frozen groups in ONNX Runtime then the top's step, measured and not used: RESULTS.md, fifth
 slice), `head` (frozen backbone,
 the step through it; for `finetune`, also `streamed` and `streamed_bf16`: the frozen backbone
@@ -187,7 +187,7 @@ def finetune_child(args: argparse.Namespace, bf16: bool, fold: bool = True) -> d
                 row["cache_fill"] = time_calls(
                     lambda f=below: f.predict_on_batch(x), args.warmup, args.steps
                 )
-                # The fill from AUTO_BF16_MIN_IMAGES images on a CPU with bfloat16.
+                # The fill in bfloat16 (measured, not used: "auto" fills it in float32).
                 fill = OpenVinoForward(lower, bfloat16=True)
                 row["cache_fill_bf16"] = time_calls(lambda f=fill: f(x), args.warmup, args.steps)
                 row["cache_fill_bf16"]["runtime"] = fill.runtime
@@ -516,16 +516,18 @@ def markdown(report: dict) -> str:
                          f"| {fmt(c.get('ratio_cached_5'), 2)} |")  # fmt: skip
         if c.get("finetune_cached_5_bf16"):
             lines.append(f"| {c['size']} | partial, unaugmented, the fill in "
-                         f"{c['cache_fill_bf16_runtime']} (5 epochs + fill) "
+                         f"{c['cache_fill_bf16_runtime']} (5 epochs + fill; measured, not used) "
                          f"| ({fmt(c['finetune_cached_5_bf16'])}) | | | | | | {best} "
                          f"| {fmt(c.get('ratio_cached_5_bf16'), 2)} |")  # fmt: skip
         for key in ("streamed", "streamed_bf16"):
             if not c.get(f"finetune_{key}"):
                 continue
-            what = (f"head, streamed: {c[f'{key}_runtime']} features + head step "
-                    "(--head-augment" if c["mode"] == "head" else "partial: onnxruntime below "
-                    "the cut + top step (measured, not used; would be augmented")  # fmt: skip
-            lines.append(f"| {c['size']} | {what}, where auto converts) "
+            what = (
+                f"head, streamed: {c[f'{key}_runtime']} features + head step (--head-augment, "
+                "where auto converts)" if c["mode"] == "head"
+                else "partial: onnxruntime below the cut + top step (measured, not used)"
+            )  # fmt: skip
+            lines.append(f"| {c['size']} | {what} "
                          f"| {fmt(c[f'finetune_{key}'])} | | | | | | {best} "
                          f"| {fmt(c.get(f'ratio_{key}'), 2)} |")  # fmt: skip
         if c.get("finetune_live"):

@@ -184,7 +184,8 @@ def test_the_runtime_option_of_evaluate_and_predict(trained, tmp_path):
     with_openvino = json.loads(invoke("evaluate", out, "--json", "--runtime", "OpenVINO"))
     assert with_openvino["runtime"] == "openvino"
     assert with_openvino["loss"] == pytest.approx(with_keras["loss"], abs=1e-5)
-    # The default for a few images is Keras ("auto" switches at 2,000), even now that this
+    # The default for a few images is Keras ("auto" converts from 2,000 on a CPU with
+    # bfloat16, from 15,000 on others), even now that this
     # model's conversion is cached: what ran before does not change the numbers.
     assert json.loads(invoke("evaluate", out, "--json"))["runtime"] == "keras"
 

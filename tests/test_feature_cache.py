@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 import keras
 import numpy as np
 import pytest
@@ -208,8 +210,12 @@ def test_auto_trains_the_head_on_bfloat16_features_where_the_cpu_has_it(
         assert np.linalg.norm(b - a) < 0.2 * np.linalg.norm(a)
     for e, f in zip(exact_records, auto_records, strict=True):
         assert f["val_loss"] == pytest.approx(e["val_loss"], rel=0.03)  # measured: <1%
-    # The same run again (its conversion now loaded from the cache): the same head, exactly.
+    # The same run again, its conversion loaded from the cache: the same head, exactly.
+    (kept,) = (tmp_path / "openvino").glob("*.blob")
+    os.utime(kept, (1e9, 1e9))
     again, _ = head_phase_run(digits, feature_cache=True, augment=augment)
+    assert kept.stat().st_mtime > 1e9  # loaded (used), not converted again
+    assert list((tmp_path / "openvino").glob("*.blob")) == [kept]
     for a, b in zip(head_weights(auto), head_weights(again), strict=True):
         np.testing.assert_array_equal(a, b)
 

@@ -196,10 +196,11 @@ def conversion_file(
         folder, suffix, tag = "onnx", ".onnx", "v1"
     else:
         packages = ("keras-finetune", "keras", "tensorflow-cpu", "openvino")
+        folder, suffix, tag = "openvino", ".blob", f"{runtime} {_intra_op_threads()} threads"
         # What "openvino-bf16" gives depends on the CPU: a cache shared by two machines keeps
-        # one conversion for each kind.
-        bf16 = "bf16 cpu" if cpu_has_bfloat16() else "no bf16 cpu"
-        folder, suffix, tag = "openvino", ".blob", f"{runtime} {_intra_op_threads()} threads {bf16}"
+        # one conversion for each kind (float32 is the same on both).
+        if runtime == "openvino-bf16":
+            tag += " bf16 cpu" if cpu_has_bfloat16() else " no bf16 cpu"
     if features:  # what passed the looser check for features is never loaded for logits
         tag += " checked as features"
     versions = "|".join(f"{p} {_version(p)}" for p in packages)

@@ -43,7 +43,7 @@ from finetune.data.pipeline import (
 )
 from finetune.errors import NonFiniteLossError
 from finetune.fold import fold_batchnorm
-from finetune.inference import guarded_forward, usable_conversion_file
+from finetune.inference import guarded_forward
 from finetune.model import freeze_backbone, unfreeze_top_groups
 from finetune.recipes.averaging import WeightAveraging
 from finetune.recipes.discriminative import group_lr_multipliers
@@ -216,19 +216,17 @@ class PhaseData:
         epoch and its output can be computed once (where the backbone can be cut: `fit_phases`)."""
         return self.feature_cache and not self.augments(phase)
 
-    def stream_runtime(self, phase: Phase) -> str | None:
-        """The runtime that may compute the backbone's features while the head trains in
-        `phase` (frozen backbone, augmented): the one chosen for its forward passes (`runtime`,
-        and the training images times the epochs; see `finetune.inference`), or None when
-        that is Keras (training through the backbone is then as fast) or the phase cannot
-        stream."""
+    def stream_images(self, phase: Phase) -> int:
+        """How many forward passes of the backbone (the training images times the epochs) a
+        converted model may compute while the head trains in `phase` (frozen backbone,
+        augmented); 0 when the phase cannot stream or Keras is chosen for them (`runtime`; see
+        `finetune.inference`: training through the backbone is then as fast)."""
         from finetune.inference import resolve_runtime
 
         if not (self.feature_cache and phase.unfreeze_groups is None and self.augments(phase)):
-            return None
+            return 0
         images = len(self.train_images) * phase.epochs
-        chosen = resolve_runtime(self.runtime, images)
-        return None if chosen == "keras" else chosen
+        return 0 if resolve_runtime(self.runtime, images) == "keras" else images
 
 
 def two_phase_plan(recipe: RecipeConfig, num_groups: int | None = None) -> list[Phase]:
@@ -537,25 +535,21 @@ class _Features:
         val = self.store.compute(fast, d.val_images, d.batch_size, "val", forward)
         return feature_dataset(val, d.val_labels, d.num_classes, batch_size=d.batch_size)
 
-    def streamed(self, augment: bool, runtime: str):
-        """The head, augmented training batches turned into features by `runtime` (one of
-        `finetune.inference.CONVERTED`) on the fly, and the validation features (computed
-        once); None when it cannot be done: the backbone is random while training (dropout
-        inside it), or the runtime fell back to Keras (then training through the backbone is
-        as fast and exact)."""
-        from finetune.inference import GuardedForward, requested_runtime
-
+    def streamed(self, augment: bool, images: int):
+        """The head, augmented training batches turned into features on the fly by the
+        converted model chosen for `images` forward passes (`PhaseData.stream_images`), and the
+        validation features (computed once); None when it cannot be done: the backbone is
+        random while training (dropout inside it), or the runtime fell back to Keras (then
+        training through the backbone is as fast and exact)."""
         extractor, head = split_at_pool(self.model)
         if has_random_layers(extractor):
             return None
         self.forget()  # other features, if any, are not needed any more
         d = self.data
         fast = fold_batchnorm(extractor, frozen_only=False, snapshot=True)
-        cache = usable_conversion_file(extractor, runtime, features=True)
-        quiet = requested_runtime(d.runtime) == "auto"  # it chose bfloat16 itself
-        forward = GuardedForward(extractor, fast, runtime, cache, quiet=quiet, features=True)
+        forward = guarded_forward(extractor, fast, d.runtime, images, features=True)
         forward(np.asarray(d.train_images[: d.batch_size], np.float32))  # the check, here
-        if forward.runtime == "keras":
+        if getattr(forward, "runtime", "keras") == "keras":
             return None
         width = int(np.prod(extractor.output.shape[1:]))
 
@@ -676,8 +670,8 @@ def fit_phases(
             split = streamed = None
             if cut is not None and data.uses_feature_cache(phase):
                 split = features.head_and_datasets(cut)
-            elif (stream_runtime := data.stream_runtime(phase)) is not None:
-                streamed = features.streamed(phase.augment, stream_runtime)
+            elif stream_images := data.stream_images(phase):
+                streamed = features.streamed(phase.augment, stream_images)
             cached = split is not None
             if split is not None:
                 fit_model, train_from, val_ds = split

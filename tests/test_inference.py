@@ -3,17 +3,18 @@ guard."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import warnings
 
 import keras
 import numpy as np
 import pytest
-from PIL import Image
 
 import finetune.inference as inference
 from finetune.backbones.registry import get_backbone
 from finetune.config import Config
+from finetune.data.decode import decode_images
 from finetune.errors import ConfigError, FinetuneError
 from finetune.fold import fold_batchnorm
 from finetune.inference import (
@@ -57,12 +58,21 @@ def classifier(seed: int) -> keras.Model:
     return model
 
 
+@contextlib.contextmanager
+def runtime_warnings():
+    """Collects the messages of the RuntimeWarnings raised inside the block, every one."""
+    said: list[str] = []
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        yield said
+    said.extend(str(w.message) for w in caught if issubclass(w.category, RuntimeWarning))
+
+
 def fashion_images(n: int, size: int) -> np.ndarray:
     """`n` bundled Fashion-MNIST images (real pictures, every class), RGB at `size` px."""
     files = sorted(FASHION.glob("*/*.png"))
-    chosen = files[:: max(1, len(files) // n)][:n]
-    pictures = [Image.open(f).convert("RGB").resize((size, size), Image.BILINEAR) for f in chosen]
-    return np.stack([np.asarray(p, np.float32) for p in pictures])
+    decoded, _, _ = decode_images(files[:: max(1, len(files) // n)][:n], size, progress=False)
+    return decoded.astype(np.float32)
 
 
 def images(n: int, seed: int = 0) -> np.ndarray:
@@ -148,11 +158,9 @@ def test_bfloat16_too_far_from_keras_computes_in_float32(tmp_path, monkeypatch, 
     fast = fold_batchnorm(model, frozen_only=False)
     x = images(16).astype(np.float32)
     n = AUTO_BF16_MIN_IMAGES if asked == "auto" else 16
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
+    with runtime_warnings() as said:
         forward = guarded_forward(model, fast, asked, n)
         out = forward(x)
-    said = [str(w.message) for w in caught if issubclass(w.category, RuntimeWarning)]
     # Float32 OpenVINO, not Keras: as precise, and still faster.
     assert forward.runtime == "openvino" and isinstance(forward, GuardedForward)
     np.testing.assert_allclose(out, fast.predict_on_batch(x), atol=1e-4)
@@ -162,10 +170,8 @@ def test_bfloat16_too_far_from_keras_computes_in_float32(tmp_path, monkeypatch, 
         assert len(said) == 1 and "bfloat16 outputs differ" in said[0] and "float32" in said[0]
     # What was kept for this request is the float32 model, loaded as such next time (with a
     # warning again when bfloat16 was asked for by name).
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
+    with runtime_warnings() as said:
         again = guarded_forward(model, fast, asked, n)
-    said = [str(w.message) for w in caught if issubclass(w.category, RuntimeWarning)]
     assert again.from_cache and again.runtime == "openvino"
     assert len(said) == (0 if asked == "auto" else 1)
     np.testing.assert_allclose(again(x), out, atol=1e-6)
@@ -202,10 +208,8 @@ def test_outputs_that_disagree_with_keras_fall_back_to_keras_with_a_warning(tmp_
     computes = "openvino" if runtime == "openvino-bf16" and not cpu_has_bfloat16() else runtime
     assert forward.runtime == computes  # "openvino" for bfloat16: a CPU without it
     x = images(24).astype(np.float32)
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
+    with runtime_warnings() as said:
         out = predict_batches(forward, x, batch_size=8)
-    said = [str(w.message) for w in caught if issubclass(w.category, RuntimeWarning)]
     if runtime == "openvino-bf16" and cpu_has_bfloat16():
         assert len(said) == 2 and "bfloat16 outputs differ" in said[0]
     assert "differ from Keras' by up to" in said[-1] and "running it with Keras" in said[-1]
@@ -260,11 +264,9 @@ def test_bfloat16_features_are_held_to_their_length_not_their_largest_value():
 
     keras.utils.set_random_seed(1)
     scratch, _ = split_at_pool(build_classifier(SPEC, 3, image_size=64, weights=None))
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
+    with runtime_warnings() as said:
         wrong = GuardedForward(scratch, fast, "openvino-bf16", features=True)
         np.testing.assert_allclose(wrong(x), reference, atol=1e-5)  # Keras' answer
-    said = [str(w.message) for w in caught if issubclass(w.category, RuntimeWarning)]
     assert len(said) == 2 and "bfloat16 features differ from Keras'" in said[0]
     assert wrong.runtime == "keras"  # and float32 did not agree either
 

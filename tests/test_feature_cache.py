@@ -286,7 +286,9 @@ def test_cached_top_groups_with_trained_batchnorm_and_averaging_end_as_through_t
 ):
     """BatchNorm training in the top groups, the last 2 epochs averaged: the statistics are
     recomputed for the average from the cached features, as through the network from images."""
-    through, _ = partial_phase_run(digits, feature_cache=False, train_batchnorm=True, average=2)
+    through, slow_records = partial_phase_run(
+        digits, feature_cache=False, train_batchnorm=True, average=2
+    )
     cached, records = partial_phase_run(digits, feature_cache=True, train_batchnorm=True, average=2)
     assert [r["features_cached"] for r in records] == [True] * 3
     top_bn = [
@@ -295,6 +297,9 @@ def test_cached_top_groups_with_trained_batchnorm_and_averaging_end_as_through_t
         if isinstance(layer, keras.layers.BatchNormalization) and layer.trainable
     ]
     assert top_bn  # BatchNorm layers of the top groups trained, and were recomputed
+    # Found inside the folded training view that fit (`FusedTrainingBatchNorm` holds them).
+    assert slow_records[-1]["batchnorm_recomputed"] == len(top_bn)
+    assert records[-1]["batchnorm_recomputed"] == len(top_bn)
     slow, fast = weights_by_group(through), weights_by_group(cached)
     for group in slow:
         for a, b in zip(slow[group], fast[group], strict=True):

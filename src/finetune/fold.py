@@ -227,6 +227,13 @@ class _LayerView(keras.layers.Layer):
     """A layer that computes with layers of another model (held, not copied). Made by
     `fold_batchnorm`; never saved: the original model is."""
 
+    @property
+    def layers(self) -> list[keras.layers.Layer]:
+        """The layers it computes with, as a model lists its own (`finetune.model.sublayers`
+        finds them through it: e.g. the BatchNorm layers whose statistics averaging recomputes
+        on a training view)."""
+        return list(self._layers)
+
     def get_config(self):
         raise NotImplementedError(
             f"{type(self).__name__} is a fast view of another model's layers for training and "

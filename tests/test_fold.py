@@ -38,10 +38,14 @@ def _randomise_batchnorm(model: keras.Model, seed: int = 0) -> None:
 
 
 def _all_layers(model) -> list:
+    """The layers `model` runs, nested models' too; not those a view holds and runs itself."""
+    from finetune.fold import _LayerView
+
     found = []
     for layer in getattr(model, "layers", []):
         found.append(layer)
-        found.extend(_all_layers(layer))
+        if not isinstance(layer, _LayerView):
+            found.extend(_all_layers(layer))
     return found
 
 

@@ -66,8 +66,11 @@ RECIPES = (
     "auto",
 )
 # Run only when named in --recipes: the head alone on augmented images (--head-augment), the
-# phase whose features "auto" streams from OpenVINO (bfloat16 on a CPU with it).
-EXTRA_RECIPES = ("linear_probe_augmented",)
+# phase whose features "auto" streams from OpenVINO (bfloat16 on a CPU with it); and the
+# default with only the top 3 layer groups unfrozen in phase 2 (`--unfreeze-groups 3`), whose
+# augmented phase 2 "auto" may train on the frozen groups' output streamed from bfloat16
+# OpenVINO.
+EXTRA_RECIPES = ("linear_probe_augmented", "partial")
 # Epoch budget per training-set size: about 150 steps at 10 per class, 400 at 100 per class,
 # 3,750 (two epochs: one per phase for the two-phase recipes) on the full training set.
 EPOCHS = {"10": 40, "100": 12, "full": 2}
@@ -172,6 +175,7 @@ def recipe_config(name: str, epochs: int, seed: int, image_size: int, labels: np
             optimizer="adamw", weight_decay=0.01,
         ),
         "default": lambda: default,
+        "partial": lambda: dataclasses.replace(default, unfreeze_groups=3),
     }  # fmt: skip
     if name == "auto":
         from finetune.backbones.registry import get_backbone
@@ -247,6 +251,10 @@ def run_one(
         # Which runtime computed the features a phase trained on, where it had any.
         "features_runtime": sorted(
             {r["features_runtime"] for r in run.history if r.get("features_runtime")}
+        ),
+        # The phases that took them from a converted model batch by batch (augmented).
+        "features_streamed": sorted(
+            {r["phase"] for r in run.history if r.get("features_streamed")}
         ),
         "config": config.to_dict()["recipe"],
         **scored,

@@ -13,11 +13,13 @@ With `--augmented`: the head phase augmented (`--head-augment`), where nothing c
 through the frozen backbone in Keras against the backbone's features streamed from each of
 `--runtimes` as the augmentation makes each batch (`FINETUNE_RUNTIME=keras` / `openvino-bf16`
 ...; the conversion is kept in the user cache after the first round, as for a user's second
-run, unless `--cold`: then every round converts, in a cache folder of its own).
+run, unless `--cold`: then every round converts, in a cache folder of its own). With
+`--unfreeze-groups N` as well: instead of the head phase, an augmented phase 2 with the top N
+layer groups training (and no phase 1), the groups below the cut streamed.
 
 Usage:
     .venv/bin/python benchmarks/feature_cache.py [--image-size 64] [--epochs 5] [--rounds 3]
-        [--augmented [--runtimes openvino,openvino-bf16] [--cold]]
+        [--augmented [--runtimes openvino,openvino-bf16] [--cold] [--unfreeze-groups 3]]
 """
 
 from __future__ import annotations
@@ -74,7 +76,15 @@ def main(argv: list[str] | None = None) -> None:
         action="store_true",
         help="with --augmented: every round converts (a new cache folder)",
     )
+    parser.add_argument(
+        "--unfreeze-groups",
+        type=int,
+        default=0,
+        help="with --augmented: an augmented phase 2 training the top N groups instead",
+    )
     args = parser.parse_args(argv)
+    if args.unfreeze_groups and not args.augmented:
+        parser.error("--unfreeze-groups goes with --augmented")
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
     from finetune.config import Config, DataConfig, RecipeConfig
@@ -85,10 +95,15 @@ def main(argv: list[str] | None = None) -> None:
         recipe=RecipeConfig(
             head_epochs=args.epochs, finetune_epochs=0, early_stopping_patience=0,
             head_augment=args.augmented,
+        ) if not args.unfreeze_groups else RecipeConfig(
+            head_epochs=0, finetune_epochs=args.epochs, early_stopping_patience=0,
+            unfreeze_groups=args.unfreeze_groups,
         ),
     )  # fmt: skip
     data = prepare_data(REPO / "examples" / "data" / "fashion_mnist", base, progress=False)
     what = "augmented head epochs" if args.augmented else "head epochs"
+    if args.unfreeze_groups:
+        what = f"augmented epochs of the top {args.unfreeze_groups} groups"
     print(f"{len(data.labels['train'])} training images at {args.image_size} px, "
           f"{args.epochs} {what}", flush=True)  # fmt: skip
 
@@ -114,14 +129,15 @@ def main(argv: list[str] | None = None) -> None:
 
             weights = cache_dir("weights")  # the converted backbone weights, shared
             scratch = tempfile.TemporaryDirectory(prefix="finetune-bench-")
-        slow_name = "Keras, through the frozen backbone"
+        frozen = "groups" if args.unfreeze_groups else "backbone"
+        slow_name = f"Keras, through the frozen {frozen}"
         runtimes = [r for r in args.runtimes.split(",") if r]
         fast_names = [f"{r}, streamed" for r in runtimes]
         variants = {
             name: in_runtime(r, args.cold) for name, r in zip(fast_names, runtimes, strict=True)
         }
         variants[slow_name] = in_runtime("keras")
-        out_file = "feature_stream.json"
+        out_file = "feature_stream_partial.json" if args.unfreeze_groups else "feature_stream.json"
     else:
         slow_name, fast_names = "through the frozen backbone", ["on cached features"]
         variants = {fast_names[0]: with_cache(True), slow_name: with_cache(False)}

@@ -35,9 +35,11 @@ depthwise filter gradient), `partial` (the top
 `--partial-groups` layer groups and the head train, BatchNorm frozen; for `finetune`, also
 `cached`: the top's step on the frozen groups' output computed once, with `cache_fill`, what
 an unaugmented partial phase runs (and `cache_fill_bf16`, the fill in bfloat16 OpenVINO:
-measured, not used, "auto" fills the top groups' input in float32), and `streamed`: the
+measured, not used, "auto" fills the top groups' input in float32), `streamed`: the
 frozen groups in ONNX Runtime then the top's step, measured and not used: RESULTS.md, fifth
-slice), `head` (frozen backbone,
+slice, and `streamed_bf16`: the frozen groups in bfloat16 OpenVINO then the top's step, what an
+augmented partial phase runs where "auto" streams: `two_phase.PhaseData.stream_images`),
+`head` (frozen backbone,
 the step through it; for `finetune`, also `streamed` and `streamed_bf16`: the frozen backbone
 in OpenVINO, float32 or bfloat16, then the head's step on its output, one after the other, what
 `--head-augment` runs from `finetune.inference.AUTO_MIN_IMAGES` image-epochs on, or from
@@ -197,12 +199,14 @@ def finetune_child(args: argparse.Namespace, bf16: bool, fold: bool = True) -> d
                 )
                 # Augmented, ONNX Runtime chosen: the frozen groups in ONNX Runtime, then the
                 # top's step (one after the other here; in training the pipeline overlaps them).
-                onnx = OnnxForward(lower)
+                # And the frozen groups in bfloat16 OpenVINO (where "auto" streams them).
+                for key, below_cut in (("streamed", OnnxForward(lower)), ("streamed_bf16", fill)):
 
-                def streamed_step(t=top, f=onnx):
-                    return t.train_on_batch(f(x).reshape(len(x), -1), y)
+                    def streamed_step(t=top, f=below_cut):
+                        return t.train_on_batch(f(x).reshape(len(x), -1), y)
 
-                row["streamed"] = time_calls(streamed_step, args.warmup, args.steps)
+                    row[key] = time_calls(streamed_step, args.warmup, args.steps)
+                    row[key]["runtime"] = below_cut.runtime
         elif mode == "head":
             freeze_backbone(model)
             fit_model = folded(model)
@@ -525,7 +529,7 @@ def markdown(report: dict) -> str:
             what = (
                 f"head, streamed: {c[f'{key}_runtime']} features + head step (--head-augment, "
                 "where auto converts)" if c["mode"] == "head"
-                else "partial: onnxruntime below the cut + top step (measured, not used)"
+                else f"partial: {c[f'{key}_runtime']} below the cut + top step (augmented)"
             )  # fmt: skip
             lines.append(f"| {c['size']} | {what} "
                          f"| {fmt(c[f'finetune_{key}'])} | | | | | | {best} "

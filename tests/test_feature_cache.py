@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from types import SimpleNamespace
 
 import keras
 import numpy as np
@@ -349,3 +350,109 @@ def test_an_augmented_partial_phase_trains_through_the_whole_network(digits):
     assert [r["features_cached"] for r in records] == [False] * 3
     assert [r.get("features_streamed") for r in records] == [None] * 3
     assert [r.get("features_layer") for r in records] == [None] * 3
+
+
+def test_the_top_groups_stream_from_bfloat16_openvino_counted_in_224_px_images(monkeypatch):
+    """An augmented phase streams the head's features from any converted runtime "auto" picks
+    for its image-epochs, the top groups' input from bfloat16 OpenVINO only, for as many
+    image-epochs as make `AUTO_BF16_MIN_IMAGES` images of 224 x 224 pixels."""
+    import finetune.inference as inference
+    from finetune.recipes.two_phase import POOL_LAYER, STREAM_CUT_PIXELS
+
+    monkeypatch.delenv(inference.ENV_VAR, raising=False)
+    monkeypatch.setattr(inference, "cpu_has_bfloat16", lambda: True)
+    images = np.zeros((100, 64, 64, 3), np.uint8)
+    labels = np.zeros(100, np.int64)
+
+    def at_224(epochs):
+        return 100 * epochs * 64 * 64 // STREAM_CUT_PIXELS
+
+    def counted(epochs, cut, runtime=None, augment=True):
+        data = digits_phase_data(
+            SimpleNamespace(
+                images={"train": images, "val": None},
+                labels={"train": labels, "val": None},
+                num_classes=2,
+            ),
+            0,
+            runtime=runtime,
+        )
+        phase = Phase("finetune", epochs=epochs, learning_rate=1e-3, augment=augment)
+        return data.stream_images(phase, cut)
+
+    # Where the bfloat16 threshold falls for the top groups: its count of 224 px images.
+    least = -(-inference.AUTO_BF16_MIN_IMAGES * STREAM_CUT_PIXELS // (100 * 64 * 64))  # epochs
+    assert counted(least, "block5c_add") == at_224(least) >= inference.AUTO_BF16_MIN_IMAGES
+    assert counted(least - 1, "block5c_add") == 0
+    # The head counts every image, and streams from float32 runtimes too.
+    assert counted(20, POOL_LAYER) == 2000
+    assert counted(19, POOL_LAYER, runtime="onnxruntime") == 1900
+    for runtime in ("onnxruntime", "openvino", "keras"):
+        assert counted(10 * least, "block5c_add", runtime=runtime) == 0, runtime
+    assert counted(least, "block5c_add", runtime="openvino-bf16") == at_224(least)
+    # Nothing streams without augmentation, or without a cut.
+    assert counted(10 * least, "block5c_add", augment=False) == 0
+    assert counted(10 * least, None) == 0
+
+
+@pytest.mark.slow
+def test_an_augmented_partial_phase_streams_the_frozen_groups_from_bfloat16_openvino(digits):
+    """bfloat16 OpenVINO chosen: the frozen groups below the cut run there batch by batch as
+    the augmentation makes them; the top groups train near as through the network, the groups
+    below stay as they were. With BatchNorm training and averaging, the statistics are
+    recomputed from the frozen groups' output of unaugmented images."""
+    import finetune.inference as inference
+
+    if not inference.cpu_has_bfloat16():
+        pytest.skip("this CPU has no bfloat16: the top groups train through the network")
+    through, slow_records = partial_phase_run(
+        digits, feature_cache=True, runtime="keras", augment=True
+    )
+    streamed, fast_records = partial_phase_run(
+        digits, feature_cache=True, runtime="openvino-bf16", augment=True
+    )
+    assert [r.get("features_streamed") for r in slow_records] == [None] * 3
+    assert [r.get("features_streamed") for r in fast_records] == [True] * 3
+    assert [r["features_cached"] for r in fast_records] == [False] * 3
+    assert [r["features_layer"] for r in fast_records] == ["block5c_add"] * 3
+    assert [r["features_runtime"] for r in fast_records] == ["openvino-bf16"] * 3
+    slow, fast = weights_by_group(through), weights_by_group(streamed)
+    seed_everything(5)
+    initial = weights_by_group(build_classifier(SPEC, 4, image_size=SIZE, head=ModelConfig()))
+    differences = []
+    for group in initial:
+        pairs = list(zip(slow[group], fast[group], strict=True))
+        if group in ("block6", "block7", "top", "head"):
+            for a, b in pairs:  # measured: at most 0.4% in the groups, 9.5% in the head
+                assert np.linalg.norm(b - a) < 0.2 * np.linalg.norm(a), group
+                differences.append(np.abs(b - a).max())
+        else:
+            for a, b in zip(initial[group], fast[group], strict=True):
+                np.testing.assert_array_equal(a, b, err_msg=group)  # frozen
+    assert max(differences) > 1e-4  # really bfloat16
+    for s, f in zip(slow_records, fast_records, strict=True):
+        assert f["val_loss"] == pytest.approx(s["val_loss"], rel=0.05)  # measured: <2%
+    assert streamed.optimizer is not None  # the classifier compiled as what trained it
+
+    averaged, records = partial_phase_run(
+        digits, feature_cache=True, runtime="openvino-bf16", augment=True,
+        train_batchnorm=True, average=2,
+    )  # fmt: skip
+    assert [r.get("features_streamed") for r in records] == [True] * 3
+    top_bn = [
+        layer
+        for layer in averaged.get_layer("backbone").layers
+        if isinstance(layer, keras.layers.BatchNormalization) and layer.trainable
+    ]
+    assert records[-1]["batchnorm_recomputed"] == len(top_bn) > 0
+    reference, _ = partial_phase_run(
+        digits, feature_cache=True, runtime="keras", augment=True, train_batchnorm=True, average=2
+    )
+    for layer in top_bn:
+        other = reference.get_layer("backbone").get_layer(layer.name)
+        for a, b in (
+            (other.moving_mean, layer.moving_mean),
+            (other.moving_variance, layer.moving_variance),
+        ):
+            a, b = a.numpy(), b.numpy()
+            assert np.linalg.norm(b - a) < 0.2 * np.linalg.norm(a), layer.name

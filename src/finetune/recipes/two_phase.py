@@ -9,7 +9,8 @@ completion marker: `finetune.checkpoint`).
 
 A phase without augmentation takes the fast path of `finetune.recipes.feature_cache`: what is
 frozen (the backbone, or its groups below the trained ones) runs once, and what trains is fitted
-on its stored output.
+on its stored output. An augmented one may have what is frozen run in a converted model batch by
+batch as what trains is fitted on its output (`PhaseData.stream_images`).
 """
 
 from __future__ import annotations
@@ -67,6 +68,10 @@ from finetune.recipes.resume import (
     save_state,
 )
 from finetune.recipes.schedules import phase_learning_rate, schedule_callbacks
+
+# The images the frozen groups below a cut compute, counted at this size for choosing where
+# they run while an augmented phase trains the top groups (`PhaseData.stream_images`).
+STREAM_CUT_PIXELS = 224 * 224
 
 
 @dataclass(frozen=True)
@@ -216,17 +221,30 @@ class PhaseData:
         epoch and its output can be computed once (where the backbone can be cut: `fit_phases`)."""
         return self.feature_cache and not self.augments(phase)
 
-    def stream_images(self, phase: Phase) -> int:
-        """How many forward passes of the backbone (the training images times the epochs) a
-        converted model may compute while the head trains in `phase` (frozen backbone,
-        augmented); 0 when the phase cannot stream or Keras is chosen for them (`runtime`; see
-        `finetune.inference`: training through the backbone is then as fast)."""
+    def stream_images(self, phase: Phase, cut: str | None = POOL_LAYER) -> int:
+        """How many forward passes of the frozen part a converted model would compute while
+        what is above `cut` trains in `phase` (augmented: nothing can be cached), counted as
+        the runtime is chosen for them (`finetune.inference.resolve_runtime`); 0 when the phase
+        cannot stream or Keras is chosen (training through the frozen part is then as fast).
+
+        The head (`cut` is `POOL_LAYER`): the training images times the epochs, from any
+        converted runtime. The top groups (`cut` a backbone layer, see `cut_layer`): counted in
+        images of 224 x 224 pixels (`STREAM_CUT_PIXELS`), from bfloat16 OpenVINO only. Their
+        own step is most of the time there, so what streaming saves grows with the pixels the
+        frozen groups compute while the conversion costs the same: 1.07 / 1.23 / 1.33x per step
+        at 64 / 128 / 224 px, 0.90-0.92x for a whole phase of 2,250 images at 64 and 128 px,
+        1.57x at 224 px (benchmarks/RESULTS.md, twelfth slice); ONNX Runtime saved too little
+        (1.04-1.08x per step, fifth slice)."""
         from finetune.inference import resolve_runtime
 
-        if not (self.feature_cache and phase.unfreeze_groups is None and self.augments(phase)):
+        if cut is None or not (self.feature_cache and self.augments(phase)):
             return 0
         images = len(self.train_images) * phase.epochs
-        return 0 if resolve_runtime(self.runtime, images) == "keras" else images
+        if cut == POOL_LAYER:
+            return 0 if resolve_runtime(self.runtime, images) == "keras" else images
+        height, width = self.train_images.shape[1:3]
+        images = images * height * width // STREAM_CUT_PIXELS
+        return images if resolve_runtime(self.runtime, images) == "openvino-bf16" else 0
 
 
 def two_phase_plan(recipe: RecipeConfig, num_groups: int | None = None) -> list[Phase]:
@@ -535,29 +553,38 @@ class _Features:
         val = self.store.compute(fast, d.val_images, d.batch_size, "val", forward)
         return feature_dataset(val, d.val_labels, d.num_classes, batch_size=d.batch_size)
 
-    def streamed(self, augment: bool, images: int):
-        """The head, augmented training batches turned into features on the fly by the
-        converted model chosen for `images` forward passes (`PhaseData.stream_images`), and the
-        validation features (computed once); None when it cannot be done: the backbone is
+    def streamed(self, augment: bool, images: int, layer: str = POOL_LAYER):
+        """What trains above `layer` (the head, or the top groups), its augmented training
+        batches turned into `layer`'s output on the fly by the converted model chosen for
+        `images` forward passes (`PhaseData.stream_images`), from a first epoch on (and with
+        `augment=False`: the plain ones, for recomputing BatchNorm statistics), and the
+        validation outputs (computed once); None when it cannot be done: the frozen part is
         random while training (dropout inside it), or the runtime fell back to Keras (then
-        training through the backbone is as fast and exact)."""
-        extractor, head = split_at_pool(self.model)
-        if has_random_layers(extractor):
+        training through the frozen part is as fast and exact), or, at a cut below the top
+        groups, to anything but bfloat16 OpenVINO (see `PhaseData.stream_images`)."""
+        if layer == POOL_LAYER:
+            extractor, trained = split_at_pool(self.model)
+            if has_random_layers(extractor):
+                return None
+        elif (parts := self.split(layer)) is None:
             return None
+        else:
+            extractor, trained = parts
         self.forget()  # other features, if any, are not needed any more
         d = self.data
         fast = fold_batchnorm(extractor, frozen_only=False, snapshot=True)
         forward = guarded_forward(extractor, fast, d.runtime, images, features=True)
         forward(np.asarray(d.train_images[: d.batch_size], np.float32))  # the check, here
-        if getattr(forward, "runtime", "keras") == "keras":
+        runtime = getattr(forward, "runtime", "keras")
+        if runtime == "keras" or (layer != POOL_LAYER and runtime != "openvino-bf16"):
             return None
         width = int(np.prod(extractor.output.shape[1:]))
 
-        def train_from(first_epoch: int) -> tf.data.Dataset:
+        def train_from(first_epoch: int, augment: bool = augment) -> tf.data.Dataset:
             return streamed_features(d.train_dataset(augment, first_epoch), forward, width)
 
-        self.runtime = forward.runtime
-        return head, train_from, self._val_features(fast, forward)
+        self.runtime = runtime
+        return trained, train_from, self._val_features(fast, forward)
 
 
 def fit_phases(
@@ -652,10 +679,8 @@ def fit_phases(
                     continue
             factors = None
             # Below `cut` nothing trains: its output may be computed once (no augmentation),
-            # and only what is above it trained on that. An augmented frozen backbone may run
-            # in OpenVINO as the head trains; an augmented cut does not (ONNX Runtime measured
-            # 1.08x, and one round in three 1.4x slower, ONNX Runtime and TensorFlow taking turns
-            # with a heavy step on 2 cores; benchmarks/RESULTS.md).
+            # and only what is above it trained on that. Augmented, the frozen part may run in
+            # a converted model as what is above it trains (`PhaseData.stream_images`).
             cut: str | None = POOL_LAYER
             if phase.unfreeze_groups is None:
                 freeze_backbone(model)
@@ -670,14 +695,15 @@ def fit_phases(
             split = streamed = None
             if cut is not None and data.uses_feature_cache(phase):
                 split = features.head_and_datasets(cut)
-            elif stream_images := data.stream_images(phase):
-                streamed = features.streamed(phase.augment, stream_images)
+            elif stream_images := data.stream_images(phase, cut):
+                assert cut is not None
+                streamed = features.streamed(phase.augment, stream_images, cut)
             cached = split is not None
             if split is not None:
                 fit_model, train_from, val_ds = split
             elif streamed is not None:
-                # Frozen backbone, augmented: its forward pass in a converted model, the head
-                # in Keras on its output (the same training up to rounding, faster).
+                # Augmented: the frozen part's forward pass in a converted model, what is above
+                # it in Keras on its output (the same training up to rounding, faster).
                 fit_model, train_from, val_ds = streamed
             else:
                 # The same layers and weights, with each frozen BatchNorm folded into the
@@ -692,7 +718,8 @@ def fit_phases(
             # Trainability changed: compile again so the train step sees it.
             optimizer = make_optimizer(recipe, learning_rate, lr_multipliers=factors)
             compile_phase(fit_model, recipe, optimizer)
-            if fit_model is not model and streamed is None and not (cached and cut == POOL_LAYER):
+            on_features = cached or streamed is not None
+            if fit_model is not model and not (on_features and cut == POOL_LAYER):
                 # The classifier itself, as a user gets it back: compiled like the model that
                 # trained it, with the same optimizer (whose state it saves).
                 compile_phase(model, recipe, optimizer)
@@ -713,7 +740,7 @@ def fit_phases(
                 if cached:
                     how = f" ({what} on cached features, computed by {features.runtime})"
                 elif streamed is not None:
-                    how = f" (head on backbone features computed by {features.runtime} as it goes)"
+                    how = f" ({what} on features computed by {features.runtime} as it goes)"
                 again = f", going on after epoch {first_epoch}" if going_on else ""
                 print(
                     f"Phase '{phase.name}': up to {phase.epochs} epoch(s) at learning rate "
@@ -734,9 +761,12 @@ def fit_phases(
                     model,
                     recipe.average_last_epochs if index == len(phases) - 1 else 0,
                     # BatchNorm statistics are recomputed by running what `fit` trains on an
-                    # epoch of what it trains on (cached features for the top groups).
+                    # epoch of what it trains on (cached or streamed features for the top
+                    # groups; streamed without augmentation).
                     (lambda at=first_epoch, f=train_from, n=steps: f(at).take(n))
                     if cached
+                    else (lambda at=first_epoch, f=train_from, n=steps: f(at, False).take(n))
+                    if streamed is not None
                     else (lambda at=first_epoch: data.one_epoch(augment=False, epoch=at)),
                 )
                 + (extra_callbacks(phase) if extra_callbacks else [])
@@ -764,7 +794,7 @@ def fit_phases(
             for record in records:
                 if record["phase"] == phase.name:
                     record["features_cached"] = cached
-                    if cached or streamed is not None:
+                    if on_features:
                         record["features_runtime"] = features.runtime
                         record["features_layer"] = cut
                     if streamed is not None:

@@ -529,7 +529,8 @@ def markdown(report: dict) -> str:
             what = (
                 f"head, streamed: {c[f'{key}_runtime']} features + head step (--head-augment, "
                 "where auto converts)" if c["mode"] == "head"
-                else f"partial: {c[f'{key}_runtime']} below the cut + top step (augmented)"
+                else f"partial, augmented: {c[f'{key}_runtime']} below the cut + top step ("
+                + ("where auto streams)" if key == "streamed_bf16" else "measured, not used)")
             )  # fmt: skip
             lines.append(f"| {c['size']} | {what} "
                          f"| {fmt(c[f'finetune_{key}'])} | | | | | | {best} "

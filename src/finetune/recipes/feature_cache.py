@@ -17,7 +17,8 @@ near the same weights, not at them.
 The same holds below the trained groups of a partly unfrozen backbone (`cut_layer`,
 `split_at_cut`): nothing there trains, so without augmentation their output is the same every
 epoch, and the top groups and the head can train on it computed once (the same weights as
-through the whole network, up to float rounding; tests/test_feature_cache.py).
+through the whole network, up to float rounding; tests/test_feature_cache.py). Augmented, it
+can be streamed instead, as the frozen backbone's features are (`streamed_features`).
 
 The head (or top) model built here shares its layers with the classifier, so training it trains
 the classifier in place. Once the features held in memory would exceed a configurable size,
@@ -160,10 +161,11 @@ def streamed_features(
 ) -> tf.data.Dataset:
     """`dataset`'s (images, labels) batches as (features, labels), computed by `forward`.
 
-    For a frozen backbone under augmentation: every epoch's images differ, so nothing can be
-    cached, but the backbone's forward pass can run in a faster inference runtime than the
-    training step (`finetune.inference`) while the head trains on its output. The order, the
-    augmentation and the labels are `dataset`'s own.
+    For a frozen backbone (or the frozen groups below a cut) under augmentation: every epoch's
+    images differ, so nothing can be cached, but the frozen part's forward pass can run in a
+    faster inference runtime than the training step (`finetune.inference`) while what is above
+    it trains on its output, flattened to `width` values an image. The order, the augmentation
+    and the labels are `dataset`'s own.
     """
 
     def features(images: np.ndarray) -> np.ndarray:

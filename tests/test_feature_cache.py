@@ -390,6 +390,12 @@ def test_the_top_groups_stream_from_bfloat16_openvino_counted_in_224_px_images(m
     for runtime in ("onnxruntime", "openvino", "keras"):
         assert counted(10 * least, "block5c_add", runtime=runtime) == 0, runtime
     assert counted(least, "block5c_add", runtime="openvino-bf16") == at_224(least)
+    # A CPU without bfloat16: not at a cut, even where it is asked for by name.
+    monkeypatch.setattr(inference, "cpu_has_bfloat16", lambda: False)
+    for runtime in (None, "openvino-bf16"):
+        assert counted(100 * least, "block5c_add", runtime=runtime) == 0, runtime
+    assert counted(200, POOL_LAYER) == 20000  # the head: float32 OpenVINO from 15,000
+    monkeypatch.setattr(inference, "cpu_has_bfloat16", lambda: True)
     # Nothing streams without augmentation, or without a cut.
     assert counted(10 * least, "block5c_add", augment=False) == 0
     assert counted(10 * least, None) == 0
@@ -423,8 +429,10 @@ def test_an_augmented_partial_phase_streams_the_frozen_groups_from_bfloat16_open
     for group in initial:
         pairs = list(zip(slow[group], fast[group], strict=True))
         if group in ("block6", "block7", "top", "head"):
-            for a, b in pairs:  # measured: at most 0.4% in the groups, 9.5% in the head
-                assert np.linalg.norm(b - a) < 0.2 * np.linalg.norm(a), group
+            # Measured: at most 0.4% in the groups, 9.5% in the head.
+            bound = 0.2 if group == "head" else 0.02
+            for a, b in pairs:
+                assert np.linalg.norm(b - a) < bound * np.linalg.norm(a), group
                 differences.append(np.abs(b - a).max())
         else:
             for a, b in zip(initial[group], fast[group], strict=True):
@@ -448,11 +456,13 @@ def test_an_augmented_partial_phase_streams_the_frozen_groups_from_bfloat16_open
     reference, _ = partial_phase_run(
         digits, feature_cache=True, runtime="keras", augment=True, train_batchnorm=True, average=2
     )
+    # Measured: means within 1.5%, variances within 5.9% of those recomputed through the
+    # network; recomputed from augmented batches instead, 7.1% and 20%.
     for layer in top_bn:
         other = reference.get_layer("backbone").get_layer(layer.name)
-        for a, b in (
-            (other.moving_mean, layer.moving_mean),
-            (other.moving_variance, layer.moving_variance),
+        for a, b, bound in (
+            (other.moving_mean, layer.moving_mean, 0.035),
+            (other.moving_variance, layer.moving_variance, 0.12),
         ):
             a, b = a.numpy(), b.numpy()
-            assert np.linalg.norm(b - a) < 0.2 * np.linalg.norm(a), layer.name
+            assert np.linalg.norm(b - a) < bound * np.linalg.norm(a), layer.name

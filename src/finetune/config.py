@@ -216,7 +216,8 @@ class RecipeConfig:
             groups of a partly unfrozen backbone on the output of the groups below); in an
             augmented phase, let a converted model (OpenVINO under "auto") compute that output
             batch by batch when it is chosen (`finetune.inference`; for the groups below the
-            top ones, bfloat16 OpenVINO only, from 2,000 images of 224 px). The weights end
+            top ones, bfloat16 OpenVINO only: under "auto" from 2,000 images of 224 px). The
+            weights end
             up as training through the whole network would leave them, up to float rounding
             (except behind a backbone with dropout inside, see
             `finetune.recipes.feature_cache`), or near them where "auto" chose bfloat16 (from

@@ -268,6 +268,13 @@ class FoldedConv(_LayerView):
         self.batchnorm = batchnorm
         self.snapshot = snapshot
 
+    @property
+    def layers(self) -> list[keras.layers.Layer]:
+        """The convolution only: the BatchNorm layer does not run as a layer here (its
+        statistics are folded in), so walks for BatchNorm layers that train or update their
+        statistics (`finetune.recipes.averaging`) must not find it."""
+        return [self.conv]
+
     def folded(self) -> tuple[Any, Any]:
         """The folded kernel and bias, as tensors in the variables' dtype."""
         conv, bn = self.conv, self.batchnorm

@@ -229,22 +229,33 @@ class PhaseData:
 
         The head (`cut` is `POOL_LAYER`): the training images times the epochs, from any
         converted runtime. The top groups (`cut` a backbone layer, see `cut_layer`): counted in
-        images of 224 x 224 pixels (`STREAM_CUT_PIXELS`), from bfloat16 OpenVINO only. Their
-        own step is most of the time there, so what streaming saves grows with the pixels the
-        frozen groups compute while the conversion costs the same: 1.07 / 1.23 / 1.33x per step
-        at 64 / 128 / 224 px, 0.90-0.92x for a whole phase of 2,250 images at 64 and 128 px,
-        1.57x at 224 px (benchmarks/RESULTS.md, twelfth slice); ONNX Runtime saved too little
-        (1.04-1.08x per step, fifth slice)."""
+        images of 224 x 224 pixels (`STREAM_CUT_PIXELS`), from bfloat16 OpenVINO only
+        (`streams_from`). Their own step is most of the time there, so what streaming saves
+        grows with the pixels the frozen groups compute while the conversion costs the same:
+        1.07-1.20 / 1.23-1.26 / 1.23-1.33x a step at 64 / 128 / 224 px (two runs); whole
+        phases of 2,250 images 0.90-0.92x at 64 and 128 px, 1.05-1.12x at 224 px, and
+        1.12-1.13x at 128 px over 6,750 image-epochs (benchmarks/RESULTS.md, twelfth slice);
+        ONNX Runtime saved too little (1.04-1.08x a step, fifth slice)."""
         from finetune.inference import resolve_runtime
 
         if cut is None or not (self.feature_cache and self.augments(phase)):
             return 0
         images = len(self.train_images) * phase.epochs
-        if cut == POOL_LAYER:
-            return 0 if resolve_runtime(self.runtime, images) == "keras" else images
-        height, width = self.train_images.shape[1:3]
-        images = images * height * width // STREAM_CUT_PIXELS
-        return images if resolve_runtime(self.runtime, images) == "openvino-bf16" else 0
+        if cut != POOL_LAYER:
+            height, width = self.train_images.shape[1:3]
+            images = images * height * width // STREAM_CUT_PIXELS
+        return images if streams_from(resolve_runtime(self.runtime, images), cut) else 0
+
+
+def streams_from(runtime: str, cut: str) -> bool:
+    """Whether an augmented phase streams the frozen part below `cut` from `runtime` (see
+    `PhaseData.stream_images`): the backbone (`POOL_LAYER`) from any converted runtime, the
+    groups below the top ones from bfloat16 OpenVINO on a CPU with it only."""
+    from finetune.inference import cpu_has_bfloat16
+
+    if runtime == "keras":
+        return False
+    return cut == POOL_LAYER or (runtime == "openvino-bf16" and cpu_has_bfloat16())
 
 
 def two_phase_plan(recipe: RecipeConfig, num_groups: int | None = None) -> list[Phase]:
@@ -535,7 +546,8 @@ class _Features:
             )
             train = self.store.compute(fast, d.train_images, d.batch_size, "train", forward)
 
-            def train_from(first_epoch: int, train=train) -> tf.data.Dataset:
+            def train_from(first_epoch: int, augment: bool = False, train=train):
+                # `augment` as for streamed outputs (`streamed`); cached ones are unaugmented.
                 return feature_dataset(
                     train, d.train_labels, d.num_classes, batch_size=d.batch_size,
                     training=True, seed=d.seed, first_epoch=first_epoch,
@@ -562,21 +574,18 @@ class _Features:
         random while training (dropout inside it), or the runtime fell back to Keras (then
         training through the frozen part is as fast and exact), or, at a cut below the top
         groups, to anything but bfloat16 OpenVINO (see `PhaseData.stream_images`)."""
-        if layer == POOL_LAYER:
-            extractor, trained = split_at_pool(self.model)
-            if has_random_layers(extractor):
-                return None
-        elif (parts := self.split(layer)) is None:
+        # Unlike a cache fill, streaming needs a frozen part without dropout at the pool too.
+        parts = split_at_pool(self.model) if layer == POOL_LAYER else self.split(layer)
+        if parts is None or has_random_layers(parts[0]):
             return None
-        else:
-            extractor, trained = parts
+        extractor, trained = parts
         self.forget()  # other features, if any, are not needed any more
         d = self.data
         fast = fold_batchnorm(extractor, frozen_only=False, snapshot=True)
         forward = guarded_forward(extractor, fast, d.runtime, images, features=True)
         forward(np.asarray(d.train_images[: d.batch_size], np.float32))  # the check, here
         runtime = getattr(forward, "runtime", "keras")
-        if runtime == "keras" or (layer != POOL_LAYER and runtime != "openvino-bf16"):
+        if not streams_from(runtime, layer):  # the check refused bfloat16, or fell to Keras
             return None
         width = int(np.prod(extractor.output.shape[1:]))
 
@@ -630,9 +639,9 @@ def fit_phases(
         and `features_cached` (True when the phase trained on cached features: the head on the
         backbone's, or the top groups on the frozen groups'; `features_layer` then names the
         layer whose output they are, and `features_runtime` says which runtime computed them:
-        "keras", "openvino", "openvino-bf16" or "onnxruntime", as it does with
-        `features_streamed`, True when an augmented frozen phase took its features from a
-        converted model batch by batch); with
+        "keras", "openvino", "openvino-bf16" or "onnxruntime", as they do with
+        `features_streamed`, True when an augmented phase took that output from a converted
+        model batch by batch: the head's, or the top groups'); with
         `recipe.average_last_epochs`, `averaged` on the epochs whose mean the final phase ends
         with (`finetune.recipes.averaging`; that phase then has no early stopping).
     """
@@ -763,10 +772,8 @@ def fit_phases(
                     # BatchNorm statistics are recomputed by running what `fit` trains on an
                     # epoch of what it trains on (cached or streamed features for the top
                     # groups; streamed without augmentation).
-                    (lambda at=first_epoch, f=train_from, n=steps: f(at).take(n))
-                    if cached
-                    else (lambda at=first_epoch, f=train_from, n=steps: f(at, False).take(n))
-                    if streamed is not None
+                    (lambda at=first_epoch, f=train_from, n=steps: f(at, False).take(n))
+                    if on_features
                     else (lambda at=first_epoch: data.one_epoch(augment=False, epoch=at)),
                 )
                 + (extra_callbacks(phase) if extra_callbacks else [])

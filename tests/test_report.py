@@ -318,3 +318,24 @@ def test_a_page_that_cannot_be_built_only_warns(tmp_path, monkeypatch, capsys):
     err = capsys.readouterr().err
     assert f"{tmp_path / 'report.html'} could not be built (RuntimeError: no fonts)" in err
     assert "the ensemble itself is complete" in err and f"finetune report {tmp_path}" in err
+
+
+def test_the_phases_table_says_how_each_frozen_part_ran(tmp_path):
+    from finetune.report import _config
+
+    history = [
+        {"phase": "head", "epoch": 1, "learning_rate": 1e-3, "features_cached": True,
+         "features_layer": "pool", "features_runtime": "openvino-bf16"},
+        {"phase": "finetune", "epoch": 2, "learning_rate": 1e-4, "features_cached": False,
+         "features_streamed": True, "features_layer": "block5c_add",
+         "features_runtime": "openvino-bf16"},
+        {"phase": "polish", "epoch": 3, "learning_rate": 1e-5, "features_cached": False},
+    ]  # fmt: skip
+    run = finetune.Run(
+        model=None, config=finetune.Config(), class_names=["a"], image_size=32, path=tmp_path,
+        history=history,
+    )  # fmt: skip
+    page = _config(run, tmp_path)
+    assert "cached (pool, openvino-bf16)" in page
+    assert "streamed (block5c_add, openvino-bf16)" in page
+    assert "no: through the network" in page

@@ -199,6 +199,17 @@ def _data(run: Run, path: Path) -> str:
     return _section("data", "Data", "".join(parts))
 
 
+def _features_cell(record: dict) -> str:
+    """How a phase's frozen part ran (from its first history record): its output computed once
+    and cached, streamed from a converted model batch by batch, or neither."""
+    where = f"{record.get('features_layer') or 'pool'}, {record.get('features_runtime', 'keras')}"
+    if record.get("features_cached"):
+        return f"cached ({where})"
+    if record.get("features_streamed"):
+        return f"streamed ({where})"
+    return "no: through the network"
+
+
 def _config(run: Run, path: Path) -> str:
     from finetune.config import dump_config
 
@@ -210,9 +221,7 @@ def _config(run: Run, path: Path) -> str:
             end - start,
             _lr(h[start].get("learning_rate")),
             _lr(h[end - 1].get("learning_rate")),
-            (f"yes ({h[start].get('features_layer') or 'pool'})")
-            if h[start].get("features_cached")
-            else "no",
+            _features_cell(h[start]),
         ]
         for name, start, end in phase_spans(h)
     ]
@@ -225,7 +234,7 @@ def _config(run: Run, path: Path) -> str:
                     "epochs",
                     "learning rate (first epoch)",
                     "(last epoch)",
-                    "trained on cached features (of layer)",
+                    "what trained on the frozen part's output (of layer, computed by)",
                 ],
                 rows,
             )

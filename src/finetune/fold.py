@@ -227,12 +227,15 @@ class _LayerView(keras.layers.Layer):
     """A layer that computes with layers of another model (held, not copied). Made by
     `fold_batchnorm`; never saved: the original model is."""
 
+    # The attributes holding the layers it runs as layers (see `layers`).
+    _runs: tuple[str, ...] = ()
+
     @property
     def layers(self) -> list[keras.layers.Layer]:
-        """The layers it computes with, as a model lists its own (`finetune.model.sublayers`
-        finds them through it: e.g. the BatchNorm layers whose statistics averaging recomputes
-        on a training view)."""
-        return list(self._layers)
+        """The layers it runs, as a model lists its own (`finetune.model.sublayers` finds them
+        through it: e.g. the BatchNorm layers whose statistics averaging recomputes on a
+        training view)."""
+        return [getattr(self, name) for name in self._runs]
 
     def get_config(self):
         raise NotImplementedError(
@@ -256,6 +259,11 @@ class FoldedConv(_LayerView):
             while that function is used (see the module docstring). Defaults to False.
     """
 
+    # The convolution only: the BatchNorm layer does not run as a layer here (its statistics
+    # are folded in), so walks for BatchNorm layers that train or update their statistics
+    # (`finetune.recipes.averaging`) must not find it.
+    _runs = ("conv",)
+
     def __init__(
         self,
         conv: keras.layers.Layer,
@@ -267,13 +275,6 @@ class FoldedConv(_LayerView):
         self.conv = conv
         self.batchnorm = batchnorm
         self.snapshot = snapshot
-
-    @property
-    def layers(self) -> list[keras.layers.Layer]:
-        """The convolution only: the BatchNorm layer does not run as a layer here (its
-        statistics are folded in), so walks for BatchNorm layers that train or update their
-        statistics (`finetune.recipes.averaging`) must not find it."""
-        return [self.conv]
 
     def folded(self) -> tuple[Any, Any]:
         """The folded kernel and bias, as tensors in the variables' dtype."""
@@ -339,6 +340,8 @@ class SwappedGradientDepthwiseConv(_LayerView):
     Args:
         conv: the `DepthwiseConv2D` layer.
     """
+
+    _runs = ("conv",)
 
     def __init__(self, conv: keras.layers.DepthwiseConv2D, **kwargs):
         super().__init__(name=f"{conv.name}_swapped", dtype=conv.dtype_policy, **kwargs)
@@ -439,6 +442,8 @@ class FusedTrainingBatchNorm(_LayerView):
         batchnorm: a `BatchNormalization` layer over the last axis of 4-D inputs, without renorm
             or synchronisation.
     """
+
+    _runs = ("batchnorm",)
 
     def __init__(self, batchnorm: keras.layers.BatchNormalization, **kwargs):
         super().__init__(name=f"{batchnorm.name}_fused", dtype=batchnorm.dtype_policy, **kwargs)

@@ -18,6 +18,10 @@ each of `--runtimes` (default: openvino, openvino-bf16, onnxruntime), converting
 and first-batch check included: where `--runtime auto` should switch) and with the conversion
 cached (a private cache folder).
 
+With `--repeated 1,8,32`, repeated `Run.predict_logits` calls on one `Run` in one process
+(a notebook, a service), Keras against each of `--runtimes`, the run holding its converted
+model (made before the timed calls; each call checks the weights with `weights_checksum`).
+
 With `--spin N`, whole `Run.predict_view_logits` calls on N images in ONNX Runtime (conversion
 kept), with 1 and 3 test-time augmentation views, its worker threads spinning between batches
 (what `predict` and `evaluate` do) or sleeping (what the cache fill and a streamed phase do),
@@ -25,6 +29,7 @@ taking turns.
 
 Usage: .venv/bin/python benchmarks/inference_runtimes.py [--sizes 64,128,224] [--steps 8]
     [--rounds 2] [--end-to-end 1000,4000 [--runtimes openvino,openvino-bf16]] [--spin 5000]
+    [--repeated 1,8,32 [--runtimes openvino-bf16]]
 """
 
 from __future__ import annotations
@@ -183,6 +188,49 @@ def end_to_end(size: int, counts: list[int], rounds: int, runtimes: list[str]) -
     return rows
 
 
+def repeated(size: int, counts: list[int], rounds: int, steps: int, runtimes: list[str]):
+    """Repeated `Run.predict_logits` calls on one `Run` in one process (a notebook, a service),
+    Keras against each of `runtimes` with the run holding its converted model (the conversion
+    made before timing); milliseconds per call, median of `steps` calls, per round, the
+    runtimes taking turns within each round."""
+    import keras
+    import numpy as np
+
+    from finetune.backbones.registry import get_backbone
+    from finetune.config import Config
+    from finetune.inference import weights_checksum
+    from finetune.model import build_classifier
+    from finetune.run import Run
+
+    keras.utils.set_random_seed(0)
+    model = build_classifier(get_backbone("efficientnet_lite0"), 10, image_size=size, weights=None)
+    set_trained_like_batchnorm(model)
+    run = Run(model=model, config=Config(), class_names=list("abcdefghij"), image_size=size)
+    checksum = []
+    for _ in range(steps):
+        start = time.perf_counter()
+        weights_checksum(model)
+        checksum.append(time.perf_counter() - start)
+    print(f"weights_checksum at {size} px: {1000 * statistics.median(checksum):.1f} ms")
+    rows = []
+    for n in counts:
+        x = np.random.default_rng(n).integers(0, 256, (n, size, size, 3), dtype=np.uint8)
+        for r in range(rounds):
+            ms = {}
+            for runtime in ["keras", *runtimes]:
+                run.predict_logits(x, runtime=runtime)  # converts, or loads, once; traces
+                times = []
+                for _ in range(steps):
+                    start = time.perf_counter()
+                    run.predict_logits(x, runtime=runtime)
+                    times.append(time.perf_counter() - start)
+                ms[f"{runtime} ({run.last_runtime})"] = 1000 * statistics.median(times)
+            k = ms.pop(next(iter(ms)))
+            cells = " | ".join(f"{label}: {t:.1f} | {k / t:.2f}" for label, t in ms.items())
+            rows.append(f"| {size} | {n} | {r + 1} | {k:.1f} | {cells} |")
+    return rows
+
+
 def spin_compare(size: int, n: int, rounds: int, tta: int) -> list[str]:
     """`Run.predict_view_logits` on N images in ONNX Runtime (conversion kept), threads spinning
     between batches (what `predict` and `evaluate` do) or sleeping (what the cache fill and a
@@ -242,9 +290,15 @@ def main() -> None:
         "decides)",
     )
     parser.add_argument(
+        "--repeated",
+        default="",
+        help="instead: image counts N (e.g. 1,8,32) for repeated `Run.predict_logits` calls "
+        "on one run in one process, Keras against each of --runtimes held by the run",
+    )
+    parser.add_argument(
         "--runtimes",
         default="openvino,openvino-bf16,onnxruntime",
-        help="with --end-to-end: the runtimes to compare with Keras",
+        help="with --end-to-end or --repeated: the runtimes to compare with Keras",
     )
     parser.add_argument(
         "--spin",
@@ -263,6 +317,16 @@ def main() -> None:
             for tta in (1, 3):
                 for row in spin_compare(size, args.spin, args.rounds, tta):
                     print(row, flush=True)
+        return
+    if args.repeated:
+        counts = [int(n) for n in args.repeated.split(",") if n]
+        os.environ["FINETUNE_CACHE_DIR"] = tempfile.mkdtemp(prefix="inference-runtimes-cache-")
+        runtimes = [r for r in args.runtimes.split(",") if r]
+        print("| px | images | round | keras, ms per call | runtime: ms per call | keras / that |")
+        print("|---|---|---|---|---|---|")
+        for size in sizes:
+            for row in repeated(size, counts, args.rounds, args.steps, runtimes):
+                print(row, flush=True)
         return
     if args.end_to_end:
         counts = [int(n) for n in args.end_to_end.split(",") if n]

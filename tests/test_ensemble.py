@@ -175,7 +175,11 @@ def held_out(member_runs):
         images, ok, _ = decode_images([p for p, _ in samples], 32, progress=False)
         assert len(ok) == len(samples) == 18
         labels = np.array([label for _, label in samples])
-        found[split] = (images, labels, np.stack([r.predict_proba(images) for r in member_runs]))
+        found[split] = (
+            images,
+            labels,
+            np.stack([r.predict_proba(images, runtime="keras") for r in member_runs]),
+        )
     return found
 
 
@@ -228,9 +232,12 @@ def test_mean_ensemble_outputs_the_mean_of_member_probabilities(
     assert member_runs[0].temperature == TEMPERATURE
     images, _, member_p = held_out["test"]
     expected = member_p.mean(axis=0)
-    np.testing.assert_allclose(loaded_mean.predict_proba(images), expected, rtol=0, atol=1e-6)
+    probabilities = loaded_mean.predict_proba(images, runtime="keras")
+    np.testing.assert_allclose(probabilities, expected, rtol=0, atol=1e-6)
     # "Logits-like": the output is the log of those probabilities.
-    np.testing.assert_allclose(np.exp(loaded_mean.predict_logits(images)), expected, atol=1e-6)
+    np.testing.assert_allclose(
+        np.exp(loaded_mean.predict_logits(images, runtime="keras")), expected, atol=1e-6
+    )
 
 
 @pytest.mark.slow
@@ -244,7 +251,9 @@ def test_weighted_weights_are_on_the_simplex_and_fit_the_val_split(built, held_o
     assert fitted <= nll(member_p.mean(axis=0), labels) + 1e-9
     assert run.info["ensemble"]["weight_fit"]["nll"] == pytest.approx(fitted, abs=1e-5)
     # The model computes the same mixture.
-    assert nll(run.predict_proba(images), labels) == pytest.approx(fitted, abs=1e-5)
+    assert nll(run.predict_proba(images, runtime="keras"), labels) == pytest.approx(
+        fitted, abs=1e-5
+    )
 
 
 @pytest.mark.slow
@@ -252,7 +261,7 @@ def test_vote_ensemble_follows_the_members_votes(members, built, held_out):
     run, out, _ = built("vote")
     assert run.info["ensemble"]["method"] == "vote"
     images, _, member_p = held_out["test"]
-    q = run.predict_proba(images)
+    q = run.predict_proba(images, runtime="keras")  # votes flip on near ties in bfloat16
     np.testing.assert_allclose(q, combined_probabilities(member_p, "vote"), atol=1e-5)
     votes = member_p.argmax(axis=2)
     for i, predicted in enumerate(q.argmax(axis=1)):
@@ -344,7 +353,18 @@ def test_the_ensemble_folder_is_a_run_directory(members, built, loaded_mean, hel
     image = loaded_mean.split_samples("test")[0][0]
     # A fresh process: importing finetune must be enough to register the combining layer.
     proc = subprocess.run(
-        [sys.executable, "-m", "finetune", "predict", str(out), str(image), "--format", "json"],
+        [
+            sys.executable,
+            "-m",
+            "finetune",
+            "predict",
+            str(out),
+            str(image),
+            "--format",
+            "json",
+            "--runtime",
+            "keras",
+        ],
         capture_output=True,
         text=True,
         timeout=300,
@@ -365,7 +385,9 @@ def test_litert_export_of_an_ensemble_agrees_with_keras(built, loaded_mean, held
     images = held_out["test"][0]
     exported = finetune.load_exported(report.path)
     np.testing.assert_allclose(
-        exported.predict_proba(images), loaded_mean.predict_proba(images), atol=1e-5
+        exported.predict_proba(images),
+        loaded_mean.predict_proba(images, runtime="keras"),
+        atol=1e-5,
     )
 
 

@@ -508,7 +508,9 @@ def test_fit_phases_trains_the_folded_model_and_run_predicts_with_one(tmp_path):
     run = Run(model=model, config=None, class_names=["a", "b", "c"], image_size=SIZE)
     assert any(isinstance(layer, FoldedConv) for layer in _all_layers(run.inference_model()))
     x = _images(6)
-    _close(softmax(model.predict_on_batch(x)), run.predict_proba(x), "probabilities")
+    _close(
+        softmax(model.predict_on_batch(x)), run.predict_proba(x, runtime="keras"), "probabilities"
+    )
 
 
 def test_run_predicts_many_images_with_a_snapshot_made_again_when_the_weights_change():
@@ -521,12 +523,15 @@ def test_run_predicts_many_images_with_a_snapshot_made_again_when_the_weights_ch
     fast = run.inference_model(SNAPSHOT_MIN_IMAGES)
     assert all(layer.snapshot for layer in _folded_layers(fast))
     x = _images(SNAPSHOT_MIN_IMAGES)
-    _close(softmax(model.predict(x, verbose=0)), run.predict_proba(x), "probabilities")
+    _close(
+        softmax(model.predict(x, verbose=0)), run.predict_proba(x, runtime="keras"), "probabilities"
+    )
     assert run.inference_model(SNAPSHOT_MIN_IMAGES) is fast  # kept while nothing changed
     conv = backbone_of(model).get_layer("block2a_expand_conv")
     conv.kernel.assign(conv.kernel * 1.5)
     assert run.inference_model(SNAPSHOT_MIN_IMAGES) is not fast
-    _close(softmax(model.predict(x, verbose=0)), run.predict_proba(x), "after a change")
+    after = run.predict_proba(x, runtime="keras")
+    _close(softmax(model.predict(x, verbose=0)), after, "after a change")
     # Nothing to fold (no BatchNorm): the model itself, without hashing its weights.
     inputs = keras.Input((SIZE, SIZE, 3))
     plain = keras.Model(inputs, keras.layers.Dense(3)(keras.layers.Flatten()(inputs)))

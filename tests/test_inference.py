@@ -4,6 +4,7 @@ guard."""
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import warnings
 
@@ -35,6 +36,7 @@ from finetune.inference import (
     prune_conversions,
     resolve_runtime,
     usable_conversion_file,
+    weights_checksum,
 )
 from finetune.model import build_classifier
 from finetune.recipes.feature_cache import split_at_pool
@@ -84,16 +86,25 @@ def test_auto_picks_openvino_from_the_thresholds_on(monkeypatch, bf16):
     monkeypatch.delenv(ENV_VAR, raising=False)
     monkeypatch.setattr(inference, "cpu_has_bfloat16", lambda: bf16)  # either kind of CPU
     assert AUTO_BF16_MIN_IMAGES < AUTO_MIN_IMAGES
-    assert resolve_runtime(None, AUTO_BF16_MIN_IMAGES - 1) == "keras"
-    expected = "openvino-bf16" if bf16 else "keras"
-    assert resolve_runtime(None, AUTO_BF16_MIN_IMAGES) == expected
-    assert resolve_runtime(None, AUTO_MIN_IMAGES - 1) == expected
+    # Predictions: bfloat16 at any count on a CPU with it; else Keras below the float32 bound.
+    below = "openvino-bf16" if bf16 else "keras"
+    for count in (1, AUTO_BF16_MIN_IMAGES - 1, AUTO_BF16_MIN_IMAGES, AUTO_MIN_IMAGES - 1):
+        assert resolve_runtime(None, count) == below
     assert resolve_runtime(None, AUTO_MIN_IMAGES) == ("openvino-bf16" if bf16 else "openvino")
+    # Features to train on: bfloat16 from its threshold (one phase's conversion must pay).
+    assert resolve_runtime(None, 1, features=True) == "keras"
+    assert resolve_runtime(None, AUTO_BF16_MIN_IMAGES - 1, features=True) == "keras"
+    assert resolve_runtime(None, AUTO_BF16_MIN_IMAGES, features=True) == below
+    assert resolve_runtime(None, AUTO_MIN_IMAGES - 1, features=True) == below
+    assert resolve_runtime(None, AUTO_MIN_IMAGES, features=True) == (
+        "openvino-bf16" if bf16 else "openvino"
+    )
     # Logits to fit a temperature on stay in float32.
     assert resolve_runtime(None, AUTO_MIN_IMAGES - 1, float32=True) == "keras"
     assert resolve_runtime(None, AUTO_MIN_IMAGES, float32=True) == "openvino"
     assert resolve_runtime("openvino-bf16", 1, float32=True) == "openvino-bf16"  # asked for
-    assert resolve_runtime("auto", 10) == "keras"
+    assert resolve_runtime("auto", 10) == below
+    assert resolve_runtime("auto", 10, features=True) == "keras"
     assert resolve_runtime("ONNXRuntime", 10) == "onnxruntime"
     assert resolve_runtime(" OpenVINO-bf16", 10) == "openvino-bf16"
     assert resolve_runtime("keras", 10**6) == "keras"
@@ -315,8 +326,9 @@ def test_a_verified_conversion_is_kept_and_reused(tmp_path, monkeypatch, runtime
     assert cache.stat().st_mtime > 1e9  # used: the last to be evicted
     np.testing.assert_array_equal(again(x), expected)
     assert made == []  # a kept conversion is not checked again: no Keras view made
-    # A cached conversion does not change what "auto" picks: below the threshold, Keras.
-    assert not isinstance(guarded_forward(model, fast, None, 16), GuardedForward)
+    # A cached conversion does not change what "auto" picks: for features to train on below
+    # their threshold, Keras.
+    assert not isinstance(guarded_forward(model, fast, None, 16, features=True), GuardedForward)
     # Another model's conversion, or another runtime's, is another file.
     assert conversion_file(classifier(1), runtime) != cache
     other = "openvino" if runtime == "openvino-bf16" else "openvino-bf16"
@@ -330,6 +342,62 @@ def test_a_verified_conversion_is_kept_and_reused(tmp_path, monkeypatch, runtime
     assert not repaired.from_cache and repaired.runtime == computes
     np.testing.assert_allclose(repaired(x), expected, atol=1e-5)
     assert guarded_forward(model, fast, runtime, 16).from_cache
+
+
+def test_the_weights_checksum_notices_any_change_and_nothing_else():
+    model = classifier(0)
+    before = weights_checksum(model)
+    assert weights_checksum(model) == before
+    assert weights_checksum(classifier(0)) == before  # the same weights, another model
+    assert weights_checksum(classifier(1)) != before
+    # One value of one BatchNorm statistic: inference changes, so must the checksum.
+    variance = next(
+        layer.moving_variance
+        for layer in model.get_layer("backbone").layers
+        if isinstance(layer, keras.layers.BatchNormalization)
+    )
+    value = keras.ops.convert_to_numpy(variance).copy()
+    value[-1] *= 1.0 + 2.0**-20
+    variance.assign(value)
+    assert weights_checksum(model) != before
+
+
+def test_a_trained_model_and_the_same_loaded_for_inference_name_one_conversion(tmp_path):
+    # The end of training converts the trained model (compiled, with its optimizer); a later
+    # `finetune predict` loads the run with compile=False and must find that conversion.
+    from finetune.run import save_model_atomic
+    from finetune.untrusted import load_keras_model
+
+    model = classifier(0)
+    model.compile(optimizer="adam", loss="categorical_crossentropy")
+    save_model_atomic(model, tmp_path / "model.keras")
+    loaded = load_keras_model(tmp_path / "model.keras", compile=False)
+    compiled = [json.loads(m.to_json()).get("compile_config") for m in (model, loaded)]
+    assert compiled[0] and not compiled[1]  # the JSON differs there
+    assert model_digest(loaded) == model_digest(model)
+    assert model_digest(classifier(1)) != model_digest(model)
+
+
+@pytest.mark.slow
+def test_a_run_keeps_its_converted_model_while_its_weights_stay_the_same(tmp_path, monkeypatch):
+    monkeypatch.setenv("FINETUNE_CACHE_DIR", str(tmp_path))
+    model = classifier(0)
+    run = Run(model=model, config=Config(), class_names=["a", "b", "c"], image_size=SIZE)
+    x = images(8)
+    before = run.predict_logits(x, runtime="openvino")
+    kept = run.prediction_forward(8, "openvino")
+    assert kept.runtime == "openvino" and kept.from_cache is False  # the one made above
+    assert run.prediction_forward(1, "openvino") is kept  # any count, the same weights
+    np.testing.assert_array_equal(run.predict_logits(x, runtime="openvino"), before)
+    # One changed value (the head's bias) is noticed: the predictions follow the weights.
+    bias = model.layers[-1].bias
+    bias.assign(keras.ops.convert_to_numpy(bias) + np.array([5.0, 0.0, 0.0], np.float32))
+    after = run.predict_logits(x, runtime="openvino")
+    assert run.prediction_forward(8, "openvino") is not kept
+    np.testing.assert_allclose(after[:, 0] - before[:, 0], 5.0, atol=1e-3)
+    np.testing.assert_allclose(after, run.predict_logits(x, runtime="keras"), atol=1e-4)
+    changed = run.prediction_forward(8, "openvino")
+    assert run.prediction_forward(8, "onnxruntime") is not changed  # another runtime
 
 
 def _spinning(forward: OnnxForward) -> str:
@@ -353,7 +421,10 @@ def test_predict_lets_onnx_runtimes_threads_spin_and_training_does_not(tmp_path,
     model = classifier(0)
     run = Run(model=model, config=Config(), class_names=["a", "b", "c"], image_size=SIZE)
     run.predict_logits(images(8), runtime="onnxruntime")  # converts and keeps it
-    run.predict_logits(images(8), runtime="onnxruntime")  # loads the kept conversion
+    run.predict_logits(images(8), runtime="onnxruntime")  # the run holds it: nothing made
+    assert [_spinning(f) for f in made] == ["1"]
+    again = Run(model=model, config=Config(), class_names=["a", "b", "c"], image_size=SIZE)
+    again.predict_logits(images(8), runtime="onnxruntime")  # loads the kept conversion
     assert [_spinning(f) for f in made] == ["1", "1"]
     fast = fold_batchnorm(model, frozen_only=False)
     assert _spinning(guarded_forward(model, fast, "onnxruntime", 8).converted) == "0"  # training

@@ -359,8 +359,8 @@ def evaluate(
         str | None,
         typer.Option(
             help="auto|keras|openvino|openvino-bf16|onnxruntime: what runs the model (auto: "
-            "Keras below 2,000 images; from there OpenVINO, in bfloat16 on a CPU with it, else "
-            "in float32 from 15,000; default: $FINETUNE_RUNTIME or auto)."
+            "OpenVINO in bfloat16 on a CPU with it, converted once per model; else Keras, and "
+            "OpenVINO in float32 from 15,000 images; default: $FINETUNE_RUNTIME or auto)."
         ),
     ] = None,
 ) -> None:
@@ -403,8 +403,9 @@ def predict(
         str | None,
         typer.Option(
             help="auto|keras|openvino|openvino-bf16|onnxruntime: what runs a run's model "
-            "(auto: Keras below 2,000 images; from there OpenVINO, in bfloat16 on a CPU with "
-            "it, else in float32 from 15,000; default: $FINETUNE_RUNTIME or auto)."
+            "(auto: OpenVINO in bfloat16 on a CPU with it, converted once per model; else "
+            "Keras, and OpenVINO in float32 from 15,000 images; default: $FINETUNE_RUNTIME "
+            "or auto)."
         ),
     ] = None,
 ) -> None:

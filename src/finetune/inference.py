@@ -1,4 +1,4 @@
-"""Batch inference in the fastest correct runtime: Keras, or OpenVINO for many images.
+"""Batch inference in the fastest correct runtime: Keras, or OpenVINO.
 
 `predict`, `evaluate` and the frozen phase's feature-cache fill call a Keras model on many
 images. Keras runs it batch by batch with every BatchNorm folded into its convolution and, for
@@ -7,20 +7,24 @@ the same network 1.1-1.6x as fast again in float32 on a small CPU (EfficientNet-
 64 px), and 2.5-3.2x as fast in bfloat16 where the CPU has it (AMX, AVX512-BF16); converting
 the model first takes about 1 s (1.2-3.7 s more per call end to end, the first-batch check
 included), which pays back from 15,000 images in float32 and from 2,000 in bfloat16
-(benchmarks/inference_runtimes.py --end-to-end; benchmarks/RESULTS.md, tenth slice). ONNX
-Runtime (converting: 4-6 s) runs at 0.85-0.98x float32 OpenVINO, and stays available by name.
+(benchmarks/inference_runtimes.py --end-to-end; benchmarks/RESULTS.md, tenth slice). A
+conversion kept from before loads in about 0.1 s and answers 3.4-5.7x as fast as Keras even for
+one image (twelfth and thirteenth slices). ONNX Runtime (converting: 4-6 s) runs at 0.85-0.98x
+float32 OpenVINO, and stays available by name.
 
 So the runtime is chosen per call:
 - `"keras"`: the folded Keras model.
 - `"openvino"`, `"openvino-bf16"`, `"onnxruntime"`: the model converted (once: see below) and
   run by OpenVINO in float32 or bfloat16, or by ONNX Runtime.
-- `"auto"` (the default): Keras below `AUTO_BF16_MIN_IMAGES` images (counting each test-time
-  augmentation view, and for training the images times the epochs); from there, on a CPU with
-  bfloat16, OpenVINO in bfloat16, for predictions and for the features a head trains on (the
-  head's feature-cache fill, a streamed `--head-augment` phase); otherwise Keras below
-  `AUTO_MIN_IMAGES` and OpenVINO in float32 from there. Logits to fit a temperature on, and
-  the cached input of the top layer groups (whose accuracy in bfloat16 is not measured), stay
-  float32 (`float32=True`).
+- `"auto"` (the default), on a CPU with bfloat16: OpenVINO in bfloat16 for predictions, at
+  any count: a trained model converts once, at the end of `finetune train` (its evaluation),
+  and every later `predict` or `evaluate` of the run loads that conversion. For the features
+  a head trains on (the head's feature-cache fill, a streamed `--head-augment` phase), which
+  convert once per phase, bfloat16 from `AUTO_BF16_MIN_IMAGES` images (counting the images
+  times the epochs) and Keras below. On a CPU without bfloat16: Keras below
+  `AUTO_MIN_IMAGES` images (counting each test-time augmentation view) and OpenVINO in
+  float32 from there. Logits to fit a temperature on, and the cached input of the top layer
+  groups (whose accuracy in bfloat16 is not measured), stay float32 (`float32=True`).
 
 The choice can be given per call (`runtime=`, `--runtime` on the command line) or for the
 whole process with the environment variable `FINETUNE_RUNTIME`.
@@ -42,9 +46,10 @@ differ by more than rounding (`TOLERANCE`), mean Keras computes everything, and 
 so.
 
 A conversion that passed that check is kept in the user cache (`finetune.cache`, folders
-`openvino/` and `onnx/`), named by a hash of the model's architecture and weights, of the
-runtime asked for, and of the converter's and runtime's versions. The same model converts
-only once: later calls (another `finetune predict` of the same run, the feature-cache fill of
+`openvino/` and `onnx/`), named by a hash of the model's architecture (not how it is compiled
+for training) and weights, of the runtime asked for, and of the converter's and runtime's
+versions; a `Run` also holds its converted model while its weights stay the same
+(`Run.prediction_forward`). The same model converts only once: later calls (another `finetune predict` of the same run, the feature-cache fill of
 another run with the same backbone and image size) load the verified file in a fraction of a
 second, without checking it again (its name binds it to those exact weights and versions,
 finetune's included). The `KEEP_CONVERSIONS` most recently used conversions of each folder
@@ -62,6 +67,7 @@ import contextlib
 import functools
 import hashlib
 import importlib.metadata
+import json
 import os
 import tempfile
 import warnings
@@ -80,8 +86,9 @@ CONVERTED = ("openvino", "openvino-bf16", "onnxruntime")
 ENV_VAR = "FINETUNE_RUNTIME"
 # Where converting pays, measured end to end on a 2-core Xeon (EfficientNet-Lite0, against
 # Keras with the weights compiled in; benchmarks/RESULTS.md, tenth and eleventh slices). "auto"
-# converts to OpenVINO in float32 from AUTO_MIN_IMAGES images on, and, on a CPU with bfloat16,
-# in bfloat16 from AUTO_BF16_MIN_IMAGES on (predictions, and the features a head trains on).
+# converts to OpenVINO in float32 from AUTO_MIN_IMAGES images on; on a CPU with bfloat16, in
+# bfloat16 for predictions at any count (a trained model converts once, and later calls load
+# it) and for the features a head trains on from AUTO_BF16_MIN_IMAGES (once per phase).
 AUTO_MIN_IMAGES = 15000
 AUTO_BF16_MIN_IMAGES = 2000
 # Largest allowed difference from Keras on the first batch, relative to the outputs' largest
@@ -127,21 +134,29 @@ def requested_runtime(runtime: str | None) -> str:
     return name
 
 
-def resolve_runtime(runtime: str | None, num_images: int, *, float32: bool = False) -> str:
+def resolve_runtime(
+    runtime: str | None, num_images: int, *, float32: bool = False, features: bool = False
+) -> str:
     """The runtime to use for `num_images` images: "keras", "openvino", "openvino-bf16" or
     "onnxruntime".
 
-    "auto" picks Keras below `AUTO_MIN_IMAGES` images and OpenVINO in float32 from there; on a
-    CPU with bfloat16 (unless `float32`), OpenVINO in bfloat16 from `AUTO_BF16_MIN_IMAGES`.
+    "auto", on a CPU with bfloat16 (unless `float32`): OpenVINO in bfloat16 for predictions
+    whatever their number, and for `features` from `AUTO_BF16_MIN_IMAGES` images. Otherwise
+    Keras below `AUTO_MIN_IMAGES` images and OpenVINO in float32 from there.
 
     Args:
         runtime: a name from `RUNTIMES`; None takes `FINETUNE_RUNTIME` from the environment,
             or "auto".
-        num_images: how many images the call will run. Only the request, this, `float32`
-            and the CPU decide, not whether a conversion is cached: the same call on the same
-            machine always gives the same numbers.
+        num_images: how many images the call will run. Only the request, this, `float32`,
+            `features` and the CPU decide, not whether a conversion is cached: the same call
+            on the same machine always gives the same numbers.
         float32: never bfloat16 under "auto": for logits to fit a temperature on. Defaults to
-            False (predictions, and features to train a head on).
+            False (predictions, and features to train on).
+        features: the outputs are features to train on, computed for one training phase
+            (its converted model serves only that phase and the next run with the same
+            backbone): converting pays from `AUTO_BF16_MIN_IMAGES` images. Predictions
+            (False, the default) convert once per trained model, at the end of
+            `finetune train` (its evaluation), and every later call loads that conversion.
 
     Raises:
         ConfigError: an unknown runtime name.
@@ -149,7 +164,8 @@ def resolve_runtime(runtime: str | None, num_images: int, *, float32: bool = Fal
     name = requested_runtime(runtime)
     if name != "auto":
         return name
-    if not float32 and num_images >= AUTO_BF16_MIN_IMAGES and cpu_has_bfloat16():
+    converting_pays = not features or num_images >= AUTO_BF16_MIN_IMAGES
+    if not float32 and converting_pays and cpu_has_bfloat16():
         return "openvino-bf16"
     return "openvino" if num_images >= AUTO_MIN_IMAGES else "keras"
 
@@ -162,8 +178,13 @@ def _intra_op_threads() -> int:
 
 
 def model_digest(model: keras.Model) -> str:
-    """A hash of `model`'s architecture (its JSON) and of every weight's name, shape and values."""
-    return weights_digest(model, hashlib.sha256(model.to_json().encode()))
+    """A hash of `model`'s architecture (its JSON, without how it is compiled for training)
+    and of every weight's name, shape and values: the trained model and the same model
+    loaded from its run for inference (`Run.load(compile=False)`) hash alike."""
+    config = json.loads(model.to_json())
+    config.pop("compile_config", None)
+    architecture = json.dumps(config, sort_keys=True)
+    return weights_digest(model, hashlib.sha256(architecture.encode()))
 
 
 def weights_digest(model: keras.Model, h: Any = None) -> str:
@@ -175,6 +196,22 @@ def weights_digest(model: keras.Model, h: Any = None) -> str:
         h.update(f"{variable.path}|{value.dtype}|{value.shape}".encode())
         h.update(value.tobytes())
     return h.hexdigest()
+
+
+def weights_checksum(model: keras.Model) -> int:
+    """A CRC-32 of every weight's bytes, in order: the same while the weights stay the same.
+
+    For noticing, within one process, that weights changed since a converted copy was made
+    (about 10 ms for EfficientNet-Lite0's 3.4 million against 25 ms for `weights_digest`); not
+    for naming files (see `conversion_file`)."""
+    import zlib
+
+    crc = 0
+    for variable in model.weights:
+        value = getattr(variable, "value", variable)
+        array = value.numpy() if hasattr(value, "numpy") else keras.ops.convert_to_numpy(value)
+        crc = zlib.crc32(np.ascontiguousarray(array), crc)
+    return crc
 
 
 def _version(package: str) -> str:
@@ -728,7 +765,7 @@ def guarded_forward(
         `keras_forward` of `fast`, or a `GuardedForward` (with the conversion cache) when another
         runtime is chosen; its `runtime` attribute says which one computes.
     """
-    chosen = resolve_runtime(runtime, num_images, float32=float32)
+    chosen = resolve_runtime(runtime, num_images, float32=float32, features=features)
     if chosen == "keras":
         return keras_forward(_made(fast))
     cache = usable_conversion_file(model, chosen, features=features)

@@ -100,6 +100,9 @@ class Run:
     _snapshot: tuple[keras.Model, str, keras.Model] | None = field(
         default=None, init=False, repr=False, compare=False
     )
+    _converted: tuple[keras.Model, tuple[str, str], int, Any] | None = field(
+        default=None, init=False, repr=False, compare=False
+    )
     last_runtime: str = field(default="", init=False, repr=False, compare=False)
 
     def inference_model(self, num_images: int = 0) -> keras.Model:
@@ -211,9 +214,10 @@ class Run:
                 gives the uncalibrated probabilities). Defaults to None (the run's).
             runtime: "keras"; "openvino", "openvino-bf16" or "onnxruntime" (the model
                 converted, checked against Keras on the first batch, and kept in the user
-                cache); or "auto" (Keras for few images, OpenVINO for many: bfloat16 from
-                `finetune.inference.AUTO_BF16_MIN_IMAGES` images on a CPU with it, float32
-                from `AUTO_MIN_IMAGES`); see `finetune.inference`.
+                cache and with this run, see `prediction_forward`); or "auto" (OpenVINO in
+                bfloat16 on a CPU with it, whatever the number of images; elsewhere Keras,
+                and OpenVINO in float32 from `finetune.inference.AUTO_MIN_IMAGES` images);
+                see `finetune.inference`.
                 Defaults to None (the environment variable `FINETUNE_RUNTIME`, or "auto").
                 `last_runtime` says which one computed the last call.
 
@@ -242,7 +246,7 @@ class Run:
         import tensorflow as tf
 
         from finetune.data.augment import augment, build_augmentation
-        from finetune.inference import guarded_forward, predict_batches, progress_bar
+        from finetune.inference import predict_batches, progress_bar
 
         if tta < 1:
             raise FinetuneError(f"tta must be 1 or more, got {tta}.")
@@ -262,11 +266,7 @@ class Run:
         # ONNX Runtime's threads may spin between batches: nothing trains meanwhile (tf.data
         # makes the augmented views of test-time augmentation alongside; measured, still a gain).
         count = len(images) * tta
-        # The folded Keras view is made only if it computes or checks: a kept conversion needs
-        # neither (folding twice and hashing the weights: about 0.15 s for Lite0).
-        forward = guarded_forward(
-            self.model, lambda: self.inference_model(count), runtime, count, spin=True
-        )
+        forward = self.prediction_forward(count, runtime)
         bar = progress_bar(len(images) * tta) if progress else None
         views = [predict_batches(forward, images, batch_size, bar=bar)]
         for view, augmentation in enumerate(augmentations, start=1):
@@ -287,6 +287,39 @@ class Run:
             views.append(predict_batches(forward, batches, batch_size, bar=bar))
         self.last_runtime = getattr(forward, "runtime", "keras")
         return np.stack(views)
+
+    def prediction_forward(self, count: int, runtime: str | None = None) -> Any:
+        """The forward pass for predicting `count` images in the runtime chosen for them
+        (`finetune.inference.guarded_forward`); its `runtime` attribute says which computes.
+
+        A converted model is kept with this run while its weights stay the same (checked on
+        each call by `weights_checksum`, about 10 ms for Lite0), so repeated calls neither
+        load it from the user cache again (about 0.1 s with hashing the model for its name)
+        nor convert it again; weights that changed are converted (or loaded) anew.
+        """
+        from finetune.inference import (
+            guarded_forward,
+            requested_runtime,
+            resolve_runtime,
+            weights_checksum,
+        )
+
+        def folded() -> keras.Model:
+            # Made only if it computes or checks: a kept conversion needs neither (folding
+            # twice and hashing the weights: about 0.15 s for Lite0).
+            return self.inference_model(count)
+
+        chosen = resolve_runtime(runtime, count)
+        if chosen == "keras":
+            return guarded_forward(self.model, folded, runtime, count, spin=True)
+        key = (requested_runtime(runtime), chosen)
+        checksum = weights_checksum(self.model)
+        kept = self._converted
+        if kept is not None and kept[0] is self.model and kept[1:3] == (key, checksum):
+            return kept[3]
+        forward = guarded_forward(self.model, folded, runtime, count, spin=True)
+        self._converted = (self.model, key, checksum, forward)
+        return forward
 
     def split_samples(self, split: str) -> list[tuple[Path, int]]:
         """The (path, label) pairs of one split of the run's data, from `split.json`."""

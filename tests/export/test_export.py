@@ -90,7 +90,7 @@ def test_float_export_agrees_with_keras(run_dir, run, test_images, fmt, quantize
     images, labels = test_images
     model = load_exported(report.path)
     logits = model.predict_logits(images)
-    reference = run.predict_logits(images)
+    reference = run.predict_logits(images, runtime="keras")  # what exports are held to
     tolerance = FLOAT16_TOLERANCE if quantize == "float16" else LOGIT_TOLERANCE[fmt]
     np.testing.assert_allclose(logits, reference, atol=tolerance, rtol=0)
     agreement = np.mean(logits.argmax(1) == reference.argmax(1))
@@ -115,7 +115,7 @@ def test_keras_int8_quantizes_the_dense_head_and_nothing_else(run_dir, run, test
     convolutions = [w for w in model.model.weights if len(w.shape) == 4]
     assert convolutions and all(w.dtype == "float32" for w in convolutions)
     images, _ = test_images
-    logits, reference = model.predict_logits(images), run.predict_logits(images)
+    logits, reference = model.predict_logits(images), run.predict_logits(images, runtime="keras")
     p = report.parity
     assert p.min_agreement is None  # quantized: reported, not bounded
     assert p.agreement == pytest.approx(np.mean(logits.argmax(1) == reference.argmax(1)))
@@ -151,7 +151,7 @@ def test_onnx_int8_is_integer_inside_and_keeps_its_labels(run_dir, run):
 
 def test_labels_and_temperature_travel_with_every_export(run_dir, run):
     test_files = [p for p, _ in run.split_samples("test")]
-    on_run = finetune.predict(run_dir, test_files, top_k=3)
+    on_run = finetune.predict(run_dir, test_files, top_k=3, runtime="keras")
     for fmt, quantize in [
         ("keras", "none"),
         ("saved_model", "none"),

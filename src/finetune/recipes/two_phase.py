@@ -244,7 +244,8 @@ class PhaseData:
         if cut != POOL_LAYER:
             height, width = self.train_images.shape[1:3]
             images = images * height * width // STREAM_CUT_PIXELS
-        return images if streams_from(resolve_runtime(self.runtime, images), cut) else 0
+        chosen = resolve_runtime(self.runtime, images, features=True)
+        return images if streams_from(chosen, cut) else 0
 
 
 def streams_from(runtime: str, cut: str) -> bool:

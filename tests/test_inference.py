@@ -27,6 +27,7 @@ from finetune.inference import (
     GuardedForward,
     OnnxForward,
     OpenVinoForward,
+    WeightsWatch,
     bfloat16_difference,
     conversion_file,
     cpu_has_bfloat16,
@@ -348,6 +349,8 @@ def test_the_weights_checksum_notices_any_change_and_nothing_else():
     model = classifier(0)
     before = weights_checksum(model)
     assert weights_checksum(model) == before
+    watch = WeightsWatch(model)  # each weight read on its own, then all in one function
+    assert [watch(), watch(), watch()] == [before] * 3 and watch._read is not None
     assert weights_checksum(classifier(0)) == before  # the same weights, another model
     assert weights_checksum(classifier(1)) != before
     # One value of one BatchNorm statistic: inference changes, so must the checksum.
@@ -360,6 +363,7 @@ def test_the_weights_checksum_notices_any_change_and_nothing_else():
     value[-1] *= 1.0 + 2.0**-20
     variance.assign(value)
     assert weights_checksum(model) != before
+    assert watch() == weights_checksum(model)  # the traced reader sees the change too
 
 
 def test_a_trained_model_and_the_same_loaded_for_inference_name_one_conversion(tmp_path):

@@ -48,9 +48,9 @@ head's step on cached pooled features, plus `cache_fill`, the feature extraction
 the cache once) and `infer` (for `finetune`,
 also the model converted by `finetune.inference.OpenVinoForward` and run by OpenVINO in
 float32 (what the cache fill, and `predict` and `evaluate` on a CPU without bfloat16, run from
-`AUTO_MIN_IMAGES` images on) and in bfloat16 (what `predict` and `evaluate` run from
-`AUTO_BF16_MIN_IMAGES` on a CPU with it), and by `OnnxForward` in ONNX Runtime, its threads
-spinning between calls as `predict` runs it).
+`AUTO_MIN_IMAGES` images on) and in bfloat16 (what `predict` and `evaluate` run at any count on
+a CPU with it; the Keras rows are what they run on other CPUs below `AUTO_MIN_IMAGES`), and by
+`OnnxForward` in ONNX Runtime, its threads spinning between calls as `predict` runs it).
 
 Usage: .venv/bin/python benchmarks/throughput_vs_torch.py [--help]; prints markdown tables and
 writes benchmarks/out/throughput_vs_torch-<time>.json.
@@ -246,7 +246,7 @@ def finetune_child(args: argparse.Namespace, bf16: bool, fold: bool = True) -> d
         else:  # infer
             fast = folded(model, frozen_only=False)
             row = time_calls(lambda m=fast: m.predict_on_batch(x), args.warmup, args.steps)
-            if fold:  # what `predict` runs below 256 images: the view reading its weights
+            if fold:  # `predict` below 256 images (CPUs without bfloat16): live weights
                 live = folded(model, frozen_only=False, snapshot=False)
                 row["live"] = time_calls(lambda m=live: m.predict_on_batch(x), args.warmup,
                                          args.steps)  # fmt: skip
@@ -539,7 +539,8 @@ def markdown(report: dict) -> str:
                          f"| {fmt(c.get(f'ratio_{key}'), 2)} |")  # fmt: skip
         if c.get("finetune_live"):
             lines.append(f"| {c['size']} | infer, Keras reading the weights on every call "
-                         f"(predict/evaluate below 256 images) | {fmt(c['finetune_live'])} "
+                         f"(predict/evaluate below 256 images, CPUs without bfloat16) | "
+                         f"{fmt(c['finetune_live'])} "
                          f"| | | | | | {best} | {fmt(c.get('ratio_live'), 2)} |")  # fmt: skip
         if c.get("finetune_onnx"):
             lines.append(f"| {c['size']} | infer, ONNX Runtime (--runtime onnxruntime) "

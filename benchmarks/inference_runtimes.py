@@ -20,7 +20,7 @@ cached (a private cache folder).
 
 With `--repeated 1,8,32`, repeated `Run.predict_logits` calls on one `Run` in one process
 (a notebook, a service), Keras against each of `--runtimes`, the run holding its converted
-model (made before the timed calls; each call checks the weights with `weights_checksum`).
+model (made before the timed calls; each call checks a CRC of the weights, `WeightsWatch`).
 
 With `--spin N`, whole `Run.predict_view_logits` calls on N images in ONNX Runtime (conversion
 kept), with 1 and 3 test-time augmentation views, its worker threads spinning between batches

@@ -366,6 +366,18 @@ def test_the_weights_checksum_notices_any_change_and_nothing_else():
     assert watch() == weights_checksum(model)  # the traced reader sees the change too
 
 
+def test_the_watch_reads_weights_that_replaced_others():
+    # `quantize` replaces a Dense layer's float kernel with int8 variables in place.
+    keras.utils.set_random_seed(0)
+    model = keras.Sequential([keras.Input((4,)), keras.layers.Dense(3)])
+    watch = WeightsWatch(model)
+    before = [watch(), watch(), watch()]  # the last two through the traced reader
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)  # "InputLayer has no quantize method"
+        model.quantize("int8")
+    assert watch() == weights_checksum(model) != before[-1]
+
+
 def test_a_trained_model_and_the_same_loaded_for_inference_name_one_conversion(tmp_path):
     # The end of training converts the trained model (compiled, with its optimizer); a later
     # `finetune predict` loads the run with compile=False and must find that conversion.
@@ -400,8 +412,6 @@ def test_a_run_keeps_its_converted_model_while_its_weights_stay_the_same(tmp_pat
     assert run.prediction_forward(8, "openvino") is not kept
     np.testing.assert_allclose(after[:, 0] - before[:, 0], 5.0, atol=1e-3)
     np.testing.assert_allclose(after, run.predict_logits(x, runtime="keras"), atol=1e-4)
-    changed = run.prediction_forward(8, "openvino")
-    assert run.prediction_forward(8, "onnxruntime") is not changed  # another runtime
 
 
 def _spinning(forward: OnnxForward) -> str:
@@ -458,6 +468,21 @@ def test_a_model_that_cannot_be_converted_runs_in_keras_with_a_warning(runtime, 
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # no second warning per batch
         np.testing.assert_allclose(predict_batches(forward, x, 2), model.predict_on_batch(x))
+
+
+def test_a_run_whose_conversion_fell_back_predicts_in_keras_without_trying_again():
+    inputs = keras.Input((4,))
+    model = keras.Model(inputs, keras.layers.Dense(2)(_NumpyOp()(inputs)))
+    run = Run(model=model, config=Config(), class_names=["a", "b"], image_size=SIZE)
+    with pytest.warns(RuntimeWarning, match="converting .* to OpenVINO failed"):
+        first = run.prediction_forward(3, "openvino")
+    x = np.ones((3, 4), np.float32)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no second attempt, no second warning
+        again = run.prediction_forward(3, "openvino")
+    assert first.runtime == "keras" and again is not first
+    np.testing.assert_allclose(again(x), first(x))
+    np.testing.assert_allclose(again(x), model.predict_on_batch(x))
 
 
 def test_only_the_most_recently_used_conversions_are_kept(tmp_path):

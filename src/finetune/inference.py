@@ -9,8 +9,8 @@ the model first takes about 1 s (1.2-3.7 s more per call end to end, the first-b
 included), which pays back from 15,000 images in float32 and from 2,000 in bfloat16
 (benchmarks/inference_runtimes.py --end-to-end; benchmarks/RESULTS.md, tenth slice). A
 conversion kept from before loads in about 0.1 s and answers 3.4-5.7x as fast as Keras even for
-one image (twelfth and thirteenth slices). ONNX Runtime (converting: 4-6 s) runs at 0.85-0.98x
-float32 OpenVINO, and stays available by name.
+one image (eleventh slice; thirteenth for repeated calls in one process). ONNX Runtime
+(converting: 4-6 s) runs at 0.85-0.98x float32 OpenVINO, and stays available by name.
 
 So the runtime is chosen per call:
 - `"keras"`: the folded Keras model.
@@ -128,8 +128,9 @@ def requested_runtime(runtime: str | None) -> str:
     name = runtime.strip().lower()
     if name not in RUNTIMES:
         raise ConfigError(
-            f"{where} is {runtime!r}; use one of {', '.join(RUNTIMES)} (auto: Keras for few "
-            "images, OpenVINO for many; see `finetune predict --help`)."
+            f"{where} is {runtime!r}; use one of {', '.join(RUNTIMES)} (auto: OpenVINO in "
+            "bfloat16 where the CPU has it, else Keras for few images and OpenVINO for many; "
+            "see `finetune predict --help`)."
         )
     return name
 
@@ -226,22 +227,26 @@ class WeightsWatch:
 
     The first call reads each weight on its own (about 12 ms for Lite0); from the second on,
     one TensorFlow function reads them all (traced then, once: about 0.3 s; about 5 ms a call
-    after that), with the same result.
+    after that), with the same result. Weights replaced by other variables (a layer rebuilt,
+    quantized in place) are read anew: the function is traced again for them.
     """
 
     def __init__(self, model: keras.Model):
-        self.model, self._calls, self._read = model, 0, None
+        self.model, self._calls = model, 0
+        self._read: tuple[tuple[int, ...], Callable[[], Any]] | None = None
 
     def __call__(self) -> int:
         self._calls += 1
+        weights = self.model.weights
         if self._calls == 1 or keras.backend.backend() != "tensorflow":
-            return weights_checksum(self.model)
-        if self._read is None:
+            return _crc32(_numpy(variable) for variable in weights)
+        variables = [getattr(v, "value", v) for v in weights]
+        ids = tuple(id(v) for v in variables)
+        if self._read is None or self._read[0] != ids:
             import tensorflow as tf
 
-            variables = [getattr(v, "value", v) for v in self.model.weights]
-            self._read = tf.function(lambda: [tf.identity(v) for v in variables])
-        return _crc32(tensor.numpy() for tensor in self._read())
+            self._read = ids, tf.function(lambda: [tf.identity(v) for v in variables])
+        return _crc32(tensor.numpy() for tensor in self._read[1]())
 
 
 def _version(package: str) -> str:

@@ -20,9 +20,10 @@ from finetune.config import Config, load_config
 from finetune.errors import FinetuneError
 
 MODEL_FILE = "model.keras"
-# From this many images (test-time augmentation views counted) on, `predict` runs a view with
-# the weights compiled in (`Run.inference_model`): checking that they have not changed costs
-# about as much as what the view saves on 1.5-3.5 batches of 32 (30 ms of hashing for Lite0).
+# From this many images (test-time augmentation views counted) on, `predict` in Keras (CPUs
+# without bfloat16, `--runtime keras`) runs a view with the weights compiled in
+# (`Run.inference_model`): checking that they have not changed costs about as much as what the
+# view saves on 1.5-3.5 batches of 32 (30 ms of hashing for Lite0).
 SNAPSHOT_MIN_IMAGES = 256
 
 
@@ -297,11 +298,13 @@ class Run:
         each call by a CRC of the weights, `finetune.inference.WeightsWatch`: about 12 ms for
         Lite0 on the first call, 5 ms from the third), so repeated calls neither load it from
         the user cache again (about 0.1 s with hashing the model for its name) nor convert it
-        again; weights that changed are converted (or loaded) anew.
+        again; weights that changed are converted (or loaded) anew. A conversion that fell
+        back to Keras (a failure, a disagreement) is not tried again until they change.
         """
         from finetune.inference import (
             WeightsWatch,
             guarded_forward,
+            keras_forward,
             requested_runtime,
             resolve_runtime,
         )
@@ -320,6 +323,8 @@ class Run:
         checksum = self._watch()
         kept = self._converted
         if kept is not None and kept[0] is self.model and kept[1:3] == (key, checksum):
+            if kept[3].runtime == "keras":  # fell back before: Keras for this count, no retry
+                return keras_forward(folded())
             return kept[3]
         forward = guarded_forward(self.model, folded, runtime, count, spin=True)
         self._converted = (self.model, key, checksum, forward)

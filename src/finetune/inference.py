@@ -237,10 +237,9 @@ class WeightsWatch:
 
     def __call__(self) -> int:
         self._calls += 1
-        weights = self.model.weights
         if self._calls == 1 or keras.backend.backend() != "tensorflow":
-            return _crc32(_numpy(variable) for variable in weights)
-        variables = [getattr(v, "value", v) for v in weights]
+            return weights_checksum(self.model)
+        variables = [getattr(v, "value", v) for v in self.model.weights]
         ids = tuple(id(v) for v in variables)
         if self._read is None or self._read[0] != ids:
             import tensorflow as tf

@@ -22,8 +22,9 @@ from finetune.errors import FinetuneError
 MODEL_FILE = "model.keras"
 # From this many images (test-time augmentation views counted) on, `predict` in Keras (CPUs
 # without bfloat16, `--runtime keras`) runs a view with the weights compiled in
-# (`Run.inference_model`): checking that they have not changed costs about as much as what the
-# view saves on 1.5-3.5 batches of 32 (30 ms of hashing for Lite0).
+# (`Run.inference_model`): checking that they have not changed cost about as much as what the
+# view saves on 1.5-3.5 batches of 32 when the check was a 30 ms hash (Lite0); it is a CRC now
+# (`Run.weights_checksum`: 5-12 ms), and the bound was not measured again.
 SNAPSHOT_MIN_IMAGES = 256
 
 
@@ -98,7 +99,7 @@ class Run:
     _fast: tuple[keras.Model, keras.Model] | None = field(
         default=None, init=False, repr=False, compare=False
     )
-    _snapshot: tuple[keras.Model, str, keras.Model] | None = field(
+    _snapshot: tuple[keras.Model, int, keras.Model] | None = field(
         default=None, init=False, repr=False, compare=False
     )
     _converted: tuple[keras.Model, tuple[str, str], int, Any] | None = field(
@@ -115,23 +116,33 @@ class Run:
         for training. For fewer than `SNAPSHOT_MIN_IMAGES` images it reads the weights on
         every call, so it follows any change to them. From there on its weights are compiled
         in (`fold_batchnorm(..., snapshot=True)`: 1.11-1.45x as fast again on Lite0): it is
-        kept while a digest of the model's weights, compared on each call of this method,
-        stays the same, and made again when they change; use it right away.
+        kept while `weights_checksum`, compared on each call of this method, stays the same,
+        and made again when it changes; use it right away.
         """
         from finetune.fold import fold_batchnorm
-        from finetune.inference import weights_digest
 
         if self._fast is None or self._fast[0] is not self.model:
             self._fast = (self.model, fold_batchnorm(self.model, frozen_only=False))
         live = self._fast[1]
         if num_images < SNAPSHOT_MIN_IMAGES or live is self.model:  # small, or nothing folds
             return live
-        digest = weights_digest(self.model)
+        checksum = self.weights_checksum()
         kept = self._snapshot
-        if kept is None or kept[0] is not self.model or kept[1] != digest:
+        if kept is None or kept[0] is not self.model or kept[1] != checksum:
             fast = fold_batchnorm(self.model, frozen_only=False, snapshot=True)
-            self._snapshot = kept = (self.model, digest, fast)
+            self._snapshot = kept = (self.model, checksum, fast)
         return kept[2]
+
+    def weights_checksum(self) -> int:
+        """A CRC-32 of the model's weights now (`finetune.inference.WeightsWatch`: about 12 ms
+        for Lite0 on the first call, 5 ms from the third): what the views and converted models
+        this run keeps for its weights (`inference_model`, `prediction_forward`) are checked
+        against."""
+        from finetune.inference import WeightsWatch
+
+        if self._watch is None or self._watch.model is not self.model:
+            self._watch = WeightsWatch(self.model)
+        return self._watch()
 
     @classmethod
     def load(cls, path: str | Path, compile: bool = True) -> Run:
@@ -295,14 +306,12 @@ class Run:
         (`finetune.inference.guarded_forward`); its `runtime` attribute says which computes.
 
         A converted model is kept with this run while its weights stay the same (checked on
-        each call by a CRC of the weights, `finetune.inference.WeightsWatch`: about 12 ms for
-        Lite0 on the first call, 5 ms from the third), so repeated calls neither load it from
+        each call by `weights_checksum`), so repeated calls neither load it from
         the user cache again (about 0.1 s with hashing the model for its name) nor convert it
         again; weights that changed are converted (or loaded) anew. A conversion that fell
         back to Keras (a failure, a disagreement) is not tried again until they change.
         """
         from finetune.inference import (
-            WeightsWatch,
             guarded_forward,
             keras_forward,
             requested_runtime,
@@ -318,9 +327,7 @@ class Run:
         if chosen == "keras":
             return guarded_forward(self.model, folded, runtime, count, spin=True)
         key = (requested_runtime(runtime), chosen)
-        if self._watch is None or self._watch.model is not self.model:
-            self._watch = WeightsWatch(self.model)
-        checksum = self._watch()
+        checksum = self.weights_checksum()
         kept = self._converted
         if kept is not None and kept[0] is self.model and kept[1:3] == (key, checksum):
             if kept[3].runtime == "keras":  # fell back before: Keras for this count, no retry

@@ -15,6 +15,11 @@ Everything the `finetune` command does is one call here:
 
 __version__ = "0.1.0"
 
+from finetune._startup import quiet_native_startup  # noqa: E402
+
+with quiet_native_startup():  # TensorFlow's native INFO lines while it loads, not its warnings
+    import tensorflow  # noqa: E402, F401
+
 from finetune.atomic import DiskFullError  # noqa: E402
 from finetune.backbones.registry import (  # noqa: E402
     BackboneSpec,

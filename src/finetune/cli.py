@@ -14,14 +14,11 @@ import sys
 from pathlib import Path
 from typing import Annotated, Any
 
-# Before TensorFlow is imported: keep its C++ start-up chatter out of the user's terminal.
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+import typer
+from rich.console import Console
+from rich.table import Table
 
-import typer  # noqa: E402
-from rich.console import Console  # noqa: E402
-from rich.table import Table  # noqa: E402
-
-from finetune.errors import FinetuneError  # noqa: E402
+from finetune.errors import FinetuneError
 
 app = typer.Typer(
     name="finetune",

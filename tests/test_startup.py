@@ -1,0 +1,68 @@
+"""TensorFlow's native INFO lines while it loads stay out of the terminal; nothing else does."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import pytest
+
+from finetune._startup import is_startup_noise, quiet_native_startup
+
+INFO = (
+    "I0000 00:00:1795493733.928816   23689 port.cc:153] oneDNN custom operations are on. "
+    "You may see slightly different numerical results.\n"
+)
+ABSL = "WARNING: All log messages before absl::InitializeLog() is called are written to STDERR\n"
+
+
+def test_info_lines_are_dropped_and_everything_else_is_written_back(capfd, monkeypatch):
+    monkeypatch.delenv("TF_CPP_MIN_LOG_LEVEL", raising=False)
+    with quiet_native_startup():
+        os.write(2, INFO.encode())
+        os.write(2, ABSL.encode())
+        os.write(2, b"W0000 00:00:1795493733.9   23689 x.cc:1] a real warning\n")
+        print("python's own stderr", file=sys.stderr)
+    err = capfd.readouterr().err
+    assert "port.cc" not in err and "absl::InitializeLog" not in err
+    assert "a real warning" in err and "python's own stderr" in err
+
+
+def test_everything_is_written_back_when_the_import_fails(capfd, monkeypatch):
+    monkeypatch.delenv("TF_CPP_MIN_LOG_LEVEL", raising=False)
+    with pytest.raises(ImportError), quiet_native_startup():
+        os.write(2, INFO.encode())
+        raise ImportError("libsomething.so: cannot open shared object file")
+    assert "port.cc:153" in capfd.readouterr().err
+
+
+def test_level_0_asks_for_the_info_lines(capfd, monkeypatch):
+    monkeypatch.setenv("TF_CPP_MIN_LOG_LEVEL", "0")
+    with quiet_native_startup():
+        os.write(2, INFO.encode())
+    assert "port.cc:153" in capfd.readouterr().err
+
+
+def test_patterns():
+    assert is_startup_noise(INFO) and is_startup_noise(ABSL)
+    assert is_startup_noise(
+        "To enable the following instructions: AVX2 AVX512F FMA, in other operations, "
+        "rebuild TensorFlow with the appropriate compiler flags.\n"
+    )
+    assert not is_startup_noise("E0000 00:00:1795493733.928816   23689 x.cc:1] an error\n")
+    assert not is_startup_noise("error: data folder not found\n")
+
+
+def test_a_command_prints_no_tensorflow_start_up_lines():
+    env = {k: v for k, v in os.environ.items() if not k.startswith("TF_CPP")}
+    done = subprocess.run(
+        [sys.executable, "-m", "finetune", "backbones"],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=300,
+    )
+    assert done.returncode == 0, done.stderr
+    assert "efficientnet_lite0" in done.stdout
+    assert done.stderr == ""

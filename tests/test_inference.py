@@ -378,6 +378,16 @@ def test_the_watch_reads_weights_that_replaced_others():
     assert watch() == weights_checksum(model) != before[-1]
 
 
+def test_one_watch_per_run_is_not_taken_for_retracing(caplog):
+    # Runs loaded one after another in one process (a notebook comparing runs) each hold a
+    # watch; TensorFlow must not warn that one function keeps retracing.
+    for seed in range(7):
+        keras.utils.set_random_seed(seed)
+        watch = WeightsWatch(keras.Sequential([keras.Input((4,)), keras.layers.Dense(3)]))
+        assert watch() == watch() == watch()
+    assert not [r for r in caplog.records if "retracing" in r.getMessage()]
+
+
 def test_a_trained_model_and_the_same_loaded_for_inference_name_one_conversion(tmp_path):
     # The end of training converts the trained model (compiled, with its optimizer); a later
     # `finetune predict` loads the run with compile=False and must find that conversion.

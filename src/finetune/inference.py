@@ -244,8 +244,16 @@ class WeightsWatch:
         if self._read is None or self._read[0] != ids:
             import tensorflow as tf
 
-            self._read = ids, tf.function(lambda: [tf.identity(v) for v in variables])
+            # A `partial` per watch: TensorFlow counts a lambda's traces across watches (one
+            # per run loaded in a process) as retracing, and warns.
+            self._read = ids, tf.function(functools.partial(_read_all, variables))
         return _crc32(tensor.numpy() for tensor in self._read[1]())
+
+
+def _read_all(variables: list) -> list:
+    import tensorflow as tf
+
+    return [tf.identity(v) for v in variables]
 
 
 def _version(package: str) -> str:

@@ -9,6 +9,11 @@ picks (bfloat16 OpenVINO for these 2,500 training and validation images on a CPU
 `FINETUNE_RUNTIME=keras` for the fill in Keras). The images are the bundled
 Fashion-MNIST sample (2,500 images, 10 classes) at --image-size.
 
+With `--fill`: the default head phase on cached features, the cache filled in Keras
+(`FINETUNE_RUNTIME=keras`) against each of `--runtimes`, converting in every round (a cache
+folder of its own: what a first run pays). `--images N` takes N of the bundled images (the
+same number from each class), for where converting starts to pay.
+
 With `--augmented`: the head phase augmented (`--head-augment`), where nothing can be cached,
 through the frozen backbone in Keras against the backbone's features streamed from each of
 `--runtimes` as the augmentation makes each batch (`FINETUNE_RUNTIME=keras` / `openvino-bf16`
@@ -20,6 +25,7 @@ layer groups training (and no phase 1), the groups below the cut streamed.
 Usage:
     .venv/bin/python benchmarks/feature_cache.py [--image-size 64] [--epochs 5] [--rounds 3]
         [--augmented [--runtimes openvino,openvino-bf16] [--cold] [--unfreeze-groups 3]]
+        [--fill [--runtimes openvino-bf16]] [--images 500]
 """
 
 from __future__ import annotations
@@ -69,8 +75,16 @@ def main(argv: list[str] | None = None) -> None:
         "in Keras (FINETUNE_RUNTIME=keras) against its features streamed "
         "(FINETUNE_RUNTIME=<each of --runtimes>)",
     )
+    parser.add_argument(
+        "--fill",
+        action="store_true",
+        help="instead: the cached head phase, its cache filled in Keras against each of "
+        "--runtimes, converting every round",
+    )
+    parser.add_argument("--images", type=int, default=0,
+                        help="use N of the bundled images (N / 10 per class); 0: all")  # fmt: skip
     parser.add_argument("--runtimes", default="openvino,openvino-bf16",
-                        help="with --augmented: the runtimes to stream from")  # fmt: skip
+                        help="with --augmented or --fill: the runtimes against Keras")  # fmt: skip
     parser.add_argument(
         "--cold",
         action="store_true",
@@ -85,6 +99,8 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     if args.unfreeze_groups and not args.augmented:
         parser.error("--unfreeze-groups goes with --augmented")
+    if args.fill and args.augmented:
+        parser.error("--fill and --augmented are two different measurements")
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
     from finetune.config import Config, DataConfig, RecipeConfig
@@ -100,7 +116,15 @@ def main(argv: list[str] | None = None) -> None:
             unfreeze_groups=args.unfreeze_groups,
         ),
     )  # fmt: skip
-    data = prepare_data(REPO / "examples" / "data" / "fashion_mnist", base, progress=False)
+    folder = REPO / "examples" / "data" / "fashion_mnist"
+    if args.images:  # the first N / 10 files of each class, linked into a folder of their own
+        subset = tempfile.TemporaryDirectory(prefix="finetune-bench-images-")
+        for class_dir in sorted(p for p in folder.iterdir() if p.is_dir()):
+            (Path(subset.name) / class_dir.name).mkdir()
+            for file in sorted(class_dir.iterdir())[: max(1, args.images // 10)]:
+                (Path(subset.name) / class_dir.name / file.name).symlink_to(file)
+        folder = Path(subset.name)
+    data = prepare_data(folder, base, progress=False)
     what = "augmented head epochs" if args.augmented else "head epochs"
     if args.unfreeze_groups:
         what = f"augmented epochs of the top {args.unfreeze_groups} groups"
@@ -123,8 +147,8 @@ def main(argv: list[str] | None = None) -> None:
 
         return setup
 
-    if args.augmented:
-        if args.cold:
+    if args.augmented or args.fill:
+        if args.cold or args.fill:
             from finetune.cache import cache_dir
 
             weights = cache_dir("weights")  # the converted backbone weights, shared
@@ -133,11 +157,15 @@ def main(argv: list[str] | None = None) -> None:
         slow_name = f"Keras, through the frozen {frozen}"
         runtimes = [r for r in args.runtimes.split(",") if r]
         fast_names = [f"{r}, streamed" for r in runtimes]
+        out_file = "feature_stream_partial.json" if args.unfreeze_groups else "feature_stream.json"
+        if args.fill:
+            slow_name, fast_names = "cache filled in Keras", [f"filled in {r}" for r in runtimes]
+            out_file = "feature_fill.json"
         variants = {
-            name: in_runtime(r, args.cold) for name, r in zip(fast_names, runtimes, strict=True)
+            name: in_runtime(r, args.cold or args.fill)
+            for name, r in zip(fast_names, runtimes, strict=True)
         }
         variants[slow_name] = in_runtime("keras")
-        out_file = "feature_stream_partial.json" if args.unfreeze_groups else "feature_stream.json"
     else:
         slow_name, fast_names = "through the frozen backbone", ["on cached features"]
         variants = {fast_names[0]: with_cache(True), slow_name: with_cache(False)}

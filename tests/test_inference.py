@@ -32,6 +32,7 @@ from finetune.inference import (
     conversion_file,
     cpu_has_bfloat16,
     guarded_forward,
+    keras_forward,
     model_digest,
     predict_batches,
     prune_conversions,
@@ -385,6 +386,23 @@ def test_one_watch_per_run_is_not_taken_for_retracing(caplog):
         keras.utils.set_random_seed(seed)
         watch = WeightsWatch(keras.Sequential([keras.Input((4,)), keras.layers.Dense(3)]))
         assert watch() == watch() == watch()
+    assert not [r for r in caplog.records if "retracing" in r.getMessage()]
+
+
+def test_keras_forward_is_keras_predict_and_many_models_are_not_taken_for_retracing(caplog):
+    # Runs trained or loaded in a loop each predict through Keras (a fill, a check, a
+    # fallback); TensorFlow must not warn that one function keeps retracing.
+    model = classifier(0)
+    x = np.random.default_rng(0).uniform(0, 255, (5, 32, 32, 3)).astype(np.float32)
+    forward = keras_forward(model)
+    np.testing.assert_allclose(forward(x), model.predict_on_batch(x), rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(forward(x[:2]), model.predict_on_batch(x[:2]), atol=1e-5)
+    caplog.clear()
+    for seed in range(7):
+        keras.utils.set_random_seed(seed)
+        small = keras.Sequential([keras.Input((4,)), keras.layers.Dense(3)])
+        out = keras_forward(small)(np.ones((2, 4), np.float32))
+        assert out.shape == (2, 3)
     assert not [r for r in caplog.records if "retracing" in r.getMessage()]
 
 

@@ -509,12 +509,35 @@ def _made(fast: keras.Model | Callable[[], keras.Model]) -> keras.Model:
 
 
 def keras_forward(model: keras.Model) -> Forward:
-    """Calls `model` (typically folded) on one batch, as NumPy."""
+    """Calls `model` (typically folded) in inference mode on one batch, as NumPy.
 
-    def forward(batch: np.ndarray) -> np.ndarray:
-        return keras.ops.convert_to_numpy(model.predict_on_batch(np.asarray(batch, np.float32)))
+    On TensorFlow, through a function of its own traced once for any batch size: Keras'
+    `predict_on_batch` traces one that shares its code with every other model's, so a process
+    that predicts with many models (runs trained or loaded in a loop) got TensorFlow's warning
+    that one function keeps retracing. The same computation either way.
+    """
+    inputs = getattr(model, "inputs", None)
+    if keras.backend.backend() != "tensorflow" or not inputs or len(inputs) != 1:
 
-    return forward
+        def forward(batch: np.ndarray) -> np.ndarray:
+            return keras.ops.convert_to_numpy(model.predict_on_batch(np.asarray(batch, np.float32)))
+
+        return forward
+    import tensorflow as tf
+
+    spec = tf.TensorSpec([None, *inputs[0].shape[1:]], tf.float32)
+    call = tf.function(
+        functools.partial(_inference_call, model), input_signature=[spec], autograph=False
+    )
+
+    def traced(batch: np.ndarray) -> np.ndarray:
+        return keras.ops.convert_to_numpy(call(np.asarray(batch, np.float32)))
+
+    return traced
+
+
+def _inference_call(model: keras.Model, x: Any) -> Any:
+    return model(x, training=False)
 
 
 class GuardedForward:

@@ -16,22 +16,28 @@ from __future__ import annotations
 
 import weakref
 from collections.abc import Sequence
+from typing import Any
 
 import keras
 import matplotlib
 import numpy as np
 import tensorflow as tf
 
+from finetune.inference import keras_forward
+
 POOL_LAYER = "pool"
 
-# The split of each model seen, kept while the model lives: the extractor's compiled predict
-# function is traced once per model instead of once per call (a report page calls grad_cam
-# many times on one model, and TensorFlow warns about functions retraced that often).
+# The split of each model seen, kept while the model lives: the extractor's function is
+# traced once per model instead of once per call (a report page calls grad_cam many times on
+# one model, and TensorFlow warns about functions retraced that often). It is its own
+# function (`keras_forward`), not Keras' predict_on_batch, whose traces TensorFlow counts
+# together for all models: reports of many runs in one process warned too.
 _SPLITS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
-def _split_at_feature_map(model: keras.Model) -> tuple[keras.Model, keras.Model]:
-    """(pixels -> last feature map, last feature map -> logits), sharing the model's layers."""
+def _split_at_feature_map(model: keras.Model) -> tuple[Any, keras.Model]:
+    """(pixels -> last feature map as a traced forward, last feature map -> logits), sharing
+    the model's layers."""
     if model in _SPLITS:
         return _SPLITS[model]
     if POOL_LAYER not in [layer.name for layer in model.layers]:
@@ -50,8 +56,8 @@ def _split_at_feature_map(model: keras.Model) -> tuple[keras.Model, keras.Model]
     # Keras clones the graph between an intermediate tensor and the outputs, reusing the layers,
     # so the head is the model's own head (hidden layers, dropout, logits) whatever its shape.
     head = keras.Model(feature_map, model.outputs[0], name=f"{model.name}_head")
-    _SPLITS[model] = (extractor, head)
-    return extractor, head
+    _SPLITS[model] = (keras_forward(extractor), head)
+    return _SPLITS[model]
 
 
 def _check_images(model: keras.Model, images: np.ndarray) -> np.ndarray:
@@ -121,7 +127,9 @@ def grad_cam(
     """
     if batch_size < 1:
         raise ValueError(f"batch_size must be at least 1; got {batch_size}.")
-    extractor, head = _split_at_feature_map(model)
+    # The backbone traced and in inference mode (training=False), about twice as fast as an
+    # eager call; no gradient flows through it.
+    backbone, head = _split_at_feature_map(model)
     images = _check_images(model, images)
     count, height, width = images.shape[:3]
     num_classes = int(head.outputs[0].shape[-1])
@@ -131,10 +139,8 @@ def grad_cam(
     maps = np.zeros((count, height, width), np.float32)
     for start in range(0, count, batch_size):
         stop = min(count, start + batch_size)
-        # predict_on_batch runs the backbone compiled and in inference mode (training=False),
-        # about twice as fast as an eager call; no gradient flows through it.
         batch = images[start:stop].astype(np.float32)
-        features = tf.convert_to_tensor(extractor.predict_on_batch(batch))
+        features = tf.convert_to_tensor(backbone(batch))
         with tf.GradientTape() as tape:
             tape.watch(features)
             logits = tf.cast(head(features, training=False), tf.float32)

@@ -94,6 +94,13 @@ def test_evaluate_and_predict_a_run(trained):
     assert "caf\\xe9.png,1," in invoke("predict", out, odd, "--format", "csv")
     invoke("predict", out, odd)  # the table: no UnicodeEncodeError (exit status 0)
 
+    # No classes asked for is an error, not an empty table.
+    from finetune.errors import ConfigError
+
+    with pytest.raises(ConfigError, match=r"top_k \(--top-k\) is 0"):
+        runner.invoke(app, ["predict", str(out), str(odd), "--top-k", "0"],
+                           catch_exceptions=False)  # fmt: skip
+
 
 @pytest.mark.slow
 def test_predict_with_a_backbone_imagenet_head_names_the_cat(tmp_path):

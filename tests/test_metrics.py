@@ -78,6 +78,20 @@ def test_roc_auc_skips_a_class_missing_from_the_labels():
     assert m["confusion_matrix_normalized"][2] == [0, 0, 0]  # empty row, no division by zero
 
 
+def test_macro_averages_cover_the_classes_with_images():
+    # Images of a and b only; one b is taken for c. c has no images: no recall to average,
+    # so the macro averages are over a and b (counting c's zeros would give 5/9 for F1).
+    y = np.array([0, 0, 1, 1])
+    p = np.array([[0.8, 0.1, 0.1], [0.6, 0.3, 0.1], [0.2, 0.7, 0.1], [0.1, 0.3, 0.6]])
+    m = classification_metrics(y, p, NAMES)
+    assert m["averaged_over"] == ["a", "b"]
+    assert m["per_class"]["c"]["precision"] == 0 and m["per_class"]["c"]["support"] == 0
+    assert m["macro_recall"] == pytest.approx((1 + 0.5) / 2)
+    assert m["macro_precision"] == pytest.approx(1.0)
+    assert m["macro_f1"] == pytest.approx((1 + 2 / 3) / 2)
+    assert "averaged_over" not in classification_metrics(Y, P, NAMES)  # every class there
+
+
 def test_ece_of_an_over_confident_model():
     # Always 90% sure, right half the time: one bin, gap 0.4.
     y = np.array([0, 1, 0, 1])

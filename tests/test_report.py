@@ -192,6 +192,26 @@ def test_evaluate_refuses_the_training_folder_and_unreadable_data(run_dir, tmp_p
 
 
 @pytest.mark.slow
+def test_evaluate_on_a_folder_of_one_of_its_classes(run_dir, tmp_path):
+    # New photos of one class the model knows: its accuracy, and macro averages over that
+    # class alone (the others have no images, so no recall to average). The run's own record
+    # stays as it is: another folder does not replace it.
+    class_dir = sorted(p for p in FASHION.iterdir() if p.is_dir())[2]  # not renamed
+    folder = tmp_path / "one" / class_dir.name
+    folder.mkdir(parents=True)
+    for f in sorted(class_dir.glob("*.png"))[40:60]:  # not among the 40 trained on
+        shutil.copy(f, folder / f.name)
+    record = (run_dir / "metrics.json").read_text()
+    metrics = finetune.evaluate(run_dir, tmp_path / "one", progress=False)
+    assert metrics["num_images"] == 20 and metrics["averaged_over"] == [class_dir.name]
+    own = metrics["per_class"][class_dir.name]
+    assert own["support"] == 20 and own["recall"] == pytest.approx(metrics["accuracy"])
+    assert metrics["macro_recall"] == pytest.approx(own["recall"])
+    assert metrics["macro_f1"] == pytest.approx(own["f1"])
+    assert (run_dir / "metrics.json").read_text() == record
+
+
+@pytest.mark.slow
 def test_overwrite_removes_the_old_runs_records_and_nothing_else(run_dir, tmp_path):
     from finetune.train import _prepare_run_dir
 

@@ -73,10 +73,16 @@ def _print_metrics(title: str, metrics: dict[str, Any]) -> None:
             str(m["support"]),
             "-" if auc is None else f"{auc:.3f}",
         )
+    over = metrics.get("averaged_over")
     for average in ("macro", "weighted"):
         if f"{average}_precision" in metrics:
             table.add_row(
-                f"[italic]{average} average[/]",
+                f"[italic]{average} average[/]"
+                + (
+                    f" [italic](the {len(over)} of {len(metrics['per_class'])} classes here)[/]"
+                    if over and average == "macro"
+                    else ""
+                ),
                 f"{metrics[f'{average}_precision']:.3f}",
                 f"{metrics[f'{average}_recall']:.3f}",
                 f"{metrics[f'{average}_f1']:.3f}",

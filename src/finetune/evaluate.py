@@ -130,13 +130,17 @@ def classification_metrics(
         class), `confusion_matrix_normalized` (each row divided by its count, so the diagonal
         is the per-class recall; an empty row stays 0), `roc_auc_ovr` (macro mean), `ece` and
         `reliability` (see `calibration_bins`), `class_names`, and `top_k` /
-        `top_k_accuracy` when there are more than two classes.
+        `top_k_accuracy` when there are more than two classes. When the images hold only
+        some of the classes (a folder of a few of them), the macro averages are over those
+        classes (`averaged_over` names them): a class with no images has no recall to average.
 
     Example:
         >>> classification_metrics(np.array([0, 1]), np.array([[0.9, 0.1], [0.2, 0.8]]), ["a", "b"])
     """
     labels = list(range(len(class_names)))
     y_pred = probabilities.argmax(axis=1)
+    present = sorted({int(label) for label in y_true})
+    averaged = present if 0 < len(present) < len(labels) else labels
     precision, recall, f1, support = precision_recall_fscore_support(
         y_true, y_pred, labels=labels, zero_division=0
     )
@@ -148,7 +152,7 @@ def classification_metrics(
     result: dict[str, Any] = {
         "accuracy": float(accuracy_score(y_true, y_pred)),
         "macro_f1": float(
-            f1_score(y_true, y_pred, labels=labels, average="macro", zero_division=0)
+            f1_score(y_true, y_pred, labels=averaged, average="macro", zero_division=0)
         ),
         "weighted_f1": float(
             f1_score(y_true, y_pred, labels=labels, average="weighted", zero_division=0)
@@ -159,7 +163,7 @@ def classification_metrics(
             for name, value in zip(
                 ("precision", "recall"),
                 precision_recall_fscore_support(
-                    y_true, y_pred, labels=labels, average=average, zero_division=0
+                    y_true, y_pred, labels=averaged, average=average, zero_division=0
                 )[:2],
                 strict=True,
             )
@@ -183,6 +187,8 @@ def classification_metrics(
         "reliability": calibration_bins(y_true, probabilities),
         "class_names": list(class_names),
     }
+    if averaged is not labels:
+        result["averaged_over"] = [class_names[i] for i in averaged]
     if k >= 2:
         result["top_k"] = k
         result["top_k_accuracy"] = float(
@@ -314,7 +320,7 @@ def evaluate_with_predictions(
                 "score the training images too. Run `finetune evaluate RUN_DIR` without a "
                 "folder to use the run's own test split."
             )
-        folder = scan_image_folder(data_dir)
+        folder = scan_image_folder(data_dir, min_classes=1)  # e.g. photos of one class
         # The held-out split of a pre-split folder; never its train/ when val/ exists.
         split = next(s for s in ("test", "val", "all", "train") if s in folder.samples)
         unknown = sorted(set(folder.class_names) - set(run.class_names))

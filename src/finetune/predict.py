@@ -18,7 +18,7 @@ import keras
 import numpy as np
 
 from finetune.data.decode import IMAGE_EXTENSIONS, decode_images, shown_path
-from finetune.errors import FinetuneError
+from finetune.errors import ConfigError, FinetuneError
 from finetune.run import Run, softmax
 
 
@@ -135,7 +135,7 @@ def predict(
         One `Prediction` per image file, in input order.
 
     Raises:
-        FinetuneError: unknown model, or inputs that do not exist.
+        FinetuneError: unknown model, inputs that do not exist, or `top_k` below 1.
 
     Example:
         >>> predict("efficientnet_lite0", ["cat.jpg"])[0].top[0]
@@ -144,6 +144,8 @@ def predict(
     from finetune.inference import requested_runtime
 
     requested_runtime(runtime)  # an unknown name fails before any work
+    if top_k < 1:
+        raise ConfigError(f"top_k (--top-k) is {top_k}; give 1 or more classes per image.")
     predictor = load_predictor(model)
     if runtime is not None and not isinstance(predictor, Run):
         raise FinetuneError(

@@ -323,8 +323,13 @@ def _confusion(run: Run) -> str:
     body = (
         _img(png, "confusion matrix")
         + _table(["class", "precision", "recall", "F1", "support", "ROC-AUC"], rows)
-        + f'<p class="note">Macro F1 {m["macro_f1"]:.3f}, weighted F1 {m["weighted_f1"]:.3f}, '
-        f"log loss {m['loss']:.3f}.</p>"
+        + f'<p class="note">Macro F1 {m["macro_f1"]:.3f}'
+        + (
+            f" (over the {len(m['averaged_over'])} classes with images here)"
+            if m.get("averaged_over")
+            else ""
+        )
+        + f", weighted F1 {m['weighted_f1']:.3f}, log loss {m['loss']:.3f}.</p>"
     )
     return _section("confusion", "Confusion matrix and classes", body)
 

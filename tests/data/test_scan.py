@@ -239,6 +239,12 @@ def test_single_class(tmp_path):
     assert "'cat'" in str(info.value) and "at least two" in str(info.value)
 
 
+def test_a_single_class_is_enough_to_evaluate_on(tmp_path):
+    make_tree(tmp_path, ["cat/a.jpg", "cat/b.jpg"])
+    folder = scan_image_folder(tmp_path, min_classes=1)
+    assert folder.class_names == ["cat"] and len(folder.samples["all"]) == 2
+
+
 def test_single_class_in_train(tmp_path):
     make_tree(tmp_path, ["train/cat/a.jpg"])
     with pytest.raises(DataError, match="only one class"):

@@ -227,8 +227,11 @@ def _extensions() -> str:
     return " ".join(sorted(IMAGE_EXTENSIONS))
 
 
-def _check_class_dirs(folder: Path, dirs: Sequence[os.DirEntry[str]], files: Sequence) -> None:
-    """Raises DataError when a folder that should hold class folders holds fewer than two."""
+def _check_class_dirs(
+    folder: Path, dirs: Sequence[os.DirEntry[str]], files: Sequence, min_classes: int = 2
+) -> None:
+    """Raises DataError when a folder that should hold class folders holds fewer than
+    `min_classes` (two to train on; one to evaluate a model on)."""
     if not dirs:
         loose = [e for e in files if os.path.splitext(e.name)[1].lower() in IMAGE_EXTENSIONS]
         if loose:
@@ -241,14 +244,14 @@ def _check_class_dirs(folder: Path, dirs: Sequence[os.DirEntry[str]], files: Seq
             f"({folder}/<class name>/...), or train/ (and optionally val/ and test/) folders "
             "that do."
         )
-    if len(dirs) == 1:
+    if len(dirs) < min_classes:
         raise DataError(
             f"only one class folder in {folder} ('{dirs[0].name}'): a classifier needs at least "
             "two classes. Add one sub-folder of images for each other class."
         )
 
 
-def scan_image_folder(root: str | os.PathLike[str]) -> ImageFolder:
+def scan_image_folder(root: str | os.PathLike[str], min_classes: int = 2) -> ImageFolder:
     """Lists the classes and image files of a data folder (flat or pre-split layout).
 
     Only names are looked at: nothing is decoded, so a broken image is found later, by the
@@ -257,13 +260,16 @@ def scan_image_folder(root: str | os.PathLike[str]) -> ImageFolder:
 
     Args:
         root: the data folder.
+        min_classes: fewer class folders are an error. Defaults to 2 (to train on); 1 to
+            evaluate a trained model on (the images of some of its classes).
 
     Returns:
         The classes (sorted folder names), the samples per split ("all" for the flat layout) and
         the files that are not used.
 
     Raises:
-        DataError: root is missing or not a folder; it has no class folders or only one; a class
+        DataError: root is missing or not a folder; it has no class folders, or fewer than
+            `min_classes`; a class
             folder holds no image; there are no images at all; val/ or test/ name a class that
             train/ does not have, or hold no images; both val/ and validation/ exist.
     """
@@ -298,9 +304,9 @@ def scan_image_folder(root: str | os.PathLike[str]) -> ImageFolder:
 
     ignored: list[IgnoredFile] = []
     if "train" not in split_dirs:
-        folder = _scan_flat(root, dirs, files, ignored)
+        folder = _scan_flat(root, dirs, files, ignored, min_classes)
     else:
-        folder = _scan_split(root, dirs, files, split_dirs, ignored)
+        folder = _scan_split(root, dirs, files, split_dirs, ignored, min_classes)
     folder.ignored.sort(key=lambda f: f.path.as_posix())
     return folder
 
@@ -310,9 +316,10 @@ def _scan_flat(
     dirs: list[os.DirEntry[str]],
     files: list[os.DirEntry[str]],
     ignored: list[IgnoredFile],
+    min_classes: int = 2,
 ) -> ImageFolder:
     _refuse_non_text_classes(root, dirs)
-    _check_class_dirs(root, dirs, files)
+    _check_class_dirs(root, dirs, files, min_classes)
     class_names = sorted(e.name for e in dirs)
     labels = {name: i for i, name in enumerate(class_names)}
     ignored.extend(_ignore(e.path, "not inside a class folder") for e in files)
@@ -326,6 +333,7 @@ def _scan_split(
     files: list[os.DirEntry[str]],
     split_dirs: dict[str, os.DirEntry[str]],
     ignored: list[IgnoredFile],
+    min_classes: int = 2,
 ) -> ImageFolder:
     used = {e.name for e in split_dirs.values()}
     ignored.extend(
@@ -341,7 +349,7 @@ def _scan_split(
     except OSError as exc:
         raise DataError(f"cannot read {train_dir}: {exc.strerror or exc}") from None
     _refuse_non_text_classes(train_dir, train_classes)
-    _check_class_dirs(train_dir, train_classes, train_files)
+    _check_class_dirs(train_dir, train_classes, train_files, min_classes)
     class_names = sorted(e.name for e in train_classes)
     labels = {name: i for i, name in enumerate(class_names)}
 

@@ -13,6 +13,8 @@ from finetune.export import is_exported_model, load_exported
     ("options", "message"),
     [
         ({"format": "tflite"}, "unknown export format 'tflite'; choose one of: keras, "),
+        ({"format": "tflite"}, r"now LiteRT: --format litert writes model\.tflite"),
+        ({"format": "pdf"}, r"litert, onnx\.$"),  # no LiteRT hint for other names
         ({"format": "litert", "quantize": "int4"}, "unknown quantization 'int4'"),
         ({"format": "onnx", "quantize": "float16"}, "not available for --format onnx"),
         ({"format": "onnx", "quantize": "int8", "int8_io": True}, "--int8-io needs --format"),

@@ -54,7 +54,11 @@ def check_options(fmt: str, quantize: str, int8_io: bool, calibration_images: in
         ConfigError: naming the bad option and what is allowed.
     """
     if fmt not in FORMATS:
-        raise ConfigError(f"unknown export format {fmt!r}; choose one of: {', '.join(FORMATS)}.")
+        renamed = " (TensorFlow Lite is now LiteRT: --format litert writes model.tflite)"
+        raise ConfigError(
+            f"unknown export format {fmt!r}; choose one of: {', '.join(FORMATS)}."
+            + (renamed if fmt.lower() in ("tflite", "tf_lite", "tensorflow_lite") else "")
+        )
     if quantize not in QUANTIZATIONS:
         raise ConfigError(
             f"unknown quantization {quantize!r}; choose one of: {', '.join(QUANTIZATIONS)}."

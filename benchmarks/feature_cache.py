@@ -82,7 +82,8 @@ def main(argv: list[str] | None = None) -> None:
         "--runtimes, converting every round",
     )
     parser.add_argument("--images", type=int, default=0,
-                        help="use N of the bundled images (N / 10 per class); 0: all")  # fmt: skip
+                        help="use N of the bundled images: N / 10 from each of its 10 classes "
+                        "(250 at most); 0: all")  # fmt: skip
     parser.add_argument("--runtimes", default="openvino,openvino-bf16",
                         help="with --augmented or --fill: the runtimes against Keras")  # fmt: skip
     parser.add_argument(

@@ -169,18 +169,6 @@ def test_grad_cam_works_through_hidden_head_layers():
     assert maps.shape == (3, 64, 64) and maps.min() >= 0.0 and maps.max() <= 1.0
 
 
-def test_maps_of_many_models_in_one_process_are_not_taken_for_retracing(caplog):
-    # A report per run, for runs trained in a loop: TensorFlow must not warn that one
-    # function keeps retracing.
-    images = np.random.default_rng(3).uniform(0, 255, (2, 32, 32, 3))
-    caplog.clear()
-    for seed in range(6):
-        keras.utils.set_random_seed(seed)
-        model = build_classifier(SPEC, 3, image_size=32, weights=None)
-        assert grad_cam(model, images).shape == (2, 32, 32)
-    assert not [r for r in caplog.records if "retracing" in r.getMessage()]
-
-
 def test_an_all_zero_map_stays_zero(small_classifier):
     model, images = small_classifier
     logits = model.get_layer("logits")

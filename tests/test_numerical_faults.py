@@ -146,16 +146,3 @@ def test_the_weight_check_reads_the_weights_as_they_are_now():
     assert not bool(check())
     layer.kernel.assign(np.zeros((4, 3), np.float32))
     assert bool(check())
-
-
-def test_one_check_per_phase_is_not_taken_for_retracing(caplog):
-    # A process trains many phases (gradual unfreezing, several runs in a notebook): each
-    # makes its own check, and TensorFlow must not warn that one function keeps retracing.
-    from finetune.recipes.two_phase import _finite_check
-
-    for _ in range(7):
-        layer = keras.layers.Dense(3)
-        layer.build((None, 4))
-        check = _finite_check(layer.trainable_variables)
-        assert bool(check()) and bool(check())
-    assert not [r for r in caplog.records if "retracing" in r.getMessage()]

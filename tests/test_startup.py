@@ -66,3 +66,38 @@ def test_a_command_prints_no_tensorflow_start_up_lines():
     assert done.returncode == 0, done.stderr
     assert "efficientnet_lite0" in done.stdout
     assert done.stderr == ""
+
+
+MANY_MODELS = """
+import numpy as np, keras
+from finetune.backbones.registry import get_backbone
+from finetune.gradcam import grad_cam
+from finetune.inference import WeightsWatch, keras_forward, traced_inference
+from finetune.model import build_classifier
+from finetune.recipes.two_phase import _finite_check
+
+for seed in range(6):
+    keras.utils.set_random_seed(seed)
+    small = keras.Sequential([keras.Input((4,)), keras.layers.Dense(3)])
+    assert bool(_finite_check(small.trainable_variables)())
+    watch = WeightsWatch(small)
+    assert watch() == watch() == watch()
+    keras_forward(small)(np.ones((2, 4), "float32"))
+    keras_forward(small)(np.ones((3, 4), "float32"))
+    assert traced_inference(small).experimental_get_tracing_count() == 1
+    model = build_classifier(get_backbone("efficientnet_lite0"), 3, image_size=32, weights=None)
+    assert grad_cam(model, np.zeros((1, 32, 32, 3))).shape == (1, 32, 32)
+print("done")
+"""
+
+
+def test_many_models_in_one_process_raise_no_retracing_warning():
+    # Runs trained or loaded in a loop (a notebook comparing settings): each has its own
+    # finite-weights check, weights watch, Keras inference function and Grad-CAM backbone,
+    # and TensorFlow must not take them for one function traced again and again. In a fresh
+    # process: TensorFlow warns at most twice per function, so earlier tests could hide it.
+    done = subprocess.run(
+        [sys.executable, "-c", MANY_MODELS], capture_output=True, text=True, timeout=600
+    )
+    assert done.returncode == 0 and "done" in done.stdout, done.stderr
+    assert "retracing" not in done.stderr, done.stderr

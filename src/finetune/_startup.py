@@ -2,9 +2,9 @@
 
 TensorFlow 2.21's C++ libraries log a few INFO lines while they load (oneDNN is on, which CPU
 instructions the binary uses) before absl's logging is set up, so `TF_CPP_MIN_LOG_LEVEL` does
-not reach them (tensorflow/tensorflow#100442). `quiet_native_startup` catches what the process
-writes to file descriptor 2 while TensorFlow loads and writes back every line that is not such
-an INFO line: warnings and errors still reach the user, only later.
+not reach them (tensorflow/tensorflow#100442). `quiet_native_startup` passes what the process
+writes to file descriptor 2 while TensorFlow loads through a pipe and drops only those INFO
+lines: warnings and errors reach the user as they are written.
 """
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ import contextlib
 import os
 import re
 import sys
-import tempfile
+import threading
 from collections.abc import Iterator
 
 # absl's INFO prefix ("I0000 00:00:1795493648.210184   23486 port.cc:153] ..."), the warning
@@ -32,37 +32,61 @@ def is_startup_noise(line: str) -> bool:
 
 @contextlib.contextmanager
 def quiet_native_startup() -> Iterator[None]:
-    """Run the body with file descriptor 2 caught; afterwards write back to stderr every
-    caught line that `is_startup_noise` does not match (all of it if the body raised).
+    """Run the body with file descriptor 2 sent through a pipe: a thread writes each line
+    that `is_startup_noise` does not match to the real stderr as it comes (so a fatal error
+    while TensorFlow loads is still seen at once), and drops the others, which are written
+    too if the body raises.
 
     Does nothing when `TF_CPP_MIN_LOG_LEVEL` is "0" (the user asked for TensorFlow's INFO
-    lines) or when the process has no file descriptor 2.
+    lines) or when file descriptor 2 cannot be duplicated or a pipe made.
     """
     if os.environ.get("TF_CPP_MIN_LOG_LEVEL") == "0":
         yield
         return
-    try:
+    with contextlib.suppress(Exception):
         sys.stderr.flush()
+    try:
         saved = os.dup(2)
-    except (OSError, ValueError, AttributeError):
+    except OSError:  # no file descriptor 2
         yield
         return
+    try:
+        read_end, write_end = os.pipe()
+    except OSError:
+        os.close(saved)
+        yield
+        return
+    dropped: list[bytes] = []
+
+    def forward() -> None:
+        with os.fdopen(read_end, "rb") as pipe:
+            for line in pipe:
+                if is_startup_noise(line.decode("utf-8", errors="replace")):
+                    dropped.append(line)
+                else:
+                    _write_all(saved, line)
+
+    thread = threading.Thread(target=forward, name="finetune-stderr", daemon=True)
+    thread.start()
+    os.dup2(write_end, 2)
+    os.close(write_end)
     raised = False
-    with tempfile.TemporaryFile() as caught:
-        os.dup2(caught.fileno(), 2)
-        try:
-            yield
-        except BaseException:
-            raised = True
-            raise
-        finally:
-            with contextlib.suppress(Exception):
-                sys.stderr.flush()
-            os.dup2(saved, 2)
-            os.close(saved)
-            caught.seek(0)
-            lines = caught.read().decode("utf-8", errors="replace").splitlines(keepends=True)
-            kept = "".join(line for line in lines if raised or not is_startup_noise(line))
-            if kept:
-                sys.stderr.write(kept)
-                sys.stderr.flush()
+    try:
+        yield
+    except BaseException:
+        raised = True
+        raise
+    finally:
+        with contextlib.suppress(Exception):
+            sys.stderr.flush()
+        os.dup2(saved, 2)  # closes the pipe's last write end: the thread reads to its end
+        thread.join(timeout=10)
+        if raised and dropped:
+            _write_all(2, b"".join(dropped))
+        os.close(saved)
+
+
+def _write_all(fd: int, data: bytes) -> None:
+    with contextlib.suppress(OSError):
+        while data:
+            data = data[os.write(fd, data) :]

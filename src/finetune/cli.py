@@ -79,7 +79,8 @@ def _print_metrics(title: str, metrics: dict[str, Any]) -> None:
             table.add_row(
                 f"[italic]{average} average[/]"
                 + (
-                    f" [italic](the {len(over)} of {len(metrics['per_class'])} classes here)[/]"
+                    f" [italic](over the {len(over)} of {len(metrics['per_class'])} classes "
+                    "with images)[/]"
                     if over and average == "macro"
                     else ""
                 ),
@@ -99,9 +100,14 @@ def _print_metrics(title: str, metrics: dict[str, Any]) -> None:
         extra += f"  top-{metrics['top_k']} {_percent(metrics['top_k_accuracy'])}"
     if "ece" in metrics:
         extra += f"  calibration error (ECE) {metrics['ece']:.3f}"
+    over = (
+        f" (over {len(metrics['averaged_over'])} of {len(metrics['per_class'])} classes)"
+        if metrics.get("averaged_over")
+        else ""
+    )
     console.print(
         f"accuracy [bold]{_percent(metrics['accuracy'])}[/]  macro F1 {metrics['macro_f1']:.3f}"
-        f"{extra}  on {metrics['num_images']} images ({metrics.get('data', '')})"
+        f"{over}{extra}  on {metrics['num_images']} images ({metrics.get('data', '')})"
     )
     cal = metrics.get("calibration")
     if cal:

@@ -133,6 +133,9 @@ def classification_metrics(
         `top_k_accuracy` when there are more than two classes. When the images hold only
         some of the classes (a folder of a few of them), the macro averages are over those
         classes (`averaged_over` names them): a class with no images has no recall to average.
+        Their precision is then that of the predictions of those classes; an image taken for
+        a class that has no images counts against its own class's recall (and the accuracy)
+        only.
 
     Example:
         >>> classification_metrics(np.array([0, 1]), np.array([[0.9, 0.1], [0.2, 0.8]]), ["a", "b"])

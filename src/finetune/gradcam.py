@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import weakref
 from collections.abc import Sequence
-from typing import Any
 
 import keras
 import matplotlib
@@ -35,9 +34,8 @@ POOL_LAYER = "pool"
 _SPLITS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
-def _split_at_feature_map(model: keras.Model) -> tuple[Any, keras.Model]:
-    """(pixels -> last feature map as a traced forward, last feature map -> logits), sharing
-    the model's layers."""
+def _split_at_feature_map(model: keras.Model) -> tuple[keras.Model, keras.Model]:
+    """(pixels -> last feature map, last feature map -> logits), sharing the model's layers."""
     if model in _SPLITS:
         return _SPLITS[model]
     if POOL_LAYER not in [layer.name for layer in model.layers]:
@@ -56,8 +54,8 @@ def _split_at_feature_map(model: keras.Model) -> tuple[Any, keras.Model]:
     # Keras clones the graph between an intermediate tensor and the outputs, reusing the layers,
     # so the head is the model's own head (hidden layers, dropout, logits) whatever its shape.
     head = keras.Model(feature_map, model.outputs[0], name=f"{model.name}_head")
-    _SPLITS[model] = (keras_forward(extractor), head)
-    return _SPLITS[model]
+    _SPLITS[model] = (extractor, head)
+    return extractor, head
 
 
 def _check_images(model: keras.Model, images: np.ndarray) -> np.ndarray:
@@ -129,7 +127,8 @@ def grad_cam(
         raise ValueError(f"batch_size must be at least 1; got {batch_size}.")
     # The backbone traced and in inference mode (training=False), about twice as fast as an
     # eager call; no gradient flows through it.
-    backbone, head = _split_at_feature_map(model)
+    extractor, head = _split_at_feature_map(model)
+    backbone = keras_forward(extractor)  # traced once per extractor
     images = _check_images(model, images)
     count, height, width = images.shape[:3]
     num_classes = int(head.outputs[0].shape[-1])

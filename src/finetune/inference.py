@@ -71,6 +71,7 @@ import json
 import os
 import tempfile
 import warnings
+import weakref
 from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
@@ -511,24 +512,19 @@ def _made(fast: keras.Model | Callable[[], keras.Model]) -> keras.Model:
 def keras_forward(model: keras.Model) -> Forward:
     """Calls `model` (typically folded) in inference mode on one batch, as NumPy.
 
-    On TensorFlow, through a function of its own traced once for any batch size: Keras'
-    `predict_on_batch` traces one that shares its code with every other model's, so a process
-    that predicts with many models (runs trained or loaded in a loop) got TensorFlow's warning
-    that one function keeps retracing. The same computation either way.
+    On TensorFlow, through a function traced once per model for any batch size and kept
+    while the model lives (`traced_inference`): Keras' `predict_on_batch` traces one that
+    shares its code with every other model's, so a process that predicts with many models
+    (runs trained or loaded in a loop) got TensorFlow's warning that one function keeps
+    retracing. The same computation either way.
     """
-    inputs = getattr(model, "inputs", None)
-    if keras.backend.backend() != "tensorflow" or not inputs or len(inputs) != 1:
+    call = traced_inference(model)
+    if call is None:
 
         def forward(batch: np.ndarray) -> np.ndarray:
             return keras.ops.convert_to_numpy(model.predict_on_batch(np.asarray(batch, np.float32)))
 
         return forward
-    import tensorflow as tf
-
-    spec = tf.TensorSpec([None, *inputs[0].shape[1:]], tf.float32)
-    call = tf.function(
-        functools.partial(_inference_call, model), input_signature=[spec], autograph=False
-    )
 
     def traced(batch: np.ndarray) -> np.ndarray:
         return keras.ops.convert_to_numpy(call(np.asarray(batch, np.float32)))
@@ -536,8 +532,39 @@ def keras_forward(model: keras.Model) -> Forward:
     return traced
 
 
-def _inference_call(model: keras.Model, x: Any) -> Any:
-    return model(x, training=False)
+# One traced inference function per model, dropped with the model (the function holds the
+# model only weakly, so the entry does not keep its own key alive).
+_TRACED: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def traced_inference(model: keras.Model) -> Any:
+    """`model(x, training=False)` as a TensorFlow function of its own for float32 batches of
+    any size, made once per model (later calls with the same model return it); None off the
+    TensorFlow backend or for a model without exactly one float32 input."""
+    inputs = getattr(model, "inputs", None)
+    if keras.backend.backend() != "tensorflow" or not inputs or len(inputs) != 1:
+        return None
+    if str(getattr(inputs[0], "dtype", "float32")) != "float32":
+        return None
+    call = _TRACED.get(model)
+    if call is None:
+        import tensorflow as tf
+
+        spec = tf.TensorSpec([None, *inputs[0].shape[1:]], tf.float32)
+        call = tf.function(
+            functools.partial(_inference_call, weakref.ref(model)),
+            input_signature=[spec],
+            autograph=False,
+        )
+        _TRACED[model] = call
+    return call
+
+
+def _inference_call(model: Callable[[], keras.Model | None], x: Any) -> Any:
+    live = model()
+    if live is None:
+        raise RuntimeError("the model of this traced function was deleted")
+    return live(x, training=False)
 
 
 class GuardedForward:

@@ -57,7 +57,7 @@ def check_options(fmt: str, quantize: str, int8_io: bool, calibration_images: in
         renamed = " (TensorFlow Lite is now LiteRT: --format litert writes model.tflite)"
         raise ConfigError(
             f"unknown export format {fmt!r}; choose one of: {', '.join(FORMATS)}."
-            + (renamed if fmt.lower() in ("tflite", "tf_lite", "tensorflow_lite") else "")
+            + (renamed if fmt.lower().replace("-", "_") in ("tflite", "tf_lite") else "")
         )
     if quantize not in QUANTIZATIONS:
         raise ConfigError(

@@ -44,6 +44,17 @@ def test_level_0_asks_for_the_info_lines(capfd, monkeypatch):
     assert "port.cc:153" in capfd.readouterr().err
 
 
+def test_a_process_without_stderr_is_left_as_it_is():
+    saved = os.dup(2)
+    os.close(2)  # e.g. a daemon started with its stderr closed
+    try:
+        with quiet_native_startup():
+            assert os.environ is not None  # the body runs
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
+
+
 def test_patterns():
     assert is_startup_noise(INFO) and is_startup_noise(ABSL)
     assert is_startup_noise(

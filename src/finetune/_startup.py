@@ -45,17 +45,16 @@ def quiet_native_startup() -> Iterator[None]:
         return
     with contextlib.suppress(Exception):
         sys.stderr.flush()
-    try:
+    saved = pipe = None
+    with contextlib.suppress(OSError):  # no file descriptor 2, or no pipe to be had
         saved = os.dup(2)
-    except OSError:  # no file descriptor 2
-        yield
+        pipe = os.pipe()
+    if saved is None or pipe is None:
+        if saved is not None:
+            os.close(saved)
+        yield  # (outside the `except`: an error of the body is not chained to this one)
         return
-    try:
-        read_end, write_end = os.pipe()
-    except OSError:
-        os.close(saved)
-        yield
-        return
+    read_end, write_end = pipe
     dropped: list[bytes] = []
 
     def forward() -> None:

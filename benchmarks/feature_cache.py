@@ -148,8 +148,9 @@ def main(argv: list[str] | None = None) -> None:
 
         return setup
 
+    cold = args.cold or args.fill  # --fill: every round converts
     if args.augmented or args.fill:
-        if args.cold or args.fill:
+        if cold:
             from finetune.cache import cache_dir
 
             weights = cache_dir("weights")  # the converted backbone weights, shared
@@ -162,10 +163,7 @@ def main(argv: list[str] | None = None) -> None:
         if args.fill:
             slow_name, fast_names = "cache filled in Keras", [f"filled in {r}" for r in runtimes]
             out_file = "feature_fill.json"
-        variants = {
-            name: in_runtime(r, args.cold or args.fill)
-            for name, r in zip(fast_names, runtimes, strict=True)
-        }
+        variants = {name: in_runtime(r, cold) for name, r in zip(fast_names, runtimes, strict=True)}
         variants[slow_name] = in_runtime("keras")
     else:
         slow_name, fast_names = "through the frozen backbone", ["on cached features"]

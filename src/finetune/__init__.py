@@ -15,10 +15,13 @@ Everything the `finetune` command does is one call here:
 
 __version__ = "0.1.0"
 
-from finetune._startup import quiet_native_startup  # noqa: E402
+import sys  # noqa: E402
 
-with quiet_native_startup():  # TensorFlow's native INFO lines while it loads, not its warnings
-    import tensorflow  # noqa: E402, F401
+if "tensorflow" not in sys.modules:  # loaded here: without its native INFO lines
+    from finetune._startup import quiet_native_startup
+
+    with quiet_native_startup():
+        import tensorflow  # noqa: F401
 
 from finetune.atomic import DiskFullError  # noqa: E402
 from finetune.backbones.registry import (  # noqa: E402

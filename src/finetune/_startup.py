@@ -33,9 +33,9 @@ def is_startup_noise(line: str) -> bool:
 @contextlib.contextmanager
 def quiet_native_startup() -> Iterator[None]:
     """Run the body with file descriptor 2 sent through a pipe: a thread writes each line
-    that `is_startup_noise` does not match to the real stderr as it comes (so a fatal error
-    while TensorFlow loads is still seen at once), and drops the others, which are written
-    too if the body raises.
+    that `is_startup_noise` does not match to the real stderr as it comes, and drops the
+    others, which are written too if the body raises. (A fatal error that aborts the process
+    at once may be lost: the thread may not run before the process ends.)
 
     Does nothing when `TF_CPP_MIN_LOG_LEVEL` is "0" (the user asked for TensorFlow's INFO
     lines) or when file descriptor 2 cannot be duplicated or a pipe made.
@@ -58,8 +58,8 @@ def quiet_native_startup() -> Iterator[None]:
     dropped: list[bytes] = []
 
     def forward() -> None:
-        with os.fdopen(read_end, "rb") as pipe:
-            for line in pipe:
+        with os.fdopen(read_end, "rb") as lines:
+            for line in lines:
                 if is_startup_noise(line.decode("utf-8", errors="replace")):
                     dropped.append(line)
                 else:

@@ -73,17 +73,13 @@ def _print_metrics(title: str, metrics: dict[str, Any]) -> None:
             str(m["support"]),
             "-" if auc is None else f"{auc:.3f}",
         )
-    over = metrics.get("averaged_over")
+    from finetune.evaluate import averaged_over_note
+
+    over = averaged_over_note(metrics)
     for average in ("macro", "weighted"):
         if f"{average}_precision" in metrics:
             table.add_row(
-                f"[italic]{average} average[/]"
-                + (
-                    f" [italic](over the {len(over)} of {len(metrics['per_class'])} classes "
-                    "with images)[/]"
-                    if over and average == "macro"
-                    else ""
-                ),
+                f"[italic]{average} average{over if average == 'macro' else ''}[/]",
                 f"{metrics[f'{average}_precision']:.3f}",
                 f"{metrics[f'{average}_recall']:.3f}",
                 f"{metrics[f'{average}_f1']:.3f}",
@@ -100,11 +96,6 @@ def _print_metrics(title: str, metrics: dict[str, Any]) -> None:
         extra += f"  top-{metrics['top_k']} {_percent(metrics['top_k_accuracy'])}"
     if "ece" in metrics:
         extra += f"  calibration error (ECE) {metrics['ece']:.3f}"
-    over = (
-        f" (over {len(metrics['averaged_over'])} of {len(metrics['per_class'])} classes)"
-        if metrics.get("averaged_over")
-        else ""
-    )
     console.print(
         f"accuracy [bold]{_percent(metrics['accuracy'])}[/]  macro F1 {metrics['macro_f1']:.3f}"
         f"{over}{extra}  on {metrics['num_images']} images ({metrics.get('data', '')})"

@@ -297,6 +297,15 @@ def evaluate(
     return evaluate_with_predictions(run, data_dir, progress=progress, tta=tta, runtime=runtime)[0]
 
 
+def averaged_over_note(metrics: dict[str, Any]) -> str:
+    """A note such as " (over the 1 of 10 classes with images)" when the macro averages of
+    `metrics` cover only the classes the images hold (`averaged_over`), else ""."""
+    over = metrics.get("averaged_over")
+    if not over:
+        return ""
+    return f" (over the {len(over)} of {len(metrics['class_names'])} classes with images)"
+
+
 def evaluate_with_predictions(
     run: Run | str | Path,
     data_dir: str | Path | None = None,

@@ -243,12 +243,19 @@ class WeightsWatch:
         variables = [getattr(v, "value", v) for v in self.model.weights]
         ids = tuple(id(v) for v in variables)
         if self._read is None or self._read[0] != ids:
-            import tensorflow as tf
-
-            # A `partial` per watch: TensorFlow counts a lambda's traces across watches (one
-            # per run loaded in a process) as retracing, and warns.
-            self._read = ids, tf.function(functools.partial(_read_all, variables))
+            self._read = ids, own_function(_read_all, variables)  # one per watch, per run
         return _crc32(tensor.numpy() for tensor in self._read[1]())
+
+
+def own_function(python_function: Callable[..., Any], *args: Any, **options: Any) -> Any:
+    """`tf.function(functools.partial(python_function, *args), **options)`: a TensorFlow
+    function of its own for each call. TensorFlow counts traces by the Python code they come
+    from, so one nested function or lambda traced for many models, runs or phases in one
+    process (each once) is taken for a function traced again and again, and warned about;
+    each `partial` is counted on its own."""
+    import tensorflow as tf
+
+    return tf.function(functools.partial(python_function, *args), **options)
 
 
 def _read_all(variables: list) -> list:
@@ -513,10 +520,10 @@ def keras_forward(model: keras.Model) -> Forward:
     """Calls `model` (typically folded) in inference mode on one batch, as NumPy.
 
     On TensorFlow, through a function traced once per model for any batch size and kept
-    while the model lives (`traced_inference`): Keras' `predict_on_batch` traces one that
-    shares its code with every other model's, so a process that predicts with many models
-    (runs trained or loaded in a loop) got TensorFlow's warning that one function keeps
-    retracing. The same computation either way.
+    while the model lives (`traced_inference`, an `own_function`): Keras' `predict_on_batch`
+    traces one that shares its code with every other model's, so a process that predicts
+    with many models (runs trained or loaded in a loop) got TensorFlow's warning that one
+    function keeps retracing. The same computation either way.
     """
     call = traced_inference(model)
     if call is None:
@@ -551,17 +558,15 @@ def traced_inference(model: keras.Model) -> Any:
         import tensorflow as tf
 
         spec = tf.TensorSpec([None, *inputs[0].shape[1:]], tf.float32)
-        call = tf.function(
-            functools.partial(_inference_call, weakref.ref(model)),
-            input_signature=[spec],
-            autograph=False,
+        call = own_function(
+            _inference_call, weakref.ref(model), input_signature=[spec], autograph=False
         )
         _TRACED[model] = call
     return call
 
 
-def _inference_call(model: Callable[[], keras.Model | None], x: Any) -> Any:
-    live = model()
+def _inference_call(model_ref: Callable[[], keras.Model | None], x: Any) -> Any:
+    live = model_ref()
     if live is None:
         raise RuntimeError("the model of this traced function was deleted")
     return live(x, training=False)

@@ -305,6 +305,8 @@ def _curves(run: Run) -> str:
 
 
 def _confusion(run: Run) -> str:
+    from finetune.evaluate import averaged_over_note
+
     m = run.metrics
     if not m:
         return _section("confusion", "Confusion matrix and classes", "<p>No metrics.</p>")
@@ -323,13 +325,8 @@ def _confusion(run: Run) -> str:
     body = (
         _img(png, "confusion matrix")
         + _table(["class", "precision", "recall", "F1", "support", "ROC-AUC"], rows)
-        + f'<p class="note">Macro F1 {m["macro_f1"]:.3f}'
-        + (
-            f" (over the {len(m['averaged_over'])} classes with images here)"
-            if m.get("averaged_over")
-            else ""
-        )
-        + f", weighted F1 {m['weighted_f1']:.3f}, log loss {m['loss']:.3f}.</p>"
+        + f'<p class="note">Macro F1 {m["macro_f1"]:.3f}{averaged_over_note(m)}, weighted F1 '
+        f"{m['weighted_f1']:.3f}, log loss {m['loss']:.3f}.</p>"
     )
     return _section("confusion", "Confusion matrix and classes", body)
 

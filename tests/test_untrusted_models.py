@@ -256,7 +256,12 @@ def test_archive_members_outside_the_archive_are_refused(good_keras, tmp_path):
     assert not (tmp_path.parent / "evil.txt").exists()
 
 
-def test_weights_inside_a_keras_file_are_checked_too(good_keras, tmp_path):
+# Keras stores the weights (read into memory for the check); another writer may deflate them
+# (streamed: never inflated into memory).
+@pytest.mark.parametrize(
+    "compression", [zipfile.ZIP_STORED, zipfile.ZIP_DEFLATED], ids=["stored", "deflated"]
+)
+def test_weights_inside_a_keras_file_are_checked_too(good_keras, tmp_path, compression):
     target = tmp_path / "elsewhere.h5"
     with h5py.File(target, "w") as f:
         f.create_dataset("x", data=np.ones(3))
@@ -270,7 +275,9 @@ def test_weights_inside_a_keras_file_are_checked_too(good_keras, tmp_path):
         for name in src.namelist():
             if name != "model.weights.h5":
                 out.writestr(name, src.read(name))
-        out.write(weights, "model.weights.h5")
+        out.write(weights, "model.weights.h5", compress_type=compression)
+    with zipfile.ZipFile(hostile) as archive:
+        assert archive.getinfo("model.weights.h5").compress_type == compression
 
     with pytest.raises(FinetuneError, match="external link") as caught:
         load_keras_model(hostile)

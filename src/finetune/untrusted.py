@@ -19,6 +19,7 @@ Every refusal is a `FinetuneError` (a `WeightsError` for weights) naming the fil
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import zipfile
@@ -281,8 +282,17 @@ def check_keras_archive(path: str | os.PathLike[str]) -> None:
                     "models written by finetune (or plain Keras layers)."
                 )
             if "model.weights.h5" in archive.namelist():
-                with archive.open("model.weights.h5") as weights:
-                    check_h5_file(weights, f"{path} (its model.weights.h5)", FinetuneError)
+                shown = f"{path} (its model.weights.h5)"
+                info = archive.getinfo("model.weights.h5")
+                if info.compress_type == zipfile.ZIP_STORED:
+                    # What Keras writes. HDF5 reads by seeking, and a seek back in a zip member
+                    # reads it again from its start: 0.6 s for a 41 MB Lite0 run, against 0.05 s
+                    # in memory. Stored, it is no larger than the archive on disk.
+                    data = io.BytesIO(archive.read(info))
+                    check_h5_file(data, shown, FinetuneError)
+                else:  # compressed (another writer): streamed, never inflated into memory
+                    with archive.open(info) as weights:
+                        check_h5_file(weights, shown, FinetuneError)
     except FinetuneError:
         raise
     except (zipfile.BadZipFile, OSError, UnicodeDecodeError, json.JSONDecodeError) as err:

@@ -17,74 +17,6 @@ __version__ = "0.1.0"
 
 import sys  # noqa: E402
 
-if "tensorflow" not in sys.modules:  # loaded here: without its native INFO lines
-    from finetune._startup import quiet_native_startup
-
-    with quiet_native_startup():
-        import tensorflow  # noqa: F401
-
-from finetune.atomic import DiskFullError  # noqa: E402
-from finetune.backbones.registry import (  # noqa: E402
-    BackboneSpec,
-    Preprocessing,
-    get_backbone,
-    list_backbones,
-    load_backbone,
-    register_backbone,
-)
-from finetune.calibration import fit_temperature  # noqa: E402
-from finetune.config import (  # noqa: E402
-    AugmentConfig,
-    Config,
-    DataConfig,
-    ModelConfig,
-    PruneConfig,
-    RecipeConfig,
-    load_config,
-)
-from finetune.data.inspect import DatasetReport, inspect_folder  # noqa: E402
-from finetune.ensemble import ensemble  # noqa: E402  (also registers CombineMembers)
-from finetune.errors import (  # noqa: E402
-    ConfigError,
-    DataError,
-    FinetuneError,
-    ImageDecodeError,
-    NonFiniteLossError,
-    WeightsError,
-)
-from finetune.evaluate import (  # noqa: E402
-    Predictions,
-    classification_metrics,
-    evaluate,
-    evaluate_with_predictions,
-    expected_calibration_error,
-)
-from finetune.export import (  # noqa: E402
-    ExportedModel,
-    ExportReport,
-    ParityReport,
-    export_run,
-    load_exported,
-)
-from finetune.fold import fold_batchnorm  # noqa: E402
-from finetune.gradcam import grad_cam  # noqa: E402
-from finetune.lr_find import lr_find  # noqa: E402
-from finetune.model import (  # noqa: E402
-    BatchNormCheck,
-    BatchNormWarning,
-    Normalize,
-    build_classifier,
-    check_batchnorm,
-    freeze_backbone,
-    unfreeze_top_groups,
-)
-from finetune.predict import Prediction, predict  # noqa: E402
-from finetune.recipes.resume import ResumeError  # noqa: E402
-from finetune.report import write_report  # noqa: E402
-from finetune.run import Run  # noqa: E402
-from finetune.runs import RunSummary, list_runs  # noqa: E402
-from finetune.train import prune, train, train_with_scratch_baseline  # noqa: E402
-
 __all__ = [
     "AugmentConfig",
     "BackboneSpec",
@@ -141,3 +73,29 @@ __all__ = [
     "unfreeze_top_groups",
     "write_report",
 ]
+
+
+def _load_api() -> None:
+    from finetune import _api
+
+    globals().update({name: getattr(_api, name) for name in __all__})
+
+
+def _lazy() -> bool:
+    """True when the `finetune` command started this process (`_finetune_cli.main`): the public
+    names, Keras and TensorFlow are then imported on first use, so that a command which needs
+    none of them (`--help`, `predict` from a kept conversion) starts in a fraction of a second."""
+    launcher = sys.modules.get("_finetune_cli")
+    return bool(getattr(launcher, "STARTED", False))
+
+
+if _lazy():
+
+    def __getattr__(name: str):
+        if name in __all__:
+            _load_api()
+            return globals()[name]
+        raise AttributeError(f"module 'finetune' has no attribute {name!r}")
+
+else:
+    _load_api()

@@ -89,3 +89,12 @@ def _write_all(fd: int, data: bytes) -> None:
     with contextlib.suppress(OSError):
         while data:
             data = data[os.write(fd, data) :]
+
+
+def import_tensorflow_quietly() -> None:
+    """`import tensorflow` inside `quiet_native_startup`, when nothing has imported it yet
+    (after that its lines are written, or were filtered by whoever loaded it first)."""
+    if "tensorflow" in sys.modules:
+        return
+    with quiet_native_startup():
+        import tensorflow  # noqa: F401

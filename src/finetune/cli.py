@@ -30,6 +30,18 @@ console = Console()
 err_console = Console(stderr=True)
 
 
+@app.callback()
+def _start(ctx: typer.Context) -> None:
+    # Started by the `finetune` command, `import finetune` defers TensorFlow (see
+    # src/_finetune_cli.py); every command but `predict` (which may need none of it: a run's
+    # kept conversion) loads it here, before any of finetune's modules imports Keras: quietly,
+    # and with every custom layer registered for loading models.
+    if ctx.invoked_subcommand != "predict":
+        import finetune
+
+        finetune._load_api()
+
+
 def _percent(x: float | None) -> str:
     return "-" if x is None else f"{100 * x:.1f}%"
 
@@ -410,15 +422,15 @@ def predict(
     ] = None,
 ) -> None:
     """Predict the top-k classes of images with a run's model, an export, or an ImageNet head."""
-    import finetune
     from finetune.data.decode import shown_path
+    from finetune.predict import predict as predict_images
 
     if fmt not in ("table", "json", "csv"):
         raise FinetuneError(f"--format {fmt!r} is not one of: table, json, csv.")
     from finetune.inference import requested_runtime
 
     requested_runtime(runtime)  # an unknown name (or FINETUNE_RUNTIME) fails before any work
-    results = finetune.predict(model, inputs, top_k=top_k, tta=tta, runtime=runtime)
+    results = predict_images(model, inputs, top_k=top_k, tta=tta, runtime=runtime)
     if fmt == "json":
         print(json.dumps([r.to_dict() for r in results], indent=2))
     elif fmt == "csv":

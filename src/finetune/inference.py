@@ -74,12 +74,14 @@ import warnings
 import weakref
 from collections.abc import Callable, Iterable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import keras
 import numpy as np
 
 from finetune.errors import ConfigError
+
+if TYPE_CHECKING:  # imported where used: `finetune predict` from a kept conversion needs no Keras
+    import keras
 
 RUNTIMES = ("auto", "keras", "openvino", "openvino-bf16", "onnxruntime")
 # The runtimes that run a converted copy of the model (checked against Keras first).
@@ -192,6 +194,8 @@ def model_digest(model: keras.Model) -> str:
 def weights_digest(model: keras.Model, h: Any = None) -> str:
     """A hash of every weight's name, shape and values (sha256, or `h` updated with them):
     about 30 ms for EfficientNet-Lite0's 3.4 million on 2 cores."""
+    import keras
+
     h = hashlib.sha256() if h is None else h
     for variable in model.weights:
         value = np.ascontiguousarray(keras.ops.convert_to_numpy(variable))
@@ -210,6 +214,8 @@ def weights_checksum(model: keras.Model) -> int:
 
 
 def _numpy(variable: Any) -> np.ndarray:
+    import keras
+
     value = getattr(variable, "value", variable)
     return value.numpy() if hasattr(value, "numpy") else keras.ops.convert_to_numpy(value)
 
@@ -237,6 +243,8 @@ class WeightsWatch:
         self._read: tuple[tuple[int, ...], Callable[[], Any]] | None = None
 
     def __call__(self) -> int:
+        import keras
+
         self._calls += 1
         if self._calls == 1 or keras.backend.backend() != "tensorflow":
             return weights_checksum(self.model)
@@ -271,6 +279,26 @@ def _version(package: str) -> str:
         return "none"
 
 
+def conversion_label(runtime: str = "onnxruntime", *, features: bool = False) -> tuple[str, str]:
+    """The cache folder's name and what, besides the model, names a conversion for `runtime`
+    on this machine: the packages' versions, the runtime and thread count (and for bfloat16
+    whether the CPU has it), and whether it was checked as features (see `conversion_file`)."""
+    if runtime == "onnxruntime":
+        packages = ("keras-finetune", "keras", "tensorflow-cpu", "tf2onnx", "onnxruntime")
+        folder, tag = "onnx", "v1"
+    else:
+        packages = ("keras-finetune", "keras", "tensorflow-cpu", "openvino")
+        folder, tag = "openvino", f"{runtime} {_intra_op_threads()} threads"
+        # What "openvino-bf16" gives depends on the CPU: a cache shared by two machines keeps
+        # one conversion for each kind (float32 is the same on both).
+        if runtime == "openvino-bf16":
+            tag += " bf16 cpu" if cpu_has_bfloat16() else " no bf16 cpu"
+    if features:  # what passed the looser check for features is never loaded for logits
+        tag += " checked as features"
+    versions = "|".join(f"{p} {_version(p)}" for p in packages)
+    return folder, f"{versions}|{tag}"
+
+
 def conversion_file(
     model: keras.Model, runtime: str = "onnxruntime", *, features: bool = False
 ) -> Path:
@@ -280,20 +308,9 @@ def conversion_file(
     another file than one checked as outputs."""
     from finetune.cache import cache_dir
 
-    if runtime == "onnxruntime":
-        packages = ("keras-finetune", "keras", "tensorflow-cpu", "tf2onnx", "onnxruntime")
-        folder, suffix, tag = "onnx", ".onnx", "v1"
-    else:
-        packages = ("keras-finetune", "keras", "tensorflow-cpu", "openvino")
-        folder, suffix, tag = "openvino", ".blob", f"{runtime} {_intra_op_threads()} threads"
-        # What "openvino-bf16" gives depends on the CPU: a cache shared by two machines keeps
-        # one conversion for each kind (float32 is the same on both).
-        if runtime == "openvino-bf16":
-            tag += " bf16 cpu" if cpu_has_bfloat16() else " no bf16 cpu"
-    if features:  # what passed the looser check for features is never loaded for logits
-        tag += " checked as features"
-    versions = "|".join(f"{p} {_version(p)}" for p in packages)
-    key = hashlib.sha256(f"{model_digest(model)}|{versions}|{tag}".encode()).hexdigest()
+    folder, label = conversion_label(runtime, features=features)
+    suffix = ".onnx" if runtime == "onnxruntime" else ".blob"
+    key = hashlib.sha256(f"{model_digest(model)}|{label}".encode()).hexdigest()
     return cache_dir(folder) / f"{key[:40]}{suffix}"
 
 
@@ -513,6 +530,8 @@ def converted_forward(
 
 
 def _made(fast: keras.Model | Callable[[], keras.Model]) -> keras.Model:
+    import keras
+
     return fast if isinstance(fast, keras.Model) else fast()
 
 
@@ -525,6 +544,8 @@ def keras_forward(model: keras.Model) -> Forward:
     with many models (runs trained or loaded in a loop) got TensorFlow's warning that one
     function keeps retracing. The same computation either way.
     """
+    import keras
+
     call = traced_inference(model)
     if call is None:
 
@@ -548,6 +569,8 @@ def traced_inference(model: keras.Model) -> Any:
     """`model(x, training=False)` as a TensorFlow function of its own for float32 batches of
     any size, made once per model (later calls with the same model return it); None off the
     TensorFlow backend or for a model without exactly one float32 input."""
+    import keras
+
     inputs = getattr(model, "inputs", None)
     if keras.backend.backend() != "tensorflow" or not inputs or len(inputs) != 1:
         return None
@@ -631,13 +654,8 @@ class GuardedForward:
                 self.runtime = self.converted.runtime
                 self.from_cache = self._checked = True  # it passed the check when written
                 _touch(cache)
-                if runtime != self.runtime and cpu_has_bfloat16() and not quiet:
-                    warnings.warn(
-                        f"OpenVINO's bfloat16 outputs for {model.name} were found too far from "
-                        "Keras' before; computing in float32 (kept so in the cache).",
-                        RuntimeWarning,
-                        stacklevel=2,
-                    )
+                if runtime != self.runtime and not quiet:
+                    warn_kept_in_float32(model.name, stacklevel=2)
                 return
             except Exception:  # unreadable (damaged): convert again and replace it
                 cache.unlink(missing_ok=True)
@@ -741,6 +759,19 @@ class GuardedForward:
         prune_conversions(self.cache.parent)
 
 
+def warn_kept_in_float32(name: str, stacklevel: int = 2) -> None:
+    """Warns, on a CPU with bfloat16, that the conversion kept for `name` computes in float32:
+    its bfloat16 outputs failed the check when it was kept. For bfloat16 asked for by name;
+    "auto" chose it itself and says nothing."""
+    if cpu_has_bfloat16():
+        warnings.warn(
+            f"OpenVINO's bfloat16 outputs for {name} were found too far from Keras' before; "
+            "computing in float32 (kept so in the cache).",
+            RuntimeWarning,
+            stacklevel=stacklevel + 1,
+        )
+
+
 def bfloat16_difference(out: np.ndarray, reference: np.ndarray, *, features: bool = False) -> float:
     """How far `out` is from `reference` (one row per image), as `GuardedForward` checks
     bfloat16: the median over the images of each one's largest difference relative to its
@@ -763,7 +794,8 @@ def _touch(path: Path) -> None:
 
 
 def prune_conversions(folder: Path, keep: int | None = None) -> list[Path]:
-    """Deletes all but the `keep` most recently used conversions in `folder`.
+    """Deletes all but the `keep` most recently used conversions in `folder`, and the links
+    to conversions no longer there (`finetune.kept`).
 
     Args:
         folder: the conversion cache (`conversion_file(...).parent`).
@@ -789,11 +821,19 @@ def prune_conversions(folder: Path, keep: int | None = None) -> list[Path]:
             gone.append(f)
         except OSError:
             pass
+    from finetune.kept import LINK_SUFFIX
+
+    for link in folder.glob(f"*{LINK_SUFFIX}"):  # a run's link to a conversion deleted here
+        with contextlib.suppress(OSError, UnicodeDecodeError):
+            if not (folder / link.read_text(encoding="ascii").strip()).is_file():
+                link.unlink()
     return gone
 
 
 def progress_bar(total: int) -> keras.utils.Progbar:
     """Keras' progress bar over `total` images (live in a terminal, one line in logs)."""
+    import keras
+
     from finetune.run import keras_verbosity
 
     return keras.utils.Progbar(total, verbose=keras_verbosity(True))

@@ -18,6 +18,7 @@ import numpy as np
 
 from finetune.config import Config, load_config
 from finetune.errors import FinetuneError
+from finetune.probabilities import probabilities_from_views, softmax  # noqa: F401 (re-exported)
 
 MODEL_FILE = "model.keras"
 # From this many images (test-time augmentation views counted) on, `predict` in Keras (CPUs
@@ -46,13 +47,6 @@ def keras_verbosity(progress: bool) -> int:
     return 1 if sys.stdout.isatty() else 2
 
 
-def softmax(logits: np.ndarray) -> np.ndarray:
-    """Row-wise softmax in float64, stable for large logits."""
-    z = np.asarray(logits, np.float64)
-    z = np.exp(z - z.max(axis=-1, keepdims=True))
-    return z / z.sum(axis=-1, keepdims=True)
-
-
 def phase_spans(history: list[dict[str, Any]]) -> list[tuple[Any, int, int]]:
     """The history's consecutive runs of one phase: (phase name, first index, end index)."""
     spans: list[tuple[Any, int, int]] = []
@@ -63,11 +57,6 @@ def phase_spans(history: list[dict[str, Any]]) -> list[tuple[Any, int, int]]:
         else:
             spans.append((name, i, i + 1))
     return spans
-
-
-def probabilities_from_views(view_logits: np.ndarray, temperature: float = 1.0) -> np.ndarray:
-    """The mean over views of `softmax(logits / temperature)`; (views, N, C) -> (N, C)."""
-    return np.mean([softmax(v / temperature) for v in view_logits], axis=0)
 
 
 @dataclass

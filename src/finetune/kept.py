@@ -1,0 +1,112 @@
+"""A run's kept OpenVINO conversion, found from its model file alone.
+
+`finetune train` converts the model once for its own evaluation and keeps the conversion in the
+user cache, named by the model's architecture and weights (`finetune.inference.conversion_file`),
+which takes Keras to compute. It also records here which conversion belongs to the bytes of the
+run's `model.keras`: a link file in the same cache, named by a hash of those bytes, the
+packages' versions and the runtime on this machine (`conversion_label`). `finetune predict RUN`
+then finds the conversion by hashing the file (about 40 ms for Lite0's 41 MB), loads it and
+predicts without TensorFlow or Keras: about 0.6 s for one image, against about 5 s through
+the run's Keras model (benchmarks/RESULTS.md, fifteenth slice).
+
+The link holds only a file name in the cache folder. A model file changed in any byte, other
+package versions or another thread count find no link, and `predict` loads the run as before
+(and links its conversion for next time). What is linked has passed the check against Keras
+on its first batch when it was kept (see `finetune.inference.GuardedForward`).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import re
+from pathlib import Path
+from typing import Any
+
+LINK_SUFFIX = ".run"
+_CONVERSION_NAME = re.compile(r"^[0-9a-f]{40}\.blob$")
+# OpenVINO conversions only: what predictions in "auto" use (ONNX Runtime is asked for by name).
+LINKED_RUNTIMES = ("openvino", "openvino-bf16")
+
+
+def file_sha256(path: Path) -> str:
+    """The sha256 of a file's bytes, read in 1 MiB blocks."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(1 << 20):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def link_file(model_file: Path, runtime: str) -> Path:
+    """Where the name of the conversion of the model saved in `model_file`, for `runtime`
+    ("openvino" or "openvino-bf16") on this machine, is kept (it may not exist).
+
+    Raises:
+        OSError: the model file cannot be read, or the cache folder cannot be made.
+    """
+    from finetune.cache import cache_dir
+    from finetune.inference import conversion_label
+
+    folder, label = conversion_label(runtime)
+    key = hashlib.sha256(f"model file {file_sha256(model_file)}|{label}".encode()).hexdigest()
+    return cache_dir(folder) / f"{key[:40]}{LINK_SUFFIX}"
+
+
+def link_run_conversion(run: Any, model_file: Path) -> Path | None:
+    """Links the conversion `run` predicted with last to `model_file`, the file its model was
+    just saved to or loaded from: only when it was kept in the cache, is an OpenVINO one, and
+    the model's weights are still those it was made for. A cache that cannot be written
+    costs only time next call.
+
+    Returns:
+        The link file written, or None.
+    """
+    from finetune.atomic import DiskFullError, write_text_atomic
+    from finetune.inference import GuardedForward, weights_checksum
+
+    kept = getattr(run, "_converted", None)
+    if kept is None or kept[0] is not run.model:
+        return None
+    _, (_, chosen), checksum, forward = kept
+    if not isinstance(forward, GuardedForward) or forward.runtime not in LINKED_RUNTIMES:
+        return None
+    if chosen not in LINKED_RUNTIMES or forward.cache is None or not forward.cache.is_file():
+        return None
+    # Trained or changed since: not that conversion. (Read once, eagerly: 12 ms for Lite0,
+    # where the run's own watch would trace a function for its next calls.)
+    if weights_checksum(run.model) != checksum:
+        return None
+    try:
+        link = link_file(model_file, chosen)
+        if link.parent != forward.cache.parent:
+            return None
+        write_text_atomic(link, forward.cache.name + "\n")
+    except (OSError, RuntimeError, DiskFullError):
+        return None
+    return link
+
+
+def kept_forward(model_file: Path, runtime: str) -> Any:
+    """The OpenVINO model linked to `model_file`'s bytes for `runtime`, loaded (an
+    `OpenVinoForward`), or None: no link, a link to a conversion no longer kept, or one
+    that does not load."""
+    from finetune.inference import OpenVinoForward, _touch
+
+    if runtime not in LINKED_RUNTIMES:
+        return None
+    try:
+        link = link_file(model_file, runtime)
+        if not link.is_file():
+            return None
+        name = link.read_text(encoding="ascii").strip()
+    except (OSError, RuntimeError, UnicodeDecodeError):
+        return None
+    conversion = link.parent / name
+    if not _CONVERSION_NAME.match(name) or not conversion.is_file():
+        return None
+    try:
+        forward = OpenVinoForward(None, conversion, bfloat16=runtime == "openvino-bf16")
+    except Exception:  # damaged, or from an OpenVINO that cannot read it: Keras' path
+        return None
+    _touch(conversion)  # recently used: kept by `prune_conversions`
+    return forward

@@ -284,6 +284,26 @@ def test_weights_inside_a_keras_file_are_checked_too(good_keras, tmp_path, compr
     assert str(hostile) in str(caught.value)
 
 
+def test_a_weights_member_shorter_than_its_header_says_is_named_damaged(good_keras, tmp_path):
+    # The weights are read whole for the check: a member cut short must not end in EOFError.
+    import struct
+
+    short = tmp_path / "short.keras"
+    with zipfile.ZipFile(good_keras) as src, zipfile.ZipFile(short, "w") as out:
+        for name in [n for n in src.namelist() if n != "model.weights.h5"]:
+            out.writestr(name, src.read(name))
+        out.writestr("model.weights.h5", src.read("model.weights.h5"))  # last, stored
+    data = bytearray(short.read_bytes())
+    entry = data.rindex(b"PK\x01\x02")  # the central directory's entry of the last member
+    size = struct.unpack_from("<I", data, entry + 20)[0]
+    struct.pack_into("<II", data, entry + 20, size + (1 << 20), size + (1 << 20))
+    short.write_bytes(bytes(data))
+
+    with pytest.raises(FinetuneError, match="is damaged") as caught:
+        load_keras_model(short)
+    assert str(short) in str(caught.value)
+
+
 # --- legacy HDF5 whole models ---------------------------------------------------------------------
 
 

@@ -35,8 +35,8 @@ def _start(ctx: typer.Context) -> None:
     # Started by the `finetune` command, `import finetune` defers TensorFlow (see
     # src/_finetune_cli.py); every command but `predict` (which may need none of it: a run's
     # kept conversion) loads it here, before any of finetune's modules imports Keras: quietly,
-    # and with every custom layer registered for loading models.
-    if ctx.invoked_subcommand != "predict":
+    # and with every custom layer registered for loading models. Not for a command's --help.
+    if ctx.invoked_subcommand != "predict" and "--help" not in sys.argv[1:]:
         import finetune
 
         finetune._load_api()

@@ -3,32 +3,35 @@
 `finetune train` converts the model once for its own evaluation and keeps the conversion in the
 user cache, named by the model's architecture and weights (`finetune.inference.conversion_file`),
 which takes Keras to compute. It also records here which conversion belongs to the bytes of the
-run's `model.keras`: a link file in the same cache, named by a hash of those bytes, the
-packages' versions and the runtime on this machine (`conversion_label`). `finetune predict RUN`
-then finds the conversion by hashing the file (about 40 ms for Lite0's 41 MB), loads it and
-predicts without TensorFlow or Keras: about 0.6 s for one image, against about 5 s through
-the run's Keras model (benchmarks/RESULTS.md, fifteenth slice).
+run's `model.keras`: a link file in the same cache, named by a sha256 of those bytes (taken from
+the file as it was written), the packages' versions and the runtime on this machine
+(`conversion_label`). `finetune predict RUN` then finds the conversion by hashing the file
+(about 40 ms for Lite0's 41 MB), loads it and predicts without TensorFlow or Keras: 0.50 s for
+one image from the command line, against 5.40 s through the run's Keras model
+(benchmarks/RESULTS.md, fifteenth slice).
 
 The link holds only a file name in the cache folder. A model file changed in any byte, other
 package versions or another thread count find no link, and `predict` loads the run as before
-(and links its conversion for next time). What is linked has passed the check against Keras
-on its first batch when it was kept (see `finetune.inference.GuardedForward`).
+(and links its conversion for next time). What is linked passed the check against Keras on its
+first batch when it was kept (see `finetune.inference.GuardedForward`). This module imports
+neither Keras nor TensorFlow.
 """
 
 from __future__ import annotations
 
 import hashlib
-import re
+import os
 from pathlib import Path
 from typing import Any
 
+# A run directory's model (`finetune.run` re-exports it).
+MODEL_FILE = "model.keras"
 LINK_SUFFIX = ".run"
-_CONVERSION_NAME = re.compile(r"^[0-9a-f]{40}\.blob$")
 # OpenVINO conversions only: what predictions in "auto" use (ONNX Runtime is asked for by name).
 LINKED_RUNTIMES = ("openvino", "openvino-bf16")
 
 
-def file_sha256(path: Path) -> str:
+def file_sha256(path: str | os.PathLike[str]) -> str:
     """The sha256 of a file's bytes, read in 1 MiB blocks."""
     digest = hashlib.sha256()
     with open(path, "rb") as f:
@@ -37,26 +40,38 @@ def file_sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
-def link_file(model_file: Path, runtime: str) -> Path:
-    """Where the name of the conversion of the model saved in `model_file`, for `runtime`
-    ("openvino" or "openvino-bf16") on this machine, is kept (it may not exist).
+def file_state(path: Path) -> tuple[int, int, int] | None:
+    """(size, modification time in ns, inode) of a file, or None when it cannot be read: what
+    changes when the file is rewritten or replaced."""
+    try:
+        st = path.stat()
+    except OSError:
+        return None
+    return st.st_size, st.st_mtime_ns, st.st_ino
+
+
+def link_file(file_digest: str, runtime: str) -> Path:
+    """Where the name of the conversion of the model saved in the bytes whose sha256 is
+    `file_digest` is kept, for `runtime` ("openvino" or "openvino-bf16") on this machine (it
+    may not exist).
 
     Raises:
-        OSError: the model file cannot be read, or the cache folder cannot be made.
+        OSError: the cache folder cannot be made.
     """
     from finetune.cache import cache_dir
     from finetune.inference import conversion_label
 
     folder, label = conversion_label(runtime)
-    key = hashlib.sha256(f"model file {file_sha256(model_file)}|{label}".encode()).hexdigest()
+    key = hashlib.sha256(f"model file {file_digest}|{label}".encode()).hexdigest()
     return cache_dir(folder) / f"{key[:40]}{LINK_SUFFIX}"
 
 
-def link_run_conversion(run: Any, model_file: Path) -> Path | None:
-    """Links the conversion `run` predicted with last to `model_file`, the file its model was
-    just saved to or loaded from: only when it was kept in the cache, is an OpenVINO one, and
-    the model's weights are still those it was made for. A cache that cannot be written
-    costs only time next call.
+def link_run_conversion(run: Any, file_digest: str) -> Path | None:
+    """Links the OpenVINO conversion `run` holds for its model (`Run.prediction_forward`: the
+    last one it predicted with) to `file_digest`, the sha256 of the file that model was just
+    saved to or loaded from: only when the conversion was kept in the cache and the model's
+    weights are still those it was made for. A cache that cannot be written costs only time
+    next call.
 
     Returns:
         The link file written, or None.
@@ -77,7 +92,7 @@ def link_run_conversion(run: Any, model_file: Path) -> Path | None:
     if weights_checksum(run.model) != checksum:
         return None
     try:
-        link = link_file(model_file, chosen)
+        link = link_file(file_digest, chosen)
         if link.parent != forward.cache.parent:
             return None
         write_text_atomic(link, forward.cache.name + "\n")
@@ -86,27 +101,28 @@ def link_run_conversion(run: Any, model_file: Path) -> Path | None:
     return link
 
 
-def kept_forward(model_file: Path, runtime: str) -> Any:
-    """The OpenVINO model linked to `model_file`'s bytes for `runtime`, loaded (an
-    `OpenVinoForward`), or None: no link, a link to a conversion no longer kept, or one
-    that does not load."""
+def kept_forward(file_digest: str, runtime: str) -> tuple[Any, Path] | None:
+    """The OpenVINO model linked to `file_digest` (a model file's sha256) for `runtime`,
+    loaded (an `OpenVinoForward`), and its link; or None: no link, a link to a conversion no
+    longer kept, or one that does not load (its link is then deleted)."""
     from finetune.inference import OpenVinoForward, _touch
 
     if runtime not in LINKED_RUNTIMES:
         return None
     try:
-        link = link_file(model_file, runtime)
+        link = link_file(file_digest, runtime)
         if not link.is_file():
             return None
         name = link.read_text(encoding="ascii").strip()
     except (OSError, RuntimeError, UnicodeDecodeError):
         return None
     conversion = link.parent / name
-    if not _CONVERSION_NAME.match(name) or not conversion.is_file():
-        return None
+    if Path(name).name != name or conversion.suffix != ".blob" or not conversion.is_file():
+        return None  # a file of this cache folder, or nothing
     try:
         forward = OpenVinoForward(None, conversion, bfloat16=runtime == "openvino-bf16")
     except Exception:  # damaged, or from an OpenVINO that cannot read it: Keras' path
+        link.unlink(missing_ok=True)
         return None
     _touch(conversion)  # recently used: kept by `prune_conversions`
-    return forward
+    return forward, link

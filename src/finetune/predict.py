@@ -148,19 +148,20 @@ def predict(
         >>> predict("efficientnet_lite0", ["cat.jpg"])[0].top[0]
         ('tabby', 0.41...)
     """
+    import finetune
     from finetune.inference import requested_runtime
 
     requested_runtime(runtime)  # an unknown name fails before any work
     if top_k < 1:
         raise ConfigError(f"top_k (--top-k) is {top_k}; give 1 or more classes per image.")
-    run_dir = _run_directory(model)
-    decoded = None
+    run_dir = _RunDirectory.of(model)
+    paths = decoded = None
     if run_dir is not None and tta == 1:
         paths = expand_inputs(inputs)
         decoded, probabilities = _predict_from_kept_conversion(run_dir, paths, runtime)
         if probabilities is not None:
-            return _top_k(paths, decoded, probabilities, _run_class_names(run_dir), top_k)
-    _load_everything()
+            return _top_k(paths, decoded, probabilities, run_dir.class_names, top_k)
+    finetune._load_api()  # TensorFlow, quietly, and every layer registered for Keras
     from finetune.run import Run
 
     predictor = load_predictor(model)
@@ -169,19 +170,17 @@ def predict(
             "--runtime applies to a run directory; an exported model runs in its own runtime "
             "and an ImageNet head in Keras."
         )
-    if decoded is None:
+    if paths is None:
         paths = expand_inputs(inputs)
+    if decoded is None:
         decoded = decode_images(paths, predictor.image_size, progress=len(paths) > 50)
     images, ok, _ = decoded
     probabilities = None
     if len(ok):
         if isinstance(predictor, Run):
             probabilities = predictor.predict_proba(images, tta=tta, runtime=runtime)
-            if run_dir is not None:  # loaded here and unchanged: next time, without Keras
-                from finetune.kept import link_run_conversion
-                from finetune.run import MODEL_FILE
-
-                link_run_conversion(predictor, run_dir / MODEL_FILE)
+            if run_dir is not None:  # loaded here: next time, without Keras
+                run_dir.link(predictor)
         elif tta == 1:
             probabilities = predictor.predict_proba(images)
         else:
@@ -213,68 +212,88 @@ def _top_k(
     return results
 
 
-def _load_everything() -> None:
-    """Imports finetune's public names (TensorFlow with them, quietly; every custom layer
-    registered for Keras): at once unless the `finetune` command started the process."""
-    import finetune
+@dataclass
+class _RunDirectory:
+    """A run directory given by its path, read without Keras: its `run.json` and the sha256
+    and state of its `model.keras` before anything loads it."""
 
-    finetune._load_api()
+    path: Path
+    class_names: list[str]
+    image_size: int
+    temperature: float
+    digest: str
+    state: tuple[int, int, int] | None
 
+    @classmethod
+    def of(cls, model: Any) -> _RunDirectory | None:
+        """`model` read as a run directory; None for anything else (a `Run`, an export, a
+        backbone name) and for a run directory whose `run.json` `Run.load` would refuse
+        (it then says why)."""
+        from finetune.kept import MODEL_FILE, file_sha256, file_state
+        from finetune.untrusted import read_json
 
-def _run_directory(model: Any) -> Path | None:
-    """`model` as a run directory given by its path (not a `Run`, an export or a name)."""
-    if not isinstance(model, str | Path):
-        return None
-    folder = Path(model)
-    files = ("model.keras", "run.json")
-    if not all((folder / name).is_file() for name in files) or (folder / "saved_model.pb").exists():
-        return None
-    return folder
+        if not isinstance(model, str | Path):
+            return None
+        folder = Path(model)
+        if not (folder / MODEL_FILE).is_file() or (folder / "saved_model.pb").exists():
+            return None
+        try:
+            info = read_json(folder / "run.json")
+            calibration = info.get("calibration", {})
+            state = file_state(folder / MODEL_FILE)
+            return cls(
+                folder,
+                list(info["class_names"]),
+                int(info["image_size"]),
+                float(calibration.get("temperature", 1.0)),
+                file_sha256(folder / MODEL_FILE),
+                state,
+            )
+        except (FinetuneError, OSError, KeyError, TypeError, ValueError, AttributeError):
+            return None
 
+    def link(self, run: Any) -> None:
+        """Links the conversion `run` (loaded from this directory) predicted with to its
+        model file, unless the file was rewritten since it was hashed."""
+        from finetune.kept import MODEL_FILE, file_state, link_run_conversion
 
-def _run_record(run_dir: Path) -> dict[str, Any] | None:
-    from finetune.untrusted import read_json
-
-    try:
-        info = read_json(run_dir / "run.json")
-        _ = list(info["class_names"]), int(info["image_size"])
-        float(info.get("calibration", {}).get("temperature", 1.0))
-    except (FinetuneError, KeyError, TypeError, ValueError, AttributeError):
-        return None  # Run.load names what is wrong
-    return info
-
-
-def _run_class_names(run_dir: Path) -> list[str]:
-    return list(_run_record(run_dir)["class_names"])
+        if self.state is not None and file_state(self.path / MODEL_FILE) == self.state:
+            link_run_conversion(run, self.digest)
 
 
 def _predict_from_kept_conversion(
-    run_dir: Path, paths: list[Path], runtime: str | None
+    run_dir: _RunDirectory, paths: list[Path], runtime: str | None
 ) -> tuple[Any, np.ndarray | None]:
     """The run's probabilities from the conversion linked to its `model.keras`
     (`finetune.kept`), without Keras: `(decoded, probabilities)`, `decoded` being
     `decode_images`' `(images, ok, bad)`. Probabilities are None when no conversion is linked
-    for the runtime chosen (or it fails): then the path through the run's Keras model
-    predicts, from the images decoded so far (`decoded`; None when not decoded yet)."""
-    from finetune.inference import predict_batches, requested_runtime, resolve_runtime
-    from finetune.kept import LINKED_RUNTIMES, kept_forward
+    for the runtime chosen, or it fails on a batch (its link is then deleted): then the path
+    through the run's Keras model predicts, from the images decoded here (`decoded`, None when
+    nothing was: images are decoded only once a linked conversion has loaded)."""
+    from finetune.inference import (
+        predict_batches,
+        requested_runtime,
+        resolve_runtime,
+        warn_kept_in_float32,
+    )
+    from finetune.kept import kept_forward
 
-    info = _run_record(run_dir)
-    if info is None or resolve_runtime(runtime, len(paths)) not in LINKED_RUNTIMES:
+    chosen = resolve_runtime(runtime, len(paths))
+    found = kept_forward(run_dir.digest, chosen)
+    if found is None:
         return None, None
-    decoded = decode_images(paths, int(info["image_size"]), progress=len(paths) > 50)
+    forward, link = found
+    decoded = decode_images(paths, run_dir.image_size, progress=len(paths) > 50)
     images, ok, _ = decoded
-    chosen = resolve_runtime(runtime, len(ok))  # as `Run.prediction_forward` chooses
-    forward = kept_forward(run_dir / "model.keras", chosen) if len(ok) else None
-    if forward is None:
+    if resolve_runtime(runtime, len(ok)) != chosen:  # as `Run.prediction_forward` chooses
         return decoded, None
+    if not len(ok):  # every file failed: their errors, and nothing to compute
+        return decoded, np.zeros((0, len(run_dir.class_names)))
     if forward.runtime != chosen and requested_runtime(runtime) != "auto":
-        from finetune.inference import warn_kept_in_float32
-
-        warn_kept_in_float32(run_dir.name)
+        warn_kept_in_float32(str(run_dir.path))
     try:
         logits = predict_batches(forward, images, 64)
     except Exception:  # the Keras path runs it, and falls back to Keras with a warning
+        link.unlink(missing_ok=True)
         return decoded, None
-    temperature = float(info.get("calibration", {}).get("temperature", 1.0))
-    return decoded, probabilities_from_views(logits[None], temperature)
+    return decoded, probabilities_from_views(logits[None], run_dir.temperature)

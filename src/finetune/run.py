@@ -18,9 +18,9 @@ import numpy as np
 
 from finetune.config import Config, load_config
 from finetune.errors import FinetuneError
+from finetune.kept import MODEL_FILE, file_sha256
 from finetune.probabilities import probabilities_from_views, softmax  # noqa: F401 (re-exported)
 
-MODEL_FILE = "model.keras"
 # From this many images (test-time augmentation views counted) on, `predict` in Keras (CPUs
 # without bfloat16, `--runtime keras`) runs a view with the weights compiled in
 # (`Run.inference_model`): checking that they have not changed cost about as much as what the
@@ -29,15 +29,25 @@ MODEL_FILE = "model.keras"
 SNAPSHOT_MIN_IMAGES = 256
 
 
-def save_model_atomic(model: keras.Model, path: Path) -> None:
+def save_model_atomic(model: keras.Model, path: Path) -> str:
     """Saves a `.keras` file through a synced temporary file and a rename.
+
+    Returns:
+        The sha256 of the bytes written (read back before the rename).
 
     Raises:
         DiskFullError: the disk filled up; `path` is unchanged.
     """
     from finetune.atomic import write_file_atomic
 
-    write_file_atomic(path, model.save)
+    digests = []
+
+    def write(tmp: Path) -> None:
+        model.save(tmp)
+        digests.append(file_sha256(tmp))
+
+    write_file_atomic(path, write)
+    return digests[0]
 
 
 def keras_verbosity(progress: bool) -> int:

@@ -876,10 +876,10 @@ def _write_run_dir(
         write_json(path / "manifest.json", manifest_record)
     if predictions is not None:
         predictions.write_csv(path / "predictions.csv")
-    save_model_atomic(run.model, path / MODEL_FILE)
+    written = save_model_atomic(run.model, path / MODEL_FILE)
     from finetune.kept import link_run_conversion
 
-    link_run_conversion(run, path / MODEL_FILE)  # `finetune predict` then needs no Keras
+    link_run_conversion(run, written)  # `finetune predict` then needs no Keras
     from finetune.recipes.resume import remove_state
 
     remove_state(path)  # the run is finished: nothing to resume

@@ -295,7 +295,8 @@ def check_keras_archive(path: str | os.PathLike[str]) -> None:
                         check_h5_file(weights, shown, FinetuneError)
     except FinetuneError:
         raise
-    except (zipfile.BadZipFile, OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+    except (zipfile.BadZipFile, OSError, EOFError, UnicodeDecodeError, json.JSONDecodeError) as err:
+        # EOFError: a member shorter than its header says (read whole, not streamed)
         raise FinetuneError(f"{path} is damaged: {err}.") from None
 
 

@@ -129,6 +129,10 @@ def test_a_run_killed_three_times_ends_as_the_uninterrupted_run(digits, tmp_path
     next(iter(sorted(fewer.rglob("*.png")))).unlink()
     with pytest.raises(ResumeError, match="the data"):
         finetune.train(fewer, out=out, progress=False, **OPTIONS)
+    with pytest.MonkeyPatch.context() as env:  # another runtime computes other features
+        env.setenv("FINETUNE_RUNTIME", "keras")
+        with pytest.raises(ResumeError, match=r"FINETUNE_RUNTIME \(environment\): 'auto' -> 'k"):
+            finetune.train(digits, out=out, progress=False, **OPTIONS)
     assert load_state(out).meta == state.meta
     with pytest.raises(finetune.FinetuneError, match="no complete checkpoint"):
         finetune.train(digits, out=tmp_path / "empty", resume=True, progress=False, **OPTIONS)

@@ -605,6 +605,7 @@ def _finish(run, predictions) -> None:
     then report.html, through the writers every run uses."""
 
     from finetune.atomic import write_json
+    from finetune.kept import link_run_conversion
     from finetune.report import write_report_or_warn
     from finetune.run import MODEL_FILE, save_model_atomic
 
@@ -613,5 +614,6 @@ def _finish(run, predictions) -> None:
     write_json(path / "metrics.json", run.metrics)
     if predictions is not None:
         predictions.write_csv(path / "predictions.csv")
-    save_model_atomic(run.model, path / MODEL_FILE)
+    written = save_model_atomic(run.model, path / MODEL_FILE)
+    link_run_conversion(run, written)  # its evaluation's conversion: `predict` without Keras
     write_report_or_warn(run, "ensemble")

@@ -278,11 +278,15 @@ def run_fingerprint(config: Config, data: PreparedData, recipe: str) -> dict[str
     values = {k: v for k, v in values.items() if k not in _RESUME_MAY_CHANGE}
     if not config.prune.sparsity > 0:  # the [prune] section plays no part
         values = {k: v for k, v in values.items() if not k.startswith("prune.")}
+    from finetune.inference import ENV_VAR, requested_runtime
+
     return values | {
         "recipe_mode": recipe,
         "image_size": data.image_size,
         "class_names": list(data.class_names),
         "data_fingerprint": data_fingerprint(data),
+        # What computes the features a head trains on (bfloat16 or float32): part of the run.
+        f"{ENV_VAR} (environment)": requested_runtime(None),
     }
 
 

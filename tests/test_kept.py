@@ -203,7 +203,7 @@ def test_what_predict_from_a_kept_conversion_imports_needs_no_keras():
         "import sys, _finetune_cli\n"
         "_finetune_cli.STARTED = True\n"
         "import finetune.cli, finetune.predict, finetune.kept, finetune.inference\n"
-        "import finetune.data.decode, finetune.probabilities, finetune.untrusted\n"
+        "import finetune.data.decode, finetune.probabilities, finetune.untrusted, finetune.runs\n"
         "print(sorted({'tensorflow', 'keras'} & set(sys.modules)))\n"
     )
     done = subprocess.run(
@@ -211,6 +211,22 @@ def test_what_predict_from_a_kept_conversion_imports_needs_no_keras():
     )
     assert done.returncode == 0, done.stderr[-2000:]
     assert done.stdout.strip() == "[]"
+
+
+@pytest.mark.slow
+def test_the_runs_command_reads_json_without_importing_tensorflow(trained):
+    _, out = trained
+    env = dict(os.environ, PYTHONPROFILEIMPORTTIME="1")
+    done = subprocess.run(
+        [str(COMMAND), "runs", str(out.parent), "--json"],
+        capture_output=True, text=True, env=env, timeout=120, check=False,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr[-2000:]
+    imported = {line.rsplit("|", 1)[-1].strip() for line in done.stderr.splitlines()}
+    assert "finetune.runs" in imported and not {"tensorflow", "keras"} & imported
+    listed = json.loads(done.stdout)
+    assert [r["path"] for r in listed] == [str(out)]
+    assert listed[0]["accuracy"] == json.loads((out / "metrics.json").read_text())["accuracy"]
 
 
 @pytest.mark.slow

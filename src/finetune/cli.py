@@ -34,9 +34,10 @@ err_console = Console(stderr=True)
 def _start(ctx: typer.Context) -> None:
     # Started by the `finetune` command, `import finetune` defers TensorFlow (see
     # src/_finetune_cli.py); every command but `predict` (which may need none of it: a run's
-    # kept conversion) loads it here, before any of finetune's modules imports Keras: quietly,
-    # and with every custom layer registered for loading models. Not for a command's --help.
-    if ctx.invoked_subcommand != "predict" and "--help" not in sys.argv[1:]:
+    # kept conversion) and `runs` (JSON files only) loads it here, before any of finetune's
+    # modules imports Keras: quietly, and with every custom layer registered for loading
+    # models. Not for a command's --help.
+    if ctx.invoked_subcommand not in ("predict", "runs") and "--help" not in sys.argv[1:]:
         import finetune
 
         finetune._load_api()
@@ -680,9 +681,9 @@ def runs(
     as_json: Annotated[bool, typer.Option("--json", help="Print the runs as JSON.")] = False,
 ) -> None:
     """List past runs with their backbone, recipe, data fingerprint and key metrics."""
-    import finetune
+    from finetune.runs import list_runs
 
-    found = finetune.list_runs(folder)
+    found = list_runs(folder)
     if as_json:
         print(json.dumps([r.to_dict() for r in found], indent=2))
         return

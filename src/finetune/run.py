@@ -20,6 +20,7 @@ from finetune.config import Config, load_config
 from finetune.errors import FinetuneError
 from finetune.kept import MODEL_FILE, file_sha256
 from finetune.probabilities import probabilities_from_views, softmax  # noqa: F401 (re-exported)
+from finetune.runs import phase_spans  # noqa: F401 (re-exported)
 
 # From this many images (test-time augmentation views counted) on, `predict` in Keras (CPUs
 # without bfloat16, `--runtime keras`) runs a view with the weights compiled in
@@ -55,18 +56,6 @@ def keras_verbosity(progress: bool) -> int:
     if not progress:
         return 0
     return 1 if sys.stdout.isatty() else 2
-
-
-def phase_spans(history: list[dict[str, Any]]) -> list[tuple[Any, int, int]]:
-    """The history's consecutive runs of one phase: (phase name, first index, end index)."""
-    spans: list[tuple[Any, int, int]] = []
-    for i, record in enumerate(history):
-        name = record.get("phase") if isinstance(record, dict) else None
-        if spans and spans[-1][0] == name:
-            spans[-1] = (name, spans[-1][1], i + 1)
-        else:
-            spans.append((name, i, i + 1))
-    return spans
 
 
 @dataclass

@@ -2,7 +2,8 @@
 
 A run directory is any folder holding the `run.json` that `train` writes. `list_runs` finds them
 under a folder (the folder itself included, nested ones too, e.g. a `scratch_baseline`) and reads
-only their small JSON records, so listing hundreds of runs takes no model loading.
+only their small JSON records, so listing hundreds of runs takes no model loading (nor Keras:
+`finetune runs` starts without TensorFlow).
 """
 
 from __future__ import annotations
@@ -11,9 +12,21 @@ import json
 import os
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Any
 
 from finetune.errors import FinetuneError
-from finetune.run import phase_spans
+
+
+def phase_spans(history: list[dict[str, Any]]) -> list[tuple[Any, int, int]]:
+    """The history's consecutive runs of one phase: (phase name, first index, end index)."""
+    spans: list[tuple[Any, int, int]] = []
+    for i, record in enumerate(history):
+        name = record.get("phase") if isinstance(record, dict) else None
+        if spans and spans[-1][0] == name:
+            spans[-1] = (name, spans[-1][1], i + 1)
+        else:
+            spans.append((name, i, i + 1))
+    return spans
 
 
 @dataclass(frozen=True)

@@ -821,12 +821,12 @@ def prune_conversions(folder: Path, keep: int | None = None) -> list[Path]:
             gone.append(f)
         except OSError:
             pass
-    from finetune.kept import LINK_SUFFIX
+    from finetune.kept import LINK_SUFFIX, linked_conversion
 
     for link in folder.glob(f"*{LINK_SUFFIX}"):  # a run's link to a conversion deleted here
-        with contextlib.suppress(OSError, UnicodeDecodeError):
-            if not (folder / link.read_text(encoding="ascii").strip()).is_file():
-                link.unlink()
+        if linked_conversion(link) is None:
+            with contextlib.suppress(OSError):  # a read-only cache: only a dead link stays
+                link.unlink(missing_ok=True)
     return gone
 
 

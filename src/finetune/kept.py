@@ -6,7 +6,7 @@ which takes Keras to compute. It also records here which conversion belongs to t
 run's `model.keras`: a link file in the same cache, named by a sha256 of those bytes (taken from
 the file as it was written), the packages' versions and the runtime on this machine
 (`conversion_label`). `finetune predict RUN` then finds the conversion by hashing the file
-(about 40 ms for Lite0's 41 MB), loads it and predicts without TensorFlow or Keras: 0.50 s for
+(27-41 ms for the demo's 41 MB), loads it and predicts without TensorFlow or Keras: 0.50 s for
 one image from the command line, against 5.40 s through the run's Keras model
 (benchmarks/RESULTS.md, fifteenth slice).
 
@@ -101,6 +101,20 @@ def link_run_conversion(run: Any, file_digest: str) -> Path | None:
     return link
 
 
+def linked_conversion(link: Path) -> Path | None:
+    """The conversion file a link names, if it is a `.blob` of the link's own folder that
+    exists; None otherwise (a link to a conversion pruned since, unreadable, or naming a path
+    elsewhere)."""
+    try:
+        name = link.read_text(encoding="ascii").strip()
+    except (OSError, UnicodeDecodeError):
+        return None
+    conversion = link.parent / name
+    if Path(name).name != name or conversion.suffix != ".blob" or not conversion.is_file():
+        return None
+    return conversion
+
+
 def kept_forward(file_digest: str, runtime: str) -> tuple[Any, Path] | None:
     """The OpenVINO model linked to `file_digest` (a model file's sha256) for `runtime`,
     loaded (an `OpenVinoForward`), and its link; or None: no link, a link to a conversion no
@@ -111,14 +125,11 @@ def kept_forward(file_digest: str, runtime: str) -> tuple[Any, Path] | None:
         return None
     try:
         link = link_file(file_digest, runtime)
-        if not link.is_file():
-            return None
-        name = link.read_text(encoding="ascii").strip()
-    except (OSError, RuntimeError, UnicodeDecodeError):
+    except (OSError, RuntimeError):
         return None
-    conversion = link.parent / name
-    if Path(name).name != name or conversion.suffix != ".blob" or not conversion.is_file():
-        return None  # a file of this cache folder, or nothing
+    conversion = linked_conversion(link)
+    if conversion is None:
+        return None
     try:
         forward = OpenVinoForward(None, conversion, bfloat16=runtime == "openvino-bf16")
     except Exception:  # damaged, or from an OpenVINO that cannot read it: Keras' path

@@ -230,6 +230,7 @@ class _RunDirectory:
         backbone name) and for a run directory whose `run.json` `Run.load` would refuse
         (it then says why)."""
         from finetune.kept import MODEL_FILE, file_sha256, file_state
+        from finetune.runs import model_facts
         from finetune.untrusted import read_json
 
         if not isinstance(model, str | Path):
@@ -238,17 +239,9 @@ class _RunDirectory:
         if not (folder / MODEL_FILE).is_file() or (folder / "saved_model.pb").exists():
             return None
         try:
-            info = read_json(folder / "run.json")
-            calibration = info.get("calibration", {})
+            facts = model_facts(read_json(folder / "run.json"))
             state = file_state(folder / MODEL_FILE)
-            return cls(
-                folder,
-                list(info["class_names"]),
-                int(info["image_size"]),
-                float(calibration.get("temperature", 1.0)),
-                file_sha256(folder / MODEL_FILE),
-                state,
-            )
+            return cls(folder, *facts, file_sha256(folder / MODEL_FILE), state)
         except (FinetuneError, OSError, KeyError, TypeError, ValueError, AttributeError):
             return None
 

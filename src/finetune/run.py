@@ -20,7 +20,7 @@ from finetune.config import Config, load_config
 from finetune.errors import FinetuneError
 from finetune.kept import MODEL_FILE, file_sha256
 from finetune.probabilities import probabilities_from_views, softmax  # noqa: F401 (re-exported)
-from finetune.runs import phase_spans  # noqa: F401 (re-exported)
+from finetune.runs import model_facts, phase_spans  # noqa: F401 (phase_spans re-exported)
 
 # From this many images (test-time augmentation views counted) on, `predict` in Keras (CPUs
 # without bfloat16, `--runtime keras`) runs a view with the weights compiled in
@@ -166,18 +166,19 @@ class Run:
             return read_json(f)
 
         info = read("run.json")
+        class_names, image_size, temperature = model_facts(info)
         # Checked before Keras sees it (no Lambda, no code, no outside references), then safe mode.
         model = load_keras_model(model_file, compile=compile)
         return cls(
             model=model,
             config=load_config(path / "config.toml"),
-            class_names=list(info["class_names"]),
-            image_size=int(info["image_size"]),
+            class_names=class_names,
+            image_size=image_size,
             path=path,
             history=read("history.json", []),
             metrics=read("metrics.json", {}),
             info=info,
-            temperature=float(info.get("calibration", {}).get("temperature", 1.0)),
+            temperature=temperature,
         )
 
     def predict_logits(

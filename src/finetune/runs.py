@@ -29,6 +29,17 @@ def phase_spans(history: list[dict[str, Any]]) -> list[tuple[Any, int, int]]:
     return spans
 
 
+def model_facts(info: dict[str, Any]) -> tuple[list[str], int, float]:
+    """(class names, image size, temperature) of a run's model, from its `run.json` content
+    (`info`); the temperature is 1 for a run that was not calibrated.
+
+    Raises:
+        KeyError, TypeError, ValueError, AttributeError: `info` lacks them or holds others.
+    """
+    temperature = float(info.get("calibration", {}).get("temperature", 1.0))
+    return list(info["class_names"]), int(info["image_size"]), temperature
+
+
 @dataclass(frozen=True)
 class RunSummary:
     """The key facts of one run directory.

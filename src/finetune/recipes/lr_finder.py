@@ -18,6 +18,8 @@ import keras
 import numpy as np
 import tensorflow as tf
 
+from finetune.recipes.optimizers import build_optimizer
+
 
 class LRRangeTest(keras.callbacks.Callback):
     """Exponential learning-rate ramp with per-batch loss recording.
@@ -136,6 +138,7 @@ def find_learning_rate(
     saved = [np.array(w) for w in model.get_weights()]
     ramp = LRRangeTest(start=start, end=end, num_steps=num_steps)
     model.compile(optimizer=optimizer, loss=loss)
+    build_optimizer(model)  # outside the traced step: traced once, not twice
     try:
         model.fit(train_data.repeat(), steps_per_epoch=num_steps, epochs=1, callbacks=[ramp],
                   shuffle=False, verbose=0)  # fmt: skip

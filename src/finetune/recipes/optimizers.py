@@ -55,3 +55,16 @@ def make_optimizer(
     if optimizer.weight_decay:
         optimizer.exclude_from_weight_decay(var_names=list(NO_DECAY_NAMES))
     return optimizer
+
+
+def build_optimizer(model: keras.Model) -> None:
+    """Builds a compiled model's optimizer (its moments...) on the variables `fit` trains.
+
+    Keras' TensorFlow trainer otherwise builds it inside the first traced train step, and
+    TensorFlow traces a function again when its first trace created variables: the whole train
+    step was traced twice, about 2.2 s more on the first batch of every fine-tuning phase
+    (EfficientNet-Lite0, benchmarks/RESULTS.md). Call it after any change of what is trainable.
+    """
+    optimizer = model.optimizer
+    if optimizer is not None and not optimizer.built:
+        optimizer.build(model.trainable_variables)

@@ -58,7 +58,7 @@ from finetune.recipes.feature_cache import (
     split_at_pool,
     streamed_features,
 )
-from finetune.recipes.optimizers import make_optimizer
+from finetune.recipes.optimizers import build_optimizer, make_optimizer
 from finetune.recipes.resume import (
     STATE_FILE,
     RestoreCallbackStates,
@@ -486,7 +486,11 @@ def _callbacks(
 
 
 def compile_phase(model: keras.Model, recipe: RecipeConfig, optimizer) -> None:
-    """Compiles for a phase: cross-entropy on logits with the recipe's label smoothing."""
+    """Compiles for a phase: cross-entropy on logits with the recipe's label smoothing.
+
+    The optimizer is built here, on the variables `fit` will train (`build_optimizer`), unless
+    it already is (the classifier compiled with the optimizer of the model `fit` trains).
+    """
     model.compile(
         optimizer=optimizer,
         loss=keras.losses.CategoricalCrossentropy(
@@ -494,6 +498,7 @@ def compile_phase(model: keras.Model, recipe: RecipeConfig, optimizer) -> None:
         ),
         metrics=[keras.metrics.CategoricalAccuracy(name="accuracy")],
     )
+    build_optimizer(model)
 
 
 class _Features:
@@ -742,7 +747,6 @@ def fit_phases(
                 last_epoch = phase_start + phase.epochs
                 if resume.meta["stop_training"]:
                     last_epoch = first_epoch  # early stopping had ended it: only finish it
-                optimizer.build(fit_model.trainable_variables)
                 assign_all(
                     optimizer.variables, resume.array_list("optimizer"), "optimizer", resume.path
                 )

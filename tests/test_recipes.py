@@ -10,6 +10,7 @@ import pytest
 
 from finetune.config import Config, RecipeConfig
 from finetune.recipes import make_optimizer, two_phase_plan
+from finetune.recipes.optimizers import FusedAdam, FusedAdamW
 from finetune.train import scratch_config
 
 
@@ -19,14 +20,15 @@ from finetune.train import scratch_config
         ("sgd", keras.optimizers.SGD),
         ("rmsprop", keras.optimizers.RMSprop),
         ("adagrad", keras.optimizers.Adagrad),
-        ("adam", keras.optimizers.Adam),
-        ("adamw", keras.optimizers.AdamW),
+        ("adam", FusedAdam),  # Keras' Adam in TensorFlow's fused kernel (test_optimizers.py)
+        ("adamw", FusedAdamW),
     ],
 )
 def test_optimizers_by_name(name, cls):
     recipe = RecipeConfig(optimizer=name, momentum=0.8, nesterov=True, weight_decay=0.01)
     optimizer = make_optimizer(recipe, 3e-4)
     assert type(optimizer) is cls
+    assert isinstance(optimizer, getattr(keras.optimizers, cls.__name__.removeprefix("Fused")))
     assert float(optimizer.learning_rate) == pytest.approx(3e-4)
     if name == "sgd":
         assert optimizer.momentum == 0.8 and optimizer.nesterov
@@ -64,7 +66,9 @@ def test_weight_decay_skips_biases_and_batchnorm(discriminative):
     factors = {model.layers[0].kernel.path: 0.5} if discriminative else None
     recipe = RecipeConfig(optimizer="adamw", weight_decay=0.5)
     optimizer = make_optimizer(recipe, 0.1, lr_multipliers=factors)
-    assert type(optimizer).__name__ == ("DiscriminativeAdamW" if discriminative else "AdamW")
+    assert type(optimizer).__name__ == (
+        "DiscriminativeFusedAdamW" if discriminative else "FusedAdamW"
+    )
     before = {v.path: np.asarray(v).copy() for v in model.trainable_variables}
     # Zero gradients: Adam's step is zero, so whatever changes is weight decay alone.
     optimizer.apply_gradients(

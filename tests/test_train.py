@@ -106,12 +106,12 @@ def test_run_directory_holds_the_record(digits, tmp_path):
     (data / "2" / "labels.csv").write_text("a,b")
     out = tmp_path / "run"
     # The recipe options that change the optimizer and the loss go through the whole run too,
-    # including saving and safe-mode loading of a model compiled with a DiscriminativeAdam.
+    # including saving and safe-mode loading of a model compiled with a DiscriminativeFusedAdam.
     run = finetune.train(
         data, out=out, image_size=SIZE, head_epochs=1, finetune_epochs=1, seed=3, progress=False,
         discriminative_lr=0.1, schedule="cosine", class_weight="balanced",
     )  # fmt: skip
-    assert type(run.model.optimizer).__name__ == "DiscriminativeAdam"
+    assert type(run.model.optimizer).__name__ == "DiscriminativeFusedAdam"
     for name in (
         "config.toml",
         "split.json",

@@ -314,6 +314,9 @@ def load_keras_model(path: str | os.PathLike[str], compile: bool = True) -> Any:
 
     import finetune.model  # noqa: F401  (registers finetune's layers for loading)
 
+    if compile:  # the saved optimizer may be one of finetune's (FusedAdam, Discriminative...)
+        import finetune.recipes.discriminative  # noqa: F401
+
     path = Path(path)
     if not path.is_file():
         raise FinetuneError(f"{path} does not exist or is not a file.")

@@ -16,6 +16,7 @@ import keras
 
 from finetune.backbones.registry import BackboneSpec
 from finetune.model import backbone_of
+from finetune.recipes.optimizers import FusedAdam, FusedAdamW
 
 
 class _PerVariableLearningRate:
@@ -55,6 +56,8 @@ DISCRIMINATIVE_OPTIMIZERS: dict[type, type] = {
         keras.optimizers.Adagrad,
         keras.optimizers.Adam,
         keras.optimizers.AdamW,
+        FusedAdam,
+        FusedAdamW,
     )
 }
 

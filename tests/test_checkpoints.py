@@ -15,6 +15,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import h5py
 import keras
 import numpy as np
 import pytest
@@ -62,30 +63,33 @@ def full_disk_writer(path: Path) -> None:
     raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(path))
 
 
-def test_a_checkpoint_counts_only_with_its_marker_and_the_previous_one_is_kept(tmp_path):
+def test_a_checkpoint_counts_only_with_its_marker_and_the_previous_one_is_kept(
+    tmp_path, monkeypatch
+):
     path = tmp_path / "head.weights.h5"
     first, second = small_model(0), small_model(1)
     record = save_checkpoint(path, first.save_weights, phase="head", epoch=1)
     assert record["size"] == path.stat().st_size and len(record["sha256"]) == 64
     assert checkpoint_problem(path) is None
     save_checkpoint(path, second.save_weights, phase="head", epoch=2)
-    # The first became the previous checkpoint; both are complete.
-    assert checkpoint_problem(previous_path(path)) is None
-    assert same_weights(loaded(previous_path(path)), weights_of(first))
+    # The new one is complete: the one before it is gone, one checkpoint stays on disk.
     assert same_weights(loaded(path), weights_of(second))
-    assert sorted(p.name for p in tmp_path.iterdir()) == [
-        "head.prev.weights.h5",
-        "head.prev.weights.h5.json",
-        "head.weights.h5",
-        "head.weights.h5.json",
-    ]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["head.weights.h5", "head.weights.h5.json"]
 
     # A kill after the new file was renamed into place but before its marker was written:
     # the file no longer matches the marker; it is skipped, by name, and the previous one used.
-    small_model(2).save_weights(path)
+    def killed_at_the_marker(target, record):
+        if Path(target) == marker_path(path):
+            raise KeyboardInterrupt
+        write_json(target, record)
+
+    monkeypatch.setattr(checkpoint, "write_json", killed_at_the_marker)
+    with pytest.raises(KeyboardInterrupt):
+        save_checkpoint(path, small_model(2).save_weights, phase="head", epoch=3)
     messages: list[str] = []
     found, marker = usable_checkpoint(path, messages.append)
-    assert found == previous_path(path) and marker["epoch"] == 1
+    assert found == previous_path(path) and marker["epoch"] == 2
+    assert same_weights(loaded(found), weights_of(second))
     assert len(messages) == 1 and str(path) in messages[0] and "sha256" in messages[0]
 
     # Truncated: named with its size.
@@ -215,6 +219,14 @@ def test_weights_written_in_memory_are_what_save_weights_writes(tmp_path):
     model = small_model(4)
     write_weights(model, tmp_path / "a.weights.h5")
     assert same_weights(loaded(tmp_path / "a.weights.h5"), weights_of(model))
+    # A compiled model's optimizer state goes in too, as with save_weights, unless left out.
+    model.compile(optimizer="adam", loss="mse")
+    model.fit(np.ones((4, 8)), np.zeros((4, 2)), verbose=0)
+    write_weights(model, tmp_path / "c.weights.h5")
+    write_weights(model, tmp_path / "d.weights.h5", optimizer=False)
+    with h5py.File(tmp_path / "c.weights.h5", "r") as c, h5py.File(tmp_path / "d.weights.h5") as d:
+        assert "optimizer" in c and "optimizer" not in d
+    assert same_weights(loaded(tmp_path / "d.weights.h5"), weights_of(model))
     unbuilt = keras.Sequential([keras.layers.Dense(2)])
     with pytest.raises(ValueError, match="not built"):
         write_weights(unbuilt, tmp_path / "b.weights.h5")
@@ -251,6 +263,21 @@ def test_every_run_file_is_renamed_into_place_and_a_full_disk_stops_the_run(
     assert all(src.parent == dst.parent and src.name.startswith(".") for src, dst in replaced)
     found, marker = latest_checkpoint(out)
     assert found == out / "checkpoints" / "finetune.weights.h5" and marker["epoch"] == 2
+    # A finished run keeps each phase's best weights, without the copies from before (".prev")
+    # or the state to resume from; the weights alone, which load into the classifier.
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == [
+        "finetune.weights.h5",
+        "finetune.weights.h5.json",
+        "head.weights.h5",
+        "head.weights.h5.json",
+    ]
+    with h5py.File(found, "r") as weights_file:
+        assert "optimizer" not in weights_file and "layers" in weights_file
+    best = finetune.build_classifier(
+        finetune.get_backbone("efficientnet_lite0"), 3, image_size=SIZE, weights=None
+    )
+    best.load_weights(found)  # one epoch: the best is the model the run saved
+    assert same_weights(weights_of(best), weights_of(finetune.Run.load(out).model))
 
     # The disk fills up while the second phase saves its checkpoint: the run stops with an
     # error naming the file, the first phase's checkpoint is complete, and the run is not
@@ -258,10 +285,10 @@ def test_every_run_file_is_renamed_into_place_and_a_full_disk_stops_the_run(
     out2 = tmp_path / "run2"
     real_write = checkpoint.write_weights
 
-    def write_weights(model, path):
+    def write_weights(model, path, **options):
         if "finetune" in Path(path).name:
             full_disk_writer(path)
-        return real_write(model, path)
+        return real_write(model, path, **options)
 
     monkeypatch.setattr(checkpoint, "write_weights", write_weights)
     with pytest.raises(DiskFullError, match=r"finetune\.weights\.h5"):

@@ -7,9 +7,9 @@ counts only when its marker exists and matches its bytes: a file without a marke
 half-replaced is skipped, with a message naming it.
 
 Before a complete checkpoint is replaced, it is kept as the previous one (`head.prev.weights.h5`
-and its marker; a hard link, so no copy), so a kill at any moment of a save leaves at least one
-complete checkpoint: the new one, or the one before it. `usable_checkpoint` picks the newest
-complete one of the two.
+and its marker; a hard link, so no copy) until the new one and its marker are written, so a kill
+at any moment of a save leaves at least one complete checkpoint: the new one, or the one before
+it. `usable_checkpoint` picks the newest complete one of the two.
 """
 
 from __future__ import annotations
@@ -105,7 +105,7 @@ def _keep_as_previous(path: Path) -> None:
     write_json(marker_path(previous), record)
 
 
-def write_weights(model: Any, path: str | os.PathLike[str]) -> None:
+def write_weights(model: Any, path: str | os.PathLike[str], optimizer: bool = True) -> None:
     """Writes `model`'s weights to `path` as Keras' `.weights.h5`, the HDF5 built in memory.
 
     Keras' own `save_weights` has HDF5 write to the disk. When the disk fills up, HDF5 fails
@@ -117,6 +117,8 @@ def write_weights(model: Any, path: str | os.PathLike[str]) -> None:
     Args:
         model: a built `keras.Model`.
         path: where to write; a name ending in `.weights.h5`.
+        optimizer: also write the state of a compiled model's optimizer (its moments: twice
+            the weights' size for Adam), as `save_weights` does. Defaults to True.
     """
     import io
 
@@ -129,11 +131,14 @@ def write_weights(model: Any, path: str | os.PathLike[str]) -> None:
     if store_class is None or save_state is None:  # a Keras without them (3.10-3.15 have them)
         model.save_weights(str(path))
         return
+    # Keras' walk skips what it has visited: marking the optimizer so leaves it out.
+    held = getattr(model, "optimizer", None)  # an uncompiled model has none
+    skipped = set() if optimizer or held is None else {id(held)}
     buffer = io.BytesIO()
     store = store_class(buffer, mode="w")
     try:
         save_state(
-            model, weights_store=store, assets_store=None, inner_path="", visited_saveables=set()
+            model, weights_store=store, assets_store=None, inner_path="", visited_saveables=skipped
         )
     finally:
         store.close()
@@ -141,9 +146,9 @@ def write_weights(model: Any, path: str | os.PathLike[str]) -> None:
         handle.write(buffer.getbuffer())
 
 
-def weights_writer(model: Any) -> Callable[[Path], None]:
+def weights_writer(model: Any, optimizer: bool = True) -> Callable[[Path], None]:
     """A `write` for `save_checkpoint` that saves `model`'s weights (see `write_weights`)."""
-    return lambda path: write_weights(model, path)
+    return lambda path: write_weights(model, path, optimizer=optimizer)
 
 
 def save_checkpoint(
@@ -178,7 +183,14 @@ def save_checkpoint(
         **meta,
     }
     write_json(marker_path(path), record)
+    _forget_previous(path)  # the new one is complete: one checkpoint on disk, not two
     return record
+
+
+def _forget_previous(path: Path) -> None:
+    previous = previous_path(path)
+    marker_path(previous).unlink(missing_ok=True)  # first: a file without marker never counts
+    previous.unlink(missing_ok=True)
 
 
 def usable_checkpoint(

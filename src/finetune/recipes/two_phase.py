@@ -328,7 +328,7 @@ class PhaseLogger(keras.callbacks.Callback):
 
 
 class BestWeightsCheckpoint(keras.callbacks.Callback):
-    """Saves the whole classifier's weights when the monitored value improves, atomically.
+    """Saves the classifier's weights (no optimizer state) whenever the monitored value improves.
 
     Unlike Keras' `ModelCheckpoint`, the file is written through a synced temporary file and a
     rename, with a completion marker (`finetune.checkpoint.save_checkpoint`), and the previous
@@ -360,7 +360,9 @@ class BestWeightsCheckpoint(keras.callbacks.Callback):
             return
         save_checkpoint(
             self.path,
-            weights_writer(self.classifier),
+            # The weights only, as the head's checkpoint always was: a third of the file with
+            # Adam's moments, and quicker to write every epoch (resume.npz holds the moments).
+            weights_writer(self.classifier, optimizer=False),
             phase=self.phase,
             epoch=epoch + 1,
             monitor=self.monitor,

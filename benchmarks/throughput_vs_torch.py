@@ -588,6 +588,14 @@ def uptime() -> str:
     return subprocess.run(["uptime"], stdout=subprocess.PIPE, text=True).stdout.strip()
 
 
+def cpu_model() -> str:
+    """The CPU's model name (the machine this workplace lends may change between sessions)."""
+    for line in Path("/proc/cpuinfo").read_text().splitlines():
+        if line.startswith("model name"):
+            return line.split(":", 1)[1].strip()
+    return "unknown"
+
+
 def cpu_flags() -> list[str]:
     """The CPU features that matter for bfloat16 here (AVX-512, its BF16 part, AMX)."""
     flags = set()
@@ -651,6 +659,7 @@ def main() -> None:
               "partial_groups": args.partial_groups,
               "thread_env": {k: os.environ.get(k) for k in THREAD_ENV},
               "load_start": os.getloadavg(), "uptime_start": uptime(), "cpu_flags": cpu_flags(),
+              "cpu_model": cpu_model(),
               "versions": {p: importlib.metadata.version(p)
                            for p in ("keras", "tensorflow-cpu", "torch", "numpy")},
               "runs": []}  # fmt: skip
@@ -669,6 +678,7 @@ def main() -> None:
     out_dir.mkdir(exist_ok=True)
     path = out_dir / f"throughput_vs_torch-{datetime.now():%Y%m%d-%H%M%S}.json"
     path.write_text(json.dumps(report, indent=2))
+    print(f"{report['cpu_model']} ({', '.join(report['cpu_flags'])})\n")
     print(markdown(report))
     print(f"\ntotal {report['total_s']:.0f} s; load average {report['load_start']} -> "
           f"{report['load_end']}; JSON: {path}")  # fmt: skip

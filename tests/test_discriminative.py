@@ -14,6 +14,7 @@ from finetune.backbones import get_backbone
 from finetune.config import ModelConfig
 from finetune.model import backbone_of, build_classifier, unfreeze_top_groups
 from finetune.recipes.discriminative import group_lr_multipliers, with_lr_multipliers
+from finetune.recipes.optimizers import FusedAdam
 
 SPEC = get_backbone("efficientnet_lite0")
 
@@ -58,11 +59,12 @@ def test_multipliers_are_geometric_from_the_lowest_group_to_the_head(setup):
     assert not frozen & set(factors)
 
 
-def test_adam_steps_scale_with_the_group_factor(setup):
+@pytest.mark.parametrize("adam", [keras.optimizers.Adam, FusedAdam])  # FusedAdam: the default
+def test_adam_steps_scale_with_the_group_factor(setup, adam):
     model, groups, x, y, initial = setup
     factors = group_lr_multipliers(model, SPEC, groups, 0.01)
     lr = 1e-3
-    steps = one_step(model, with_lr_multipliers(keras.optimizers.Adam(lr), factors), x, y, initial)
+    steps = one_step(model, with_lr_multipliers(adam(lr), factors), x, y, initial)
     # Adam's first step is lr * g / (|g| + eps): lr per element wherever the gradient is not tiny.
     for layer, factor in (("block7a_project_conv", 0.01), ("top_conv", 0.1), ("logits", 1.0)):
         step = np.abs(steps[kernel_of(model, layer)]).max()

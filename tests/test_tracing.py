@@ -2,7 +2,7 @@
 
 Keras' TensorFlow trainer builds an unbuilt optimizer inside the first traced train step, and
 TensorFlow traces a function again when its first trace created variables, so the whole step
-was traced twice (about 2.2 s more on the first batch of a fine-tuning phase of
+was traced twice (2.3-2.6 s more on the first batch of a fine-tuning phase of
 EfficientNet-Lite0). `compile_phase` and the range test build the optimizer first.
 """
 
@@ -57,8 +57,8 @@ def test_each_phase_traces_its_train_step_once(tmp_path, traces, unfreeze_groups
     data = prepare_image_data(folder, image_size=32, val_fraction=0.25, test_fraction=0.0)
     seed_everything(0)
     model = build_classifier(SPEC, data.num_classes, image_size=32)
-    # Phase 1 on cached features; phase 2 every group (augmented: through the folded
-    # network) or the top 3 (cached at the cut); then the same with the run's checkpoints.
+    # Phase 1 on cached features; phase 2 every group (through the folded network) or the top
+    # 3 (on their input cached at the cut); with the run's checkpoints and resume state.
     recipe = RecipeConfig(head_epochs=1, finetune_epochs=1, unfreeze_groups=unfreeze_groups)
     phase_data = PhaseData(
         data.images["train"], data.labels["train"], data.num_classes, batch_size=8,

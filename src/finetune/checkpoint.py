@@ -118,7 +118,8 @@ def write_weights(model: Any, path: str | os.PathLike[str], optimizer: bool = Tr
         model: a built `keras.Model`.
         path: where to write; a name ending in `.weights.h5`.
         optimizer: also write the state of a compiled model's optimizer (its moments: twice
-            the weights' size for Adam), as `save_weights` does. Defaults to True.
+            the weights' size for Adam), as `save_weights` does. Defaults to True. (A Keras
+            without the internals used here falls back to `save_weights`, which writes it.)
     """
     import io
 

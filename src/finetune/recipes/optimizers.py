@@ -24,7 +24,7 @@ class _FusedAdamStep:
     step against Keras' 8.3 ms, and its first call (the trace) 0.2 s against 1.0 s
     (benchmarks/RESULTS.md). The arithmetic is Keras' (alpha = lr * sqrt(1 - beta_2^t) /
     (1 - beta_1^t), moments updated in place, the step m * alpha / (sqrt(v) + epsilon)). It
-    differs in rounding, a unit in the last place of a weight, and in taking 1 - beta from the
+    differs in rounding (a few units in the last place of a weight), and in taking 1 - beta from the
     float32 beta: 1 - 0.999 is 0.00099998713 there, 0.001 in Keras (a relative 1.3e-5 in how
     fast the second moment moves). Anything the kernel does not do (AMSGrad, sparse gradients,
     callable betas, another backend) takes Keras' own update.
@@ -58,7 +58,7 @@ class _FusedAdamStep:
         import tensorflow as tf
 
         numbers = all(isinstance(x, int | float) for x in (self.beta_1, self.beta_2, self.epsilon))
-        dense = isinstance(gradient, tf.Tensor) and not isinstance(gradient, tf.IndexedSlices)
+        dense = isinstance(gradient, tf.Tensor)  # a sparse gradient (IndexedSlices) is not one
         return (
             numbers
             and dense
@@ -136,8 +136,8 @@ def build_optimizer(model: keras.Model) -> None:
 
     Keras' TensorFlow trainer otherwise builds it inside the first traced train step, and
     TensorFlow traces a function again when its first trace created variables: the whole train
-    step was traced twice, about 2.2 s more on the first batch of every fine-tuning phase
-    (EfficientNet-Lite0, benchmarks/RESULTS.md). Call it after any change of what is trainable.
+    step was traced twice: 2.3-2.6 s more on the first batch of a fine-tuning phase of
+    EfficientNet-Lite0 (benchmarks/RESULTS.md). Call it after any change of what is trainable.
     """
     optimizer = model.optimizer
     if optimizer is not None and not optimizer.built:

@@ -1,8 +1,9 @@
 """Exact resume of an interrupted run: the state `fit_phases` saves after every epoch and phase.
 
-`checkpoints/resume.npz` (a checkpoint with a completion marker, the previous one kept: see
-`finetune.checkpoint`) holds everything the rest of the run depends on, taken at the end of an
-epoch (after every callback has seen it) and again at the end of each phase:
+`checkpoints/resume.npz` (a checkpoint with a completion marker, the previous one kept until
+the new one is complete: see `finetune.checkpoint`) holds everything the rest of the run
+depends on, taken at the end of an epoch (after every callback has seen it) and again at the
+end of each phase:
 
 - where the recipe is: the phase, the epoch the phase started at, the epochs done, the shared
   epoch budgets, the history records so far, whether early stopping had ended the phase;
@@ -141,7 +142,7 @@ class RestoreCallbackStates(keras.callbacks.Callback):
 
 
 def save_state(path: Path, meta: dict[str, Any], lists: dict[str, list[np.ndarray]]) -> None:
-    """Writes the state atomically with its completion marker (the previous one kept)."""
+    """Writes the state atomically with its completion marker (the previous one kept until then)."""
     arrays = {f"{prefix}/{i}": a for prefix, items in lists.items() for i, a in enumerate(items)}
     meta = meta | {"format": FORMAT, "counts": {k: len(v) for k, v in lists.items()}}
 

@@ -33,3 +33,15 @@ def image_subset(
             for f in chosen:
                 shutil.copy(f, folder / f.name)
     return dest
+
+
+def run_python(code: str, timeout: float = 120) -> str:
+    """Runs `code` in a fresh Python process; returns its stdout (its stderr if it fails)."""
+    import subprocess
+    import sys
+
+    done = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=timeout, check=False
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    return done.stdout

@@ -19,7 +19,7 @@ from finetune.inference import OpenVinoForward, prune_conversions
 from finetune.kept import file_sha256, kept_forward, link_file, link_run_conversion
 from finetune.predict import expand_inputs, predict
 from finetune.run import MODEL_FILE, Run
-from tests.helpers import DIGITS, image_subset
+from tests.helpers import DIGITS, image_subset, run_python
 
 # float32 OpenVINO: converted and linked on any CPU (bfloat16 "auto" only where the CPU has it).
 RUNTIME = "openvino"
@@ -206,11 +206,7 @@ def test_what_predict_from_a_kept_conversion_imports_needs_no_keras():
         "import finetune.data.decode, finetune.probabilities, finetune.untrusted, finetune.runs\n"
         "print(sorted({'tensorflow', 'keras'} & set(sys.modules)))\n"
     )
-    done = subprocess.run(
-        [sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=False
-    )
-    assert done.returncode == 0, done.stderr[-2000:]
-    assert done.stdout.strip() == "[]"
+    assert run_python(code).strip() == "[]"
 
 
 @pytest.mark.slow
@@ -239,11 +235,8 @@ def test_import_finetune_still_registers_its_layers_for_keras(trained):
         f"m = keras.saving.load_model({str(out / MODEL_FILE)!r}, compile=False)\n"
         "print(type(m.layers[1]).__module__)\n"
     )
-    done = subprocess.run(
-        [sys.executable, "-c", code], capture_output=True, text=True, timeout=300, check=False
-    )
-    assert done.returncode == 0, done.stderr[-2000:]
-    assert done.stdout.strip().startswith("finetune")  # a finetune layer, deserialized
+    # a finetune layer, deserialized
+    assert run_python(code, timeout=300).strip().startswith("finetune")
 
 
 def test_links_to_conversions_no_longer_kept_are_pruned(tmp_path, monkeypatch):

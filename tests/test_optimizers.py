@@ -2,9 +2,6 @@
 
 from __future__ import annotations
 
-import subprocess
-import sys
-
 import keras
 import numpy as np
 import pytest
@@ -12,6 +9,7 @@ import tensorflow as tf
 
 from finetune.recipes.discriminative import with_lr_multipliers
 from finetune.recipes.optimizers import FusedAdam, FusedAdamW
+from tests.helpers import run_python
 
 SHAPES = [(3, 3, 16, 32), (32,), (1, 1, 32, 64), (5, 5, 1, 96), (200, 10)]
 
@@ -104,9 +102,6 @@ def test_a_compiled_load_in_the_command_finds_the_optimizer_classes(tmp_path):
         f"m = load_keras_model({str(tmp_path / 'm.keras')!r})\n"
         "print(type(m.optimizer).__name__, m.optimizer.lr_multipliers)\n"
     )
-    done = subprocess.run(
-        [sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=False
-    )
-    assert done.returncode == 0, done.stderr[-2000:]
-    assert done.stdout.split()[0] == "DiscriminativeFusedAdam"
-    assert "'dense/kernel': 0.1" in done.stdout
+    shown = run_python(code)
+    assert shown.split()[0] == "DiscriminativeFusedAdam"
+    assert "'dense/kernel': 0.1" in shown

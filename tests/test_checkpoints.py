@@ -63,7 +63,7 @@ def full_disk_writer(path: Path) -> None:
     raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(path))
 
 
-def test_a_checkpoint_counts_only_with_its_marker_and_the_previous_one_is_kept(
+def test_a_checkpoint_counts_only_with_its_marker_and_the_previous_one_stays_until_then(
     tmp_path, monkeypatch
 ):
     path = tmp_path / "head.weights.h5"

@@ -24,10 +24,11 @@ class _FusedAdamStep:
     step against Keras' 8.3 ms, and its first call (the trace) 0.2 s against 1.0 s
     (benchmarks/RESULTS.md). The arithmetic is Keras' (alpha = lr * sqrt(1 - beta_2^t) /
     (1 - beta_1^t), moments updated in place, the step m * alpha / (sqrt(v) + epsilon)). It
-    differs in rounding (a few units in the last place of a weight), and in taking 1 - beta from the
-    float32 beta: 1 - 0.999 is 0.00099998713 there, 0.001 in Keras (a relative 1.3e-5 in how
-    fast the second moment moves). Anything the kernel does not do (AMSGrad, sparse gradients,
-    callable betas, another backend) takes Keras' own update.
+    takes 1 - beta from the float32 beta: 1 - 0.999 is 0.00099998713 there, 0.001 in Keras (a
+    relative 1.3e-5 in how fast the second moment moves; weights a few units in the last place
+    apart after 25 steps). Keras' Adam given the float32 betas trained to the same scores.
+    Anything the kernel does not do (AMSGrad, sparse gradients, callable betas, another
+    backend) takes Keras' own update.
     """
 
     def update_step(self, gradient, variable, learning_rate):

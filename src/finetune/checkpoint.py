@@ -184,14 +184,19 @@ def save_checkpoint(
         **meta,
     }
     write_json(marker_path(path), record)
-    _forget_previous(path)  # the new one is complete: one checkpoint on disk, not two
+    _remove(previous_path(path))  # the new one is complete: one checkpoint on disk, not two
     return record
 
 
-def _forget_previous(path: Path) -> None:
-    previous = previous_path(path)
-    marker_path(previous).unlink(missing_ok=True)  # first: a file without marker never counts
-    previous.unlink(missing_ok=True)
+def remove_checkpoint(path: str | os.PathLike[str]) -> None:
+    """Deletes a checkpoint, the previous one and their markers (those that exist)."""
+    _remove(Path(path))
+    _remove(previous_path(path))
+
+
+def _remove(path: Path) -> None:
+    marker_path(path).unlink(missing_ok=True)  # first: a file without marker never counts
+    path.unlink(missing_ok=True)
 
 
 def usable_checkpoint(

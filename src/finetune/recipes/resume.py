@@ -31,7 +31,7 @@ from typing import Any
 import keras
 import numpy as np
 
-from finetune.checkpoint import save_checkpoint, usable_checkpoint
+from finetune.checkpoint import remove_checkpoint, save_checkpoint, usable_checkpoint
 from finetune.errors import FinetuneError
 
 STATE_FILE = "resume.npz"
@@ -178,10 +178,7 @@ def load_state(run_dir: Path) -> ResumeState | None:
 
 def remove_state(run_dir: Path) -> None:
     """Deletes the resume state (and its previous copy) of a finished run."""
-    folder = Path(run_dir) / "checkpoints"
-    for name in (STATE_FILE, "resume.prev.npz"):
-        (folder / name).unlink(missing_ok=True)
-        (folder / f"{name}.json").unlink(missing_ok=True)
+    remove_checkpoint(Path(run_dir) / "checkpoints" / STATE_FILE)
 
 
 def assign_all(variables: list[Any], values: list[np.ndarray], what: str, path: Any) -> None:

@@ -256,6 +256,8 @@ def run_one(
         "features_streamed": sorted(
             {r["phase"] for r in run.history if r.get("features_streamed")}
         ),
+        # The phases that trained through frozen layers Keras computed in bfloat16.
+        "frozen_bfloat16": sorted({r["phase"] for r in run.history if r.get("frozen_bfloat16")}),
         "config": config.to_dict()["recipe"],
         **scored,
     }

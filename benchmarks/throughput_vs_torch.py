@@ -38,14 +38,18 @@ an unaugmented partial phase runs (and `cache_fill_bf16`, the fill in bfloat16 O
 measured, not used, "auto" fills the top groups' input in float32), `streamed`: the
 frozen groups in ONNX Runtime then the top's step, measured and not used: RESULTS.md, fifth
 slice, and `streamed_bf16`: the frozen groups in bfloat16 OpenVINO then the top's step, what an
-augmented partial phase runs where "auto" streams: `two_phase.PhaseData.stream_images`),
-`head` (frozen backbone,
+augmented partial phase runs where "auto" streams: `two_phase.PhaseData.stream_images`;
+and `frozen_bf16`: the step through the network with the frozen groups in bfloat16 in Keras,
+`fold_batchnorm(..., bfloat16=True)`, what it runs where nothing streams under "auto" on a CPU
+with bfloat16), `head` (frozen backbone,
 the step through it; for `finetune`, also `streamed` and `streamed_bf16`: the frozen backbone
 in OpenVINO, float32 or bfloat16, then the head's step on its output, one after the other, what
 `--head-augment` runs from `finetune.inference.AUTO_MIN_IMAGES` image-epochs on, or from
-`AUTO_BF16_MIN_IMAGES` on a CPU with bfloat16), `head_cached` (finetune only: the
-head's step on cached pooled features, plus `cache_fill`, the feature extraction that fills
-the cache once) and `infer` (for `finetune`,
+`AUTO_BF16_MIN_IMAGES` on a CPU with bfloat16; and `frozen_bf16`, as for `partial`),
+`head_cached` (finetune only: the head's step on cached pooled features, plus `cache_fill`,
+the feature extraction that fills the cache once, and `cache_fill_keras_bf16`, the same in
+bfloat16 in Keras: "auto" below `AUTO_BF16_MIN_IMAGES` images on a CPU with bfloat16) and
+`infer` (for `finetune`,
 also the model converted by `finetune.inference.OpenVinoForward` and run by OpenVINO in
 float32 (what the cache fill, and `predict` and `evaluate` on a CPU without bfloat16, run from
 `AUTO_MIN_IMAGES` images on) and in bfloat16 (what `predict` and `evaluate` run at any count on
@@ -168,6 +172,14 @@ def finetune_child(args: argparse.Namespace, bf16: bool, fold: bool = True) -> d
             compile_for(fit_model, groups)
             row = time_calls(lambda m=fit_model: m.train_on_batch(x, y), args.warmup, args.steps)
             row["unfrozen_groups"] = groups
+            if mode == "partial" and fold and not bf16:
+                # Through the network with the frozen groups in bfloat16 in Keras: what
+                # `fit_phases` trains under "auto" on a CPU with bfloat16 where nothing streams.
+                low = fold_batchnorm(model, snapshot=True, bfloat16=True)
+                compile_for(low, groups)
+                row["frozen_bf16"] = time_calls(
+                    lambda m=low: m.train_on_batch(x, y), args.warmup, args.steps
+                )
             # What the fused kernels replace (Keras' own BatchNorm; the depthwise convolutions'
             # swapped filter gradient stays, as in the row above).
             if mode == "full_bn" and fold and not bf16:
@@ -212,6 +224,12 @@ def finetune_child(args: argparse.Namespace, bf16: bool, fold: bool = True) -> d
             fit_model = folded(model)
             compile_for(fit_model)
             row = time_calls(lambda m=fit_model: m.train_on_batch(x, y), args.warmup, args.steps)
+            if fold and not bf16:  # the frozen backbone in bfloat16 in Keras (as `partial`)
+                low = fold_batchnorm(model, snapshot=True, bfloat16=True)
+                compile_for(low)
+                row["frozen_bf16"] = time_calls(
+                    lambda m=low: m.train_on_batch(x, y), args.warmup, args.steps
+                )
             if fold and not bf16:  # `--head-augment` where "auto" streams
                 from finetune.inference import OpenVinoForward
 
@@ -242,6 +260,12 @@ def finetune_child(args: argparse.Namespace, bf16: bool, fold: bool = True) -> d
                 lambda h=head, f=features: h.train_on_batch(f, y), args.warmup, 10 * args.steps
             )
             row["cache_fill"] = fill
+            if fold and not bf16:  # the fill in Keras in bfloat16 ("auto" below 2,000 images)
+                low = fold_batchnorm(split_at_pool(model)[0], frozen_only=False, snapshot=True,
+                                     bfloat16=True)  # fmt: skip
+                row["cache_fill_keras_bf16"] = time_calls(
+                    lambda e=low: e.predict_on_batch(x), args.warmup, args.steps
+                )
             row["finite_check_ms"] = finite_check_ms(head)
         else:  # infer
             fast = folded(model, frozen_only=False)
@@ -425,6 +449,9 @@ def summarise(report: dict) -> dict:
                             "images_per_s"
                         ]
                         cell[f"{config}_amortised_5"] = amortised_cached(run, 5)
+                        low = run["modes"]["head_cached"].get("cache_fill_keras_bf16")
+                        if low:
+                            cell[f"{config}_cache_fill_keras_bf16"] = low["images_per_s"]
                 # compared against PyTorch's step through the frozen backbone
                 for config in CONFIGS[1:]:
                     if config.startswith("torch"):
@@ -437,6 +464,12 @@ def summarise(report: dict) -> dict:
                     cell["ratio"] = cell["finetune"] / fp32[best]
                 if cell.get("finetune_amortised_5"):
                     cell["ratio_amortised_5"] = cell["finetune_amortised_5"] / fp32[best]
+                low = cell.get("finetune_cache_fill_keras_bf16")
+                if low and cell["finetune"]:  # 5 epochs and the fill in bfloat16 Keras
+                    cell["finetune_amortised_5_keras_bf16"] = 5 / (1 / low + 5 / cell["finetune"])
+                    cell["ratio_amortised_5_keras_bf16"] = (
+                        cell["finetune_amortised_5_keras_bf16"] / fp32[best]
+                    )
                 if cell["finetune-bf16"]:
                     cell["ratio_bf16"] = cell["finetune-bf16"] / fp32[best]
             run = runs.get(("finetune", size))
@@ -461,6 +494,10 @@ def summarise(report: dict) -> dict:
                     cell["finetune_keras_bn"] = plain["images_per_s"]
                     cell["ratio_keras_bn"] = plain["images_per_s"] / cell["best_torch"]
             if mode in ("head", "partial") and run and run.get("status") == "ok":
+                low = run["modes"].get(mode, {}).get("frozen_bf16")
+                if low and fp32:
+                    cell["finetune_frozen_bf16"] = low["images_per_s"]
+                    cell["ratio_frozen_bf16"] = low["images_per_s"] / cell["best_torch"]
                 for key in ("streamed", "streamed_bf16"):
                     streamed = run["modes"].get(mode, {}).get(key)
                     if streamed and fp32:
@@ -511,6 +548,18 @@ def markdown(report: dict) -> str:
                      f"| {fmt(c['torch-nchw'])} "
                      f"| {fmt(c['torch-cl'])} | {fmt(c['torch-compile'])} | {best} "
                      f"| {ratio} |")  # fmt: skip
+        if c.get("finetune_amortised_5_keras_bf16"):
+            lines.append(f"| {c['size']} | head, cached features, 5 epochs + the fill in "
+                         f"bfloat16 in Keras (auto on a CPU with bfloat16 below 2,000 images; "
+                         f"fill {fmt(c['finetune_cache_fill_keras_bf16'])} img/s) "
+                         f"| ({fmt(c['finetune_amortised_5_keras_bf16'])}) | | | | | | {best} "
+                         f"| {fmt(c.get('ratio_amortised_5_keras_bf16'), 2)} |")  # fmt: skip
+        if c.get("finetune_frozen_bf16"):
+            what = "head through the backbone" if c["mode"] == "head" else "partial, augmented"
+            lines.append(f"| {c['size']} | {what}, the frozen layers in bfloat16 in Keras (auto "
+                         f"on a CPU with bfloat16, where nothing streams) "
+                         f"| {fmt(c['finetune_frozen_bf16'])} | | | | | | {best} "
+                         f"| {fmt(c.get('ratio_frozen_bf16'), 2)} |")  # fmt: skip
         if c.get("finetune_keras_bn"):
             lines.append(f"| {c['size']} | full_bn, Keras' own BatchNorm (not the fused "
                          f"kernels) | {fmt(c['finetune_keras_bn'])} | | | | | "

@@ -221,6 +221,38 @@ def test_auto_trains_the_head_on_bfloat16_features_where_the_cpu_has_it(
         np.testing.assert_array_equal(a, b)
 
 
+@pytest.mark.parametrize("augment", [False, True])
+def test_below_the_conversion_auto_computes_the_frozen_backbone_in_bfloat16_in_keras(
+    digits, monkeypatch, augment
+):
+    """Below `AUTO_BF16_MIN_IMAGES` on a CPU with bfloat16, Keras itself computes the frozen
+    backbone in bfloat16: the cache fill ("keras-bf16"), or the augmented phase through it
+    (`frozen_bfloat16`). A head near the float32 one, not the same."""
+    import finetune.inference as inference
+
+    monkeypatch.delenv(inference.ENV_VAR, raising=False)
+    monkeypatch.setattr(inference, "cpu_has_bfloat16", lambda: True)  # any CPU runs bfloat16
+    exact, exact_records = head_phase_run(
+        digits, feature_cache=True, runtime="keras", augment=augment
+    )
+    auto, auto_records = head_phase_run(digits, feature_cache=True, augment=augment)
+
+    runtime = None if augment else "keras"
+    assert [r.get("features_runtime") for r in exact_records] == [runtime] * 3
+    assert [r.get("frozen_bfloat16") for r in exact_records] == [None] * 3
+    assert [r.get("features_runtime") for r in auto_records] == [
+        None if augment else "keras-bf16"
+    ] * 3
+    assert [r.get("frozen_bfloat16") for r in auto_records] == [augment or None] * 3
+    assert [r["features_cached"] for r in auto_records] == [not augment] * 3
+    pairs = list(zip(head_weights(exact), head_weights(auto), strict=True))
+    assert max(np.abs(a - b).max() for a, b in pairs) > 1e-4  # really bfloat16
+    for a, b in pairs:  # measured: 0.2-8%
+        assert np.linalg.norm(b - a) < 0.2 * np.linalg.norm(a)
+    for e, f in zip(exact_records, auto_records, strict=True):
+        assert f["val_loss"] == pytest.approx(e["val_loss"], rel=0.03)  # measured: <0.5%
+
+
 def partial_phase_run(
     data, *, feature_cache: bool, runtime=None, augment=False, train_batchnorm=False, average=0
 ):
@@ -251,14 +283,15 @@ def weights_by_group(model) -> dict[str, list[np.ndarray]]:
 
 def test_a_partial_phase_trains_the_same_top_groups_on_cached_activations(digits, monkeypatch):
     """No augmentation, top 3 groups unfrozen: the groups below run once, the top groups and
-    the head train on their stored output exactly as through the whole network; in float32
-    even where "auto" would compute a head's features in bfloat16."""
+    the head train on their stored output exactly as through the whole network in float32;
+    in float32 even where "auto" would compute a head's features, and the frozen groups under
+    the top ones trained through, in bfloat16."""
     import finetune.inference as inference
 
     monkeypatch.delenv(inference.ENV_VAR, raising=False)
     monkeypatch.setattr(inference, "cpu_has_bfloat16", lambda: True)
     monkeypatch.setattr(inference, "AUTO_BF16_MIN_IMAGES", 1)
-    through, slow_records = partial_phase_run(digits, feature_cache=False)
+    through, slow_records = partial_phase_run(digits, feature_cache=False, runtime="keras")
     cached, fast_records = partial_phase_run(digits, feature_cache=True)
 
     assert [r["features_cached"] for r in slow_records] == [False] * 3
@@ -286,9 +319,10 @@ def test_cached_top_groups_with_trained_batchnorm_and_averaging_end_as_through_t
     digits,
 ):
     """BatchNorm training in the top groups, the last 2 epochs averaged: the statistics are
-    recomputed for the average from the cached features, as through the network from images."""
+    recomputed for the average from the cached features, as through the network from images
+    (in float32: "auto" computes the frozen groups in bfloat16 there on a CPU with it)."""
     through, slow_records = partial_phase_run(
-        digits, feature_cache=False, train_batchnorm=True, average=2
+        digits, feature_cache=False, train_batchnorm=True, average=2, runtime="keras"
     )
     cached, records = partial_phase_run(digits, feature_cache=True, train_batchnorm=True, average=2)
     assert [r["features_cached"] for r in records] == [True] * 3

@@ -132,10 +132,13 @@ def test_run_directory_holds_the_record(digits, tmp_path):
     metrics = json.loads((out / "metrics.json").read_text())
     assert set(metrics) >= {"accuracy", "macro_f1", "per_class", "confusion_matrix", "num_images"}
     # Predictions: bfloat16 OpenVINO at any count on a CPU with it (converted here, once);
-    # features to train on: Keras below 2,000 images, as for this phase 1's fill.
-    assert metrics["runtime"] == ("openvino-bf16" if cpu_has_bfloat16() else "keras")
+    # features to train on: Keras below 2,000 images, as for this phase 1's fill (in bfloat16
+    # on a CPU with it).
+    bf16 = cpu_has_bfloat16()
+    assert metrics["runtime"] == ("openvino-bf16" if bf16 else "keras")
     history = json.loads((out / "history.json").read_text())
-    assert [r.get("features_runtime") for r in history if r["phase"] == "head"] == ["keras"]
+    fill = "keras-bf16" if bf16 else "keras"
+    assert [r.get("features_runtime") for r in history if r["phase"] == "head"] == [fill]
     cm = np.asarray(metrics["confusion_matrix"])
     assert cm.shape == (4, 4) and cm.sum() == metrics["num_images"] > 0
     assert metrics["accuracy"] == pytest.approx(np.trace(cm) / cm.sum())

@@ -174,6 +174,26 @@ def resolve_runtime(
     return "openvino" if num_images >= AUTO_MIN_IMAGES else "keras"
 
 
+def frozen_in_bfloat16(runtime: str | None) -> bool:
+    """Whether Keras computes what cannot change while a training phase runs in bfloat16: the
+    frozen layers below everything that trains when the phase goes through them, and the
+    head's feature-cache fill when Keras makes it (`fold_batchnorm(..., bfloat16=True)`).
+    Under "auto" on a CPU with bfloat16 only; any runtime named (`keras` included) keeps
+    Keras in float32.
+
+    On EfficientNet-Lite0 a step through the frozen backbone is 1.4-1.8x as fast, and one of
+    the top three groups 1.1-1.25x (benchmarks/RESULTS.md, seventeenth slice).
+
+    Args:
+        runtime: a name from `RUNTIMES`; None takes `FINETUNE_RUNTIME` from the environment,
+            or "auto".
+
+    Raises:
+        ConfigError: an unknown runtime name.
+    """
+    return requested_runtime(runtime) == "auto" and cpu_has_bfloat16()
+
+
 def _intra_op_threads() -> int:
     try:
         return len(os.sched_getaffinity(0))

@@ -43,8 +43,8 @@ from finetune.data.pipeline import (
     with_class_weights,
 )
 from finetune.errors import NonFiniteLossError
-from finetune.fold import fold_batchnorm
-from finetune.inference import guarded_forward
+from finetune.fold import computes_in_bfloat16, fold_batchnorm
+from finetune.inference import frozen_in_bfloat16, guarded_forward, resolve_runtime
 from finetune.model import freeze_backbone, unfreeze_top_groups
 from finetune.recipes.averaging import WeightAveraging
 from finetune.recipes.discriminative import group_lr_multipliers
@@ -547,11 +547,20 @@ class _Features:
             self.forget()
         if self.datasets is None:
             d = self.data
-            fast = fold_batchnorm(extractor, frozen_only=False, snapshot=True)  # inference only
             total = len(d.train_images) + (len(d.val_images) if d.has_val else 0)
             # bfloat16 for the head's features (as measured); the top groups' input in float32.
+            float32 = layer != POOL_LAYER
+            # Keras filling the head's cache computes in bfloat16 too, where "auto" would.
+            bfloat16 = (
+                not float32
+                and frozen_in_bfloat16(d.runtime)
+                and resolve_runtime(d.runtime, total, features=True) == "keras"
+            )
+            fast = fold_batchnorm(  # inference only
+                extractor, frozen_only=False, snapshot=True, bfloat16=bfloat16
+            )
             forward = guarded_forward(
-                extractor, fast, d.runtime, total, features=True, float32=layer != POOL_LAYER
+                extractor, fast, d.runtime, total, features=True, float32=float32
             )
             train = self.store.compute(fast, d.train_images, d.batch_size, "train", forward)
 
@@ -562,7 +571,7 @@ class _Features:
                     training=True, seed=d.seed, first_epoch=first_epoch,
                 )  # fmt: skip
 
-            self.runtime = getattr(forward, "runtime", "keras")
+            self.runtime = getattr(forward, "runtime", "keras-bf16" if bfloat16 else "keras")
             self.datasets = (train_from, self._val_features(fast, forward))
             self.layer = layer
         return head, *self.datasets
@@ -648,9 +657,11 @@ def fit_phases(
         and `features_cached` (True when the phase trained on cached features: the head on the
         backbone's, or the top groups on the frozen groups'; `features_layer` then names the
         layer whose output they are, and `features_runtime` says which runtime computed them:
-        "keras", "openvino", "openvino-bf16" or "onnxruntime", as they do with
-        `features_streamed`, True when an augmented phase took that output from a converted
-        model batch by batch: the head's, or the top groups'); with
+        "keras", "keras-bf16" (Keras in bfloat16: `finetune.inference.frozen_in_bfloat16`),
+        "openvino", "openvino-bf16" or "onnxruntime", as they do with `features_streamed`,
+        True when an augmented phase took that output from a converted model batch by batch:
+        the head's, or the top groups'); `frozen_bfloat16`, True when a phase trained through
+        frozen layers that Keras computed in bfloat16; with
         `recipe.average_last_epochs`, `averaged` on the epochs whose mean the final phase ends
         with (`finetune.recipes.averaging`; that phase then has no early stopping).
     """
@@ -711,6 +722,7 @@ def fit_phases(
                 # Stored as float32, no larger than the images themselves.
                 cut = cut_layer(model, spec, groups, data.image_bytes)
             split = streamed = None
+            frozen_bfloat16 = False
             if cut is not None and data.uses_feature_cache(phase):
                 split = features.head_and_datasets(cut)
             elif stream_images := data.stream_images(phase, cut):
@@ -726,7 +738,11 @@ def fit_phases(
             else:
                 # The same layers and weights, with each frozen BatchNorm folded into the
                 # convolution before it: the same training, with a faster forward pass.
-                fit_model = fold_batchnorm(model, snapshot=True)  # frozen pairs compiled in
+                # Under "auto" on a CPU with bfloat16, what is frozen below everything that
+                # trains computes in bfloat16 (`frozen_in_bfloat16`).
+                bfloat16 = frozen_in_bfloat16(data.runtime)
+                fit_model = fold_batchnorm(model, snapshot=True, bfloat16=bfloat16)
+                frozen_bfloat16 = bfloat16 and computes_in_bfloat16(fit_model)
                 train_from = functools.partial(data.train_dataset, phase.augment)
                 val_ds = data.val_dataset()
             steps = data.steps_per_epoch
@@ -758,6 +774,8 @@ def fit_phases(
                     how = f" ({what} on cached features, computed by {features.runtime})"
                 elif streamed is not None:
                     how = f" ({what} on features computed by {features.runtime} as it goes)"
+                elif frozen_bfloat16:
+                    how = " (the frozen layers in bfloat16)"
                 again = f", going on after epoch {first_epoch}" if going_on else ""
                 print(
                     f"Phase '{phase.name}': up to {phase.epochs} epoch(s) at learning rate "
@@ -814,6 +832,8 @@ def fit_phases(
                         record["features_layer"] = cut
                     if streamed is not None:
                         record["features_streamed"] = True
+                    if frozen_bfloat16:
+                        record["frozen_bfloat16"] = True
                     ran += 1
             epoch = phase_start + ran
             if phase.budget is not None:

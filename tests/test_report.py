@@ -350,6 +350,8 @@ def test_the_phases_table_says_how_each_frozen_part_ran(tmp_path):
          "features_streamed": True, "features_layer": "block5c_add",
          "features_runtime": "openvino-bf16"},
         {"phase": "polish", "epoch": 3, "learning_rate": 1e-5, "features_cached": False},
+        {"phase": "last", "epoch": 4, "learning_rate": 1e-5, "features_cached": False,
+         "frozen_bfloat16": True},
     ]  # fmt: skip
     run = finetune.Run(
         model=None, config=finetune.Config(), class_names=["a"], image_size=32, path=tmp_path,
@@ -358,4 +360,5 @@ def test_the_phases_table_says_how_each_frozen_part_ran(tmp_path):
     page = _config(run, tmp_path)
     assert "cached (pool, openvino-bf16)" in page
     assert "streamed (block5c_add, openvino-bf16)" in page
-    assert "no: through the network" in page
+    assert "no: through the network</td>" in page
+    assert "no: through the network (its frozen layers in bfloat16)" in page

@@ -21,10 +21,11 @@ So the runtime is chosen per call:
   and every later `predict` or `evaluate` of the run loads that conversion. For the features
   a head trains on (the head's feature-cache fill, a streamed `--head-augment` phase), which
   convert once per phase, bfloat16 from `AUTO_BF16_MIN_IMAGES` images (counting the images
-  times the epochs) and Keras below. On a CPU without bfloat16: Keras below
-  `AUTO_MIN_IMAGES` images (counting each test-time augmentation view) and OpenVINO in
-  float32 from there. Logits to fit a temperature on, and the cached input of the top layer
-  groups (whose accuracy in bfloat16 is not measured), stay float32 (`float32=True`).
+  times the epochs) and Keras below, in bfloat16 too (`frozen_in_bfloat16`). On a CPU
+  without bfloat16: Keras below `AUTO_MIN_IMAGES` images (counting each test-time
+  augmentation view) and OpenVINO in float32 from there. Logits to fit a temperature on,
+  and the cached input of the top layer groups (whose accuracy in bfloat16 is not
+  measured), stay float32 (`float32=True`).
 
 The choice can be given per call (`runtime=`, `--runtime` on the command line) or for the
 whole process with the environment variable `FINETUNE_RUNTIME`.

@@ -75,8 +75,11 @@ def head_weights(model):
 
 
 def test_cached_features_train_the_same_head_as_the_frozen_backbone(digits, tmp_path):
-    through, slow_records = head_phase_run(digits, feature_cache=False)
-    cached, fast_records = head_phase_run(digits, feature_cache=True, run_dir=tmp_path)
+    # In float32 ("auto" computes both in bfloat16 on a CPU with it: below).
+    through, slow_records = head_phase_run(digits, feature_cache=False, runtime="keras")
+    cached, fast_records = head_phase_run(
+        digits, feature_cache=True, run_dir=tmp_path, runtime="keras"
+    )
 
     assert [r["features_cached"] for r in fast_records] == [True] * 3
     assert [r["features_cached"] for r in slow_records] == [False] * 3
@@ -227,7 +230,8 @@ def test_below_the_conversion_auto_computes_the_frozen_backbone_in_bfloat16_in_k
 ):
     """Below `AUTO_BF16_MIN_IMAGES` on a CPU with bfloat16, Keras itself computes the frozen
     backbone in bfloat16: the cache fill ("keras-bf16"), or the augmented phase through it
-    (`frozen_bfloat16`). A head near the float32 one, not the same."""
+    (`frozen_bfloat16`). A head near the float32 one, not the same; the float32 one where the
+    first batch's check refuses bfloat16."""
     import finetune.inference as inference
 
     monkeypatch.delenv(inference.ENV_VAR, raising=False)
@@ -251,6 +255,13 @@ def test_below_the_conversion_auto_computes_the_frozen_backbone_in_bfloat16_in_k
         assert np.linalg.norm(b - a) < 0.2 * np.linalg.norm(a)
     for e, f in zip(exact_records, auto_records, strict=True):
         assert f["val_loss"] == pytest.approx(e["val_loss"], rel=0.03)  # measured: <0.5%
+    # Where the first batch moves further than features may, all of it in float32.
+    monkeypatch.setattr(inference, "BF16_FEATURE_TOLERANCE", 0.0)
+    kept, kept_records = head_phase_run(digits, feature_cache=True, augment=augment)
+    assert [r.get("features_runtime") for r in kept_records] == [runtime] * 3
+    assert [r.get("frozen_bfloat16") for r in kept_records] == [None] * 3
+    for a, b in zip(head_weights(exact), head_weights(kept), strict=True):
+        np.testing.assert_array_equal(a, b)
 
 
 def partial_phase_run(

@@ -521,11 +521,13 @@ def test_a_frozen_pair_above_a_layer_that_trains_stays_float32():
     wrapped = [layer.layer for layer in fast.layers if isinstance(layer, fold_module._InBfloat16)]
     assert [type(layer).__name__ for layer in wrapped] == ["ReLU", "Dropout"]
     assert fast(_images(2, 8), training=False).dtype == "float32"
-    # An inference view has nothing that trains: all of it in bfloat16.
+    # An inference view has nothing that trains: all of it in bfloat16, its output cast back.
     inference = fold_batchnorm(model, frozen_only=False, snapshot=True, bfloat16=True)
     assert {_dtype(layer) for layer in inference.layers if isinstance(layer, FoldedConv)} == {
         "bfloat16"
     }
+    assert isinstance(inference.layers[-1], fold_module._ToFloat32)
+    assert inference(_images(2, 8), training=False).dtype == "float32"
 
 
 def test_a_frozen_dropout_layer_in_bfloat16_still_drops_out_in_training():
@@ -535,13 +537,14 @@ def test_a_frozen_dropout_layer_in_bfloat16_still_drops_out_in_training():
     fast = fold_batchnorm(model, snapshot=True, bfloat16=True)
     assert isinstance(fast.layers[-2], fold_module._InBfloat16)  # the dropout, then the cast
     x = _images(4, 8)
+    assert fast(x, training=False).dtype == "float32"
     kept = np.asarray(fast(x, training=False))
     dropped = np.asarray(fast(x, training=True))
     assert np.all(kept > 0) or (kept == 0).mean() < 0.3  # a ReLU's zeros only
     assert (dropped == 0).mean() > (kept == 0).mean() + 0.2
 
 
-def test_a_nested_model_in_bfloat16_below_a_layer_that_trains_is_refused():
+def test_a_nested_model_in_bfloat16_above_a_layer_that_trains_is_refused():
     keras.utils.set_random_seed(0)
     inner = _stack((True,))
     inputs = keras.Input((8, 8, 3))
@@ -553,6 +556,68 @@ def test_a_nested_model_in_bfloat16_below_a_layer_that_trains_is_refused():
     assert fold_batchnorm(model, snapshot=True) is not model
     model.layers[1].trainable = False
     assert computes_in_bfloat16(fold_batchnorm(model, snapshot=True, bfloat16=True))
+
+
+def test_raw_operations_shared_layers_and_sums_leave_the_bfloat16_part_in_float32():
+    """A raw operation (`x * x`) or an activation that sums (softmax) reads float32; a
+    weightless layer called twice in the bfloat16 part runs twice there; training views of
+    such a model build (a raw operation has no weights to train)."""
+    keras.utils.set_random_seed(0)
+    inputs = keras.Input((8, 8, 3))
+    relu = keras.layers.ReLU()
+    x = inputs
+    for _ in range(2):  # the same ReLU after each pair
+        conv = keras.layers.Conv2D(4, 3, padding="same", use_bias=False)
+        x = relu(keras.layers.BatchNormalization()(conv(x)))
+    y = keras.layers.Activation("softmax")(x * x + 3.0)
+    model = keras.Model(inputs, y)
+    _randomise_batchnorm(model)
+    x = _images(2, 8)
+    expected = model.predict_on_batch(x)
+    for frozen_only in (False, True):
+        if frozen_only:
+            for layer in model.layers:
+                layer.trainable = isinstance(layer, keras.layers.Conv2D)
+        fast = fold_batchnorm(model, frozen_only=frozen_only, snapshot=True, bfloat16=True)
+        wrapped = [layer for layer in fast.layers if isinstance(layer, fold_module._InBfloat16)]
+        softmax = [layer for layer in fast.layers if isinstance(layer, keras.layers.Activation)]
+        if frozen_only:  # the convolutions train: nothing in bfloat16
+            assert not wrapped and not computes_in_bfloat16(fast)
+        else:
+            assert [layer.layer for layer in wrapped] == [relu, relu]
+            assert [_dtype(layer) for layer in softmax] == ["float32"]
+        out = fast.predict_on_batch(x)
+        assert out.dtype == np.float32
+        if frozen_only:  # float32: the same function
+            _close(out, expected, "float32 view")
+        else:  # (measured: 0.9%)
+            assert np.median(_row_differences(out, expected)) < 0.05
+        # In the traced function: the product and the softmax in float32.
+        function = tf.function(lambda t, f=fast: f(t, training=False))
+        graph = function.get_concrete_function(tf.TensorSpec(x.shape, tf.float32)).graph
+        dtypes = {
+            (op.type, op.get_attr("T").name)
+            for op in graph.get_operations()
+            if op.type in ("Mul", "Softmax", "Relu")
+        }
+        relu = {("Relu", "bfloat16")} if not frozen_only else {("Relu", "float32")}
+        assert dtypes == {("Mul", "float32"), ("Softmax", "float32")} | relu
+
+
+def test_a_mobilenet_v3_training_view_builds_and_keeps_its_raw_operations():
+    keras.utils.set_random_seed(0)
+    model = build_classifier(
+        get_backbone("mobilenet_v3_small"), 3, image_size=SIZE, head=ModelConfig(dropout=0.0),
+        weights=None,
+    )  # fmt: skip
+    unfreeze_top_groups(model, get_backbone("mobilenet_v3_small"), 2)
+    x = _images()
+    expected = fold_batchnorm(model, snapshot=True).predict_on_batch(x)
+    fast = fold_batchnorm(model, snapshot=True, bfloat16=True)
+    assert computes_in_bfloat16(fast)
+    out = fast.predict_on_batch(x)
+    assert out.dtype == np.float32
+    assert np.median(_row_differences(out, expected)) < 0.05
 
 
 class _SeeFitModel(keras.callbacks.Callback):

@@ -38,9 +38,10 @@ AMX), and a cast back to float32 where a layer with weights, a pooling or the ou
 them. No gradient goes through that part, and what trains computes in float32 as before.
 Keras' own `mixed_bfloat16` policy was slower than float32 here (0.45-0.71x: it casts every
 variable on every call); with the weights cast once, as constants, a step through the frozen
-backbone of EfficientNet-Lite0 is 1.4-1.8x as fast, one of its top 3 groups over the frozen
-rest 1.1-1.25x (RESULTS, seventeenth slice). finetune uses it where "auto" computes in
-bfloat16 (`finetune.inference.frozen_in_bfloat16`).
+backbone of EfficientNet-Lite0 was 1.17-1.98x as fast, one of its top 3 groups over the
+frozen rest 1.06-1.50x (two runs on an AMD EPYC; RESULTS, seventeenth slice). finetune uses
+it where "auto" computes in bfloat16 (`finetune.inference.frozen_in_bfloat16`), after a check
+of the first batch against float32 (`finetune.recipes.two_phase.bfloat16_stays_close`).
 
 A pair folds when its BatchNorm runs in inference mode:
 
@@ -315,7 +316,8 @@ class FoldedConv(_LayerView):
         conv = self.conv
         if self.snapshot and keras.backend.backend() == "tensorflow":
             return self._call_snapshot(inputs)
-        kernel, bias = self.folded()
+        with AutocastScope(None):  # folded in the variables' dtype, then cast
+            kernel, bias = self.folded()
         kernel = ops.cast(kernel, inputs.dtype)
         if isinstance(conv, keras.layers.DepthwiseConv2D):
             outputs = _depthwise_conv(conv, inputs, kernel)
@@ -350,7 +352,8 @@ class _InBfloat16(_LayerView):
     _runs = ("layer",)
 
     def __init__(self, layer: keras.layers.Layer, **kwargs):
-        super().__init__(name=f"{layer.name}_bf16", dtype="mixed_bfloat16", **kwargs)
+        # Named by Keras: a layer called twice in that part gets two of these.
+        super().__init__(dtype="mixed_bfloat16", **kwargs)
         self.layer = layer
         self._passes_training = "training" in inspect.signature(layer.call).parameters
 
@@ -374,12 +377,18 @@ class _ToFloat32(_LayerView):
 # many values: pooling and the like cast back to float32).
 _BF16_LAYERS = (
     keras.layers.ReLU,
-    keras.layers.Activation,
+    keras.layers.Activation,  # of an elementwise function (`_ELEMENTWISE_ACTIVATIONS`)
     keras.layers.Add,
     keras.layers.Multiply,
     keras.layers.ZeroPadding2D,
     keras.layers.Dropout,
 )
+
+
+_ELEMENTWISE_ACTIVATIONS = frozenset(
+    {"relu", "relu6", "silu", "swish", "sigmoid", "hard_sigmoid", "hard_silu", "hard_swish",
+     "tanh", "gelu", "elu", "selu", "leaky_relu", "softplus", "linear"}
+)  # fmt: skip
 
 
 class SwappedGradientDepthwiseConv(_LayerView):
@@ -553,7 +562,8 @@ def fold_batchnorm(
             False.
         bfloat16: with `snapshot`, compute those pairs in bfloat16 where nothing below them
             trains, and the weightless elementwise layers between them; the view's outputs
-            stay float32 (see the module docstring). Defaults to False.
+            stay float32 (see the module docstring). Without `snapshot` it changes nothing.
+            Defaults to False.
 
     Returns:
         A new, uncompiled functional model with the same inputs and outputs and name, sharing
@@ -582,13 +592,16 @@ def fold_batchnorm(
 
     def call(layer, *args, **kwargs):
         output = _call(layer, *args, **kwargs)
-        if isinstance(layer, Functional) and depends(args, kwargs) and computes_in_bfloat16(layer):
+        nested = bfloat16 and isinstance(layer, Functional)
+        if nested and depends(args, kwargs) and computes_in_bfloat16(layer):
             raise ValueError(
                 f"fold_batchnorm(bfloat16=True): the nested model {layer.name!r} computes in "
                 "bfloat16 but its input depends on layers that train; bfloat16 is only for "
                 "the part of a model below everything that trains."
             )
-        trains = frozen_only and id(layer) not in frozen and bool(layer.trainable_weights)
+        # (Raw operations, such as `x + 3.0` in MobileNetV3, have no weights.)
+        weights = getattr(layer, "trainable_weights", ())
+        trains = frozen_only and id(layer) not in frozen and bool(weights)
         if trains or depends(args, kwargs):
             varying.update(id(t) for t in tree.flatten(output))
         return output
@@ -636,6 +649,10 @@ def fold_batchnorm(
         elif bfloat16 and _runs_in_bfloat16(layer, args, kwargs):
             folded += 1
             output = _InBfloat16(layer)(*args, **kwargs)
+        elif bfloat16 and not isinstance(layer, keras.layers.Layer):
+            # A raw operation (`ops.mean(x)`...) computes in its inputs' dtype: float32 here.
+            args, kwargs = tree.map_structure(_as_float32, (args, kwargs))
+            output = layer(*args, **kwargs)
         else:
             output = layer(*args, **kwargs)
         if conv:
@@ -666,11 +683,22 @@ def computes_in_bfloat16(model: keras.Model) -> bool:
     )
 
 
+def _as_float32(value: Any) -> Any:
+    if getattr(value, "dtype", None) is not None and str(value.dtype) == "bfloat16":
+        return ops.cast(value, "float32")
+    return value
+
+
 def _runs_in_bfloat16(layer: Any, args: tuple, kwargs: dict) -> bool:
     """Whether the bfloat16 part of a view runs `layer` as it is: a weightless elementwise layer
-    (`_BF16_LAYERS`) whose floating inputs are all bfloat16 (all fixed, then)."""
+    (`_BF16_LAYERS`; an `Activation` of an elementwise function) whose floating inputs are
+    all bfloat16 (all fixed, then)."""
     if type(layer) not in _BF16_LAYERS or layer.weights:
         return False
+    if isinstance(layer, keras.layers.Activation) and (
+        getattr(layer.activation, "__name__", "") not in _ELEMENTWISE_ACTIVATIONS
+    ):
+        return False  # softmax and the like: sums over values
     floats = [
         t for t in tree.flatten((args, kwargs)) if hasattr(t, "dtype") and "float" in str(t.dtype)
     ]

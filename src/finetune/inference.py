@@ -182,8 +182,10 @@ def frozen_in_bfloat16(runtime: str | None) -> bool:
     Under "auto" on a CPU with bfloat16 only; any runtime named (`keras` included) keeps
     Keras in float32.
 
-    On EfficientNet-Lite0 a step through the frozen backbone is 1.4-1.8x as fast, and one of
-    the top three groups 1.1-1.25x (benchmarks/RESULTS.md, seventeenth slice).
+    On EfficientNet-Lite0 a step through the frozen backbone was 1.17-1.98x as fast, and one
+    of the top three groups 1.06-1.50x (two runs on an AMD EPYC; benchmarks/RESULTS.md,
+    seventeenth slice). The first batch is checked as bfloat16 features from a converted
+    model are (`BF16_FEATURE_TOLERANCE`); further off, the phase computes in float32.
 
     Args:
         runtime: a name from `RUNTIMES`; None takes `FINETUNE_RUNTIME` from the environment,

@@ -248,6 +248,26 @@ class PhaseData:
         return images if streams_from(chosen, cut) else 0
 
 
+# How many training images the first-batch check of a view computing its frozen part in
+# bfloat16 runs, eagerly, in both precisions (0.2-0.65 s for Lite0 at 64-224 px, measured
+# with another job running; once per phase).
+BF16_CHECK_IMAGES = 8
+
+
+def bfloat16_stays_close(reference: keras.Model, view: keras.Model, images: np.ndarray) -> bool:
+    """Whether `view` (`fold_batchnorm(..., bfloat16=True)`) computes the first
+    `BF16_CHECK_IMAGES` of `images` within `BF16_FEATURE_TOLERANCE` of `reference` (the same
+    view in float32), in inference mode, measured as bfloat16 features from a converted model
+    are checked (`finetune.inference.bfloat16_difference`). Where it does not, the caller
+    computes in float32 (as `auto` falls back from bfloat16 OpenVINO, silently)."""
+    from finetune.inference import BF16_FEATURE_TOLERANCE, bfloat16_difference
+
+    x = tf.convert_to_tensor(np.asarray(images[:BF16_CHECK_IMAGES], np.float32))
+    out = keras.ops.convert_to_numpy(view(x, training=False))
+    expected = keras.ops.convert_to_numpy(reference(x, training=False))
+    return bfloat16_difference(out, expected, features=True) <= BF16_FEATURE_TOLERANCE
+
+
 def streams_from(runtime: str, cut: str) -> bool:
     """Whether an augmented phase streams the frozen part below `cut` from `runtime` (see
     `PhaseData.stream_images`): the backbone (`POOL_LAYER`) from any converted runtime, the
@@ -556,9 +576,11 @@ class _Features:
                 and frozen_in_bfloat16(d.runtime)
                 and resolve_runtime(d.runtime, total, features=True) == "keras"
             )
-            fast = fold_batchnorm(  # inference only
-                extractor, frozen_only=False, snapshot=True, bfloat16=bfloat16
-            )
+            fast = fold_batchnorm(extractor, frozen_only=False, snapshot=True)  # inference only
+            if bfloat16:
+                low = fold_batchnorm(extractor, frozen_only=False, snapshot=True, bfloat16=True)
+                bfloat16 = bfloat16_stays_close(fast, low, d.train_images)
+                fast = low if bfloat16 else fast
             forward = guarded_forward(
                 extractor, fast, d.runtime, total, features=True, float32=float32
             )
@@ -740,9 +762,13 @@ def fit_phases(
                 # convolution before it: the same training, with a faster forward pass.
                 # Under "auto" on a CPU with bfloat16, what is frozen below everything that
                 # trains computes in bfloat16 (`frozen_in_bfloat16`).
-                bfloat16 = frozen_in_bfloat16(data.runtime)
-                fit_model = fold_batchnorm(model, snapshot=True, bfloat16=bfloat16)
-                frozen_bfloat16 = bfloat16 and computes_in_bfloat16(fit_model)
+                fit_model = fold_batchnorm(model, snapshot=True)
+                if frozen_in_bfloat16(data.runtime):
+                    low = fold_batchnorm(model, snapshot=True, bfloat16=True)
+                    frozen_bfloat16 = computes_in_bfloat16(low) and bfloat16_stays_close(
+                        fit_model, low, data.train_images
+                    )
+                    fit_model = low if frozen_bfloat16 else fit_model
                 train_from = functools.partial(data.train_dataset, phase.augment)
                 val_ds = data.val_dataset()
             steps = data.steps_per_epoch

@@ -143,6 +143,20 @@ def test_a_training_snapshot_compiles_in_only_the_frozen_pairs():
     assert reads == 2 + sum(len(f.conv.weights) + len(f.batchnorm.weights) for f in live)
 
 
+def _loss_gradients(*models) -> list:
+    """Each model's gradients of a cross-entropy on 8 images (training mode), per trainable
+    variable."""
+    x = tf.constant(_images())
+    y = tf.one_hot([0, 1, 2, 0, 1, 2, 0, 1], 3)
+    loss = keras.losses.CategoricalCrossentropy(from_logits=True)
+    grads = []
+    for m in models:
+        with tf.GradientTape() as tape:
+            value = loss(y, m(x, training=True))
+        grads.append(tape.gradient(value, m.trainable_variables))
+    return grads
+
+
 def test_training_shares_the_variables_and_gets_the_same_gradients():
     model = _classifier()
     unfreeze_top_groups(model, SPEC, 2)  # top groups' convolutions train, BatchNorm frozen
@@ -150,14 +164,7 @@ def test_training_shares_the_variables_and_gets_the_same_gradients():
     assert [id(v) for v in fast.trainable_variables] == [id(v) for v in model.trainable_variables]
     # Frozen BatchNorm folds whether its convolution trains or not.
     assert sum(isinstance(layer, FoldedConv) for layer in _all_layers(fast)) == 49
-    x = tf.constant(_images())
-    y = tf.one_hot([0, 1, 2, 0, 1, 2, 0, 1], 3)
-    loss = keras.losses.CategoricalCrossentropy(from_logits=True)
-    grads = []
-    for m in (model, fast):
-        with tf.GradientTape() as tape:
-            value = loss(y, m(x, training=True))
-        grads.append(tape.gradient(value, m.trainable_variables))
+    grads = _loss_gradients(model, fast)
     assert all(g is not None for g in grads[1])
     for v, a, b in zip(model.trainable_variables, *grads, strict=True):
         _close(a, b, v.path)
@@ -476,14 +483,7 @@ def test_a_bfloat16_training_view_computes_only_the_frozen_part_below_in_bfloat1
     assert low == frozen and 0 < len(low) < 49  # the frozen pairs, all below what trains
     assert [id(v) for v in fast.trainable_variables] == [id(v) for v in model.trainable_variables]
     # The trained variables' gradients are float32, near those through the float32 view.
-    x = tf.constant(_images())
-    y = tf.one_hot([0, 1, 2, 0, 1, 2, 0, 1], 3)
-    loss = keras.losses.CategoricalCrossentropy(from_logits=True)
-    grads = []
-    for m in (reference, fast):
-        with tf.GradientTape() as tape:
-            value = loss(y, m(x, training=True))
-        grads.append(tape.gradient(value, m.trainable_variables))
+    grads = _loss_gradients(reference, fast)
     assert all(g is not None and g.dtype == tf.float32 for g in grads[1])
     differences = [
         float(np.linalg.norm(b - a) / np.linalg.norm(a)) for a, b in zip(*grads, strict=True)

@@ -224,13 +224,14 @@ def finetune_child(args: argparse.Namespace, bf16: bool, fold: bool = True) -> d
             fit_model = folded(model)
             compile_for(fit_model)
             row = time_calls(lambda m=fit_model: m.train_on_batch(x, y), args.warmup, args.steps)
-            if fold and not bf16:  # the frozen backbone in bfloat16 in Keras (as `partial`)
+            if fold and not bf16:
+                # The frozen backbone in bfloat16 in Keras (as `partial`).
                 low = fold_batchnorm(model, snapshot=True, bfloat16=True)
                 compile_for(low)
                 row["frozen_bf16"] = time_calls(
                     lambda m=low: m.train_on_batch(x, y), args.warmup, args.steps
                 )
-            if fold and not bf16:  # `--head-augment` where "auto" streams
+                # `--head-augment` where "auto" streams.
                 from finetune.inference import OpenVinoForward
 
                 extractor, head = split_at_pool(model)

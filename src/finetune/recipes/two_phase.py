@@ -268,6 +268,21 @@ def bfloat16_stays_close(reference: keras.Model, view: keras.Model, images: np.n
     return bfloat16_difference(out, expected, features=True) <= BF16_FEATURE_TOLERANCE
 
 
+def frozen_view(
+    model: keras.Model, images: np.ndarray, *, bfloat16: bool, frozen_only: bool = True
+) -> tuple[keras.Model, bool]:
+    """`fold_batchnorm(model, frozen_only=frozen_only, snapshot=True)`, or with `bfloat16` its
+    bfloat16 view where that computes anything in bfloat16 and passes
+    `bfloat16_stays_close` on `images`; and whether the bfloat16 view is the one returned."""
+    view = fold_batchnorm(model, frozen_only=frozen_only, snapshot=True)
+    if not bfloat16:
+        return view, False
+    low = fold_batchnorm(model, frozen_only=frozen_only, snapshot=True, bfloat16=True)
+    if computes_in_bfloat16(low) and bfloat16_stays_close(view, low, images):
+        return low, True
+    return view, False
+
+
 def streams_from(runtime: str, cut: str) -> bool:
     """Whether an augmented phase streams the frozen part below `cut` from `runtime` (see
     `PhaseData.stream_images`): the backbone (`POOL_LAYER`) from any converted runtime, the
@@ -576,11 +591,9 @@ class _Features:
                 and frozen_in_bfloat16(d.runtime)
                 and resolve_runtime(d.runtime, total, features=True) == "keras"
             )
-            fast = fold_batchnorm(extractor, frozen_only=False, snapshot=True)  # inference only
-            if bfloat16:
-                low = fold_batchnorm(extractor, frozen_only=False, snapshot=True, bfloat16=True)
-                bfloat16 = bfloat16_stays_close(fast, low, d.train_images)
-                fast = low if bfloat16 else fast
+            fast, bfloat16 = frozen_view(  # inference only
+                extractor, d.train_images, bfloat16=bfloat16, frozen_only=False
+            )
             forward = guarded_forward(
                 extractor, fast, d.runtime, total, features=True, float32=float32
             )
@@ -762,13 +775,9 @@ def fit_phases(
                 # convolution before it: the same training, with a faster forward pass.
                 # Under "auto" on a CPU with bfloat16, what is frozen below everything that
                 # trains computes in bfloat16 (`frozen_in_bfloat16`).
-                fit_model = fold_batchnorm(model, snapshot=True)
-                if frozen_in_bfloat16(data.runtime):
-                    low = fold_batchnorm(model, snapshot=True, bfloat16=True)
-                    frozen_bfloat16 = computes_in_bfloat16(low) and bfloat16_stays_close(
-                        fit_model, low, data.train_images
-                    )
-                    fit_model = low if frozen_bfloat16 else fit_model
+                fit_model, frozen_bfloat16 = frozen_view(
+                    model, data.train_images, bfloat16=frozen_in_bfloat16(data.runtime)
+                )
                 train_from = functools.partial(data.train_dataset, phase.augment)
                 val_ds = data.val_dataset()
             steps = data.steps_per_epoch

@@ -248,6 +248,7 @@ class Run:
         import tensorflow as tf
 
         from finetune.data.augment import augment, build_augmentation
+        from finetune.data.pipeline import index_batches, rows_reader
         from finetune.inference import predict_batches, progress_bar
 
         if tta < 1:
@@ -271,12 +272,13 @@ class Run:
         forward = self.prediction_forward(count, runtime)
         bar = progress_bar(len(images) * tta) if progress else None
         views = [predict_batches(forward, images, batch_size, bar=bar)]
+        pixels = rows_reader(np.asarray(images)) if augmentations else None
         for view, augmentation in enumerate(augmentations, start=1):
             # Keyed by (seed + view, batch): repeatable, and a map tf.data runs in parallel.
             stream = tf.constant(self.config.seed + view, tf.int64)
             batches = (
-                tf.data.Dataset.from_tensor_slices(images)
-                .batch(batch_size)
+                index_batches(len(images), batch_size)
+                .map(pixels)  # read from the array batch by batch, not copied into the graph
                 .enumerate()
                 .map(
                     lambda index, b, a=augmentation, s=stream: augment(

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -169,6 +170,35 @@ def prepare_image_data(
     )
 
 
+def rows_reader(array: np.ndarray | tf.Tensor) -> Callable[[tf.Tensor], tf.Tensor]:
+    """A function of a batch of row indices (int64) returning those rows of `array`, for a
+    tf.data map.
+
+    A NumPy array (a memory-mapped one too) is read where it is, one batch at a time: taking it
+    into the graph as a tensor would copy all of it (the decoded training images: 150 KB an
+    image at 224 px), and a memory-mapped one into memory. Reading rows changes nothing, so the
+    read is stateless and tf.data still runs the map in parallel and prefetches under op
+    determinism. A tensor is gathered from as it is.
+    """
+    if isinstance(array, tf.Tensor):
+        return lambda index: tf.gather(array, index)
+    dtype, shape = tf.as_dtype(array.dtype), (None, *array.shape[1:])
+
+    def read(index: tf.Tensor) -> tf.Tensor:
+        rows = tf.numpy_function(
+            lambda i: np.ascontiguousarray(array[i]), [index], dtype, stateful=False
+        )
+        rows.set_shape(shape)
+        return rows
+
+    return read
+
+
+def index_batches(n: int, batch_size: int) -> tf.data.Dataset:
+    """Batches of the row indices 0 ... n - 1 in order (int64)."""
+    return tf.data.Dataset.range(n).batch(batch_size)
+
+
 def image_dataset(
     images: np.ndarray,
     labels: np.ndarray,
@@ -204,29 +234,30 @@ def image_dataset(
     Returns:
         A prefetched `tf.data.Dataset`.
     """
+    pixels, classes = rows_reader(images), tf.constant(np.asarray(labels, np.int64))
     if not training:  # evaluation: the batches in order, as they are
-        ds = tf.data.Dataset.from_tensor_slices((images, labels)).batch(batch_size)
-        ds = ds.map(
-            lambda x, y: (tf.cast(x, tf.float32), tf.one_hot(y, num_classes)),
+        ds = index_batches(len(labels), batch_size).map(
+            lambda index: (
+                tf.cast(pixels(index), tf.float32),
+                tf.one_hot(tf.gather(classes, index), num_classes),
+            ),
             num_parallel_calls=tf.data.AUTOTUNE,
         )
         return ds.prefetch(tf.data.AUTOTUNE)
     if first_epoch is not None:
-        pixels, classes = tf.convert_to_tensor(images), tf.convert_to_tensor(labels)
-        ds = epoch_batches(len(labels), batch_size, seed, first_epoch).map(
-            lambda index, coin, draw: (
-                tf.gather(pixels, index), tf.gather(classes, index), coin, draw
-            ),
-            num_parallel_calls=tf.data.AUTOTUNE,
-        )  # fmt: skip
+        ds = epoch_batches(len(labels), batch_size, seed, first_epoch)
     else:
-        ds = tf.data.Dataset.from_tensor_slices((images, labels))
-        ds = ds.shuffle(len(labels), seed=seed, reshuffle_each_iteration=True).batch(batch_size)
+        order = tf.data.Dataset.range(len(labels))
+        order = order.shuffle(len(labels), seed=seed, reshuffle_each_iteration=True)
         draws = [
             tf.data.Dataset.random(seed=seed + offset, rerandomize_each_iteration=True)
             for offset in _DRAW_OFFSETS
         ]
-        ds = tf.data.Dataset.zip(ds, *draws).map(lambda batch, coin, draw: (*batch, coin, draw))
+        ds = tf.data.Dataset.zip(order.batch(batch_size), *draws)
+    ds = ds.map(
+        lambda index, coin, draw: (pixels(index), tf.gather(classes, index), coin, draw),
+        num_parallel_calls=tf.data.AUTOTUNE,
+    )
 
     def to_model_input(x, y, coin, draw):
         x, y = tf.cast(x, tf.float32), tf.one_hot(y, num_classes)

@@ -148,7 +148,6 @@ class PhaseData:
     train_paths: list[str] | None = None
     runtime: str | None = None
     _datasets: dict[Any, tf.data.Dataset] = dataclasses.field(default_factory=dict, repr=False)
-    _pixels: tf.Tensor | None = dataclasses.field(default=None, repr=False)
 
     @property
     def has_val(self) -> bool:
@@ -171,10 +170,8 @@ class PhaseData:
         `fit` it with `steps_per_epoch=self.steps_per_epoch` and `initial_epoch=first_epoch`.
         """
         augment = augment and self._has_augmentation
-        if self._pixels is None:  # one copy of the images in the graph, shared by every fit
-            self._pixels = tf.convert_to_tensor(self.train_images)
-        return image_dataset(
-            self._pixels,
+        return image_dataset(  # read batch by batch from the array: no copy of it in the graph
+            self.train_images,
             self.train_labels,
             self.num_classes,
             batch_size=self.batch_size,

@@ -39,7 +39,7 @@ import numpy as np
 import tensorflow as tf
 
 from finetune.backbones.registry import BackboneSpec
-from finetune.data.pipeline import epoch_batches
+from finetune.data.pipeline import epoch_batches, rows_reader
 from finetune.inference import keras_forward
 from finetune.model import BACKBONE_LAYER, backbone_of
 
@@ -281,17 +281,11 @@ def feature_dataset(
             if training:
                 ds = ds.shuffle(len(labels), seed=seed, reshuffle_each_iteration=True)
             ds = ds.batch(batch_size)
-        width = features.shape[1]
-
-        def rows(index):
-            return np.asarray(features[index])
+        read = rows_reader(features)
 
         def gather(index):
-            # Reading rows changes nothing: stateless, so tf.data may still prefetch.
-            x = tf.numpy_function(rows, [index], tf.float32, stateful=False)
-            x.set_shape((None, width))
             y = tf.gather(tf.constant(labels), index)
-            return x, tf.one_hot(y, num_classes)
+            return read(index), tf.one_hot(y, num_classes)
 
         ds = ds.map(gather)
     else:

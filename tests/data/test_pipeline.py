@@ -381,17 +381,44 @@ for _ in range(5):
 """
 
 
+@pytest.mark.slow
 def test_a_script_leaving_a_training_iterator_alive_exits():
     # Batches are read by Python functions in tf.data's threads. Without `_stop_reading`, 5 of
     # 6 such scripts hung at exit (a read waiting for the GIL while Python finalised).
+    import os
     import subprocess
     import sys
+    from pathlib import Path
 
+    import finetune
+
+    src = str(Path(finetune.__file__).parents[1])  # this tree's code, not an installed one
+    env = os.environ | {"PYTHONPATH": os.pathsep.join([src, os.environ.get("PYTHONPATH", "")])}
     for _ in range(3):
         done = subprocess.run(
-            [sys.executable, "-c", EXIT_WITH_A_LIVE_ITERATOR], timeout=120, capture_output=True
-        )
+            [sys.executable, "-c", EXIT_WITH_A_LIVE_ITERATOR],
+            timeout=120, capture_output=True, env=env,
+        )  # fmt: skip
         assert done.returncode == 0, done.stderr.decode()[-2000:]
+
+
+def test_reads_fail_once_python_exits(images, monkeypatch):
+    # A batch read after `_stop_reading` (a daemon thread still training at exit) fails
+    # instead of handing blank or stale rows to the model.
+    from finetune.data import pipeline
+
+    x, y = images
+    ds = pipeline.index_batches(len(x), 4).map(pipeline.rows_reader(x))
+    np.testing.assert_array_equal(np.concatenate(list(ds.as_numpy_iterator())), x)
+    monkeypatch.setattr(pipeline._Reads, "exiting", True)
+    with pytest.raises(tf.errors.OpError, match="exiting"):
+        list(ds)
+
+
+def test_images_and_labels_of_different_lengths_are_refused(images):
+    x, y = images
+    with pytest.raises(ValueError, match="10 images but 9 labels"):
+        image_dataset(x, y[:9], 3, batch_size=4)
 
 
 def test_each_data_file_is_hashed_once_per_prepared_data(tmp_path):

@@ -21,6 +21,7 @@ from __future__ import annotations
 import atexit
 import dataclasses
 import hashlib
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -172,41 +173,71 @@ def prepare_image_data(
     )
 
 
-# Set at interpreter exit (`_stop_reading`).
-_exiting = False
+class _Reads:
+    """The reads `rows_reader` functions make, and whether Python is exiting (`stop`)."""
+
+    lock = threading.Lock()
+    in_flight = 0
+    last = 0.0  # time.monotonic() of the last read started
+    exiting = False
+    registered = False
+
+
+# How long reads must have been quiet at exit, and the longest the exit waits for that.
+_QUIET_S, _MAX_WAIT_S = 0.05, 2.0
 
 
 def _stop_reading() -> None:
-    """At interpreter exit, before finalisation: reads return at once and the pipelines get a
-    moment to fill their prefetch buffers. A tf.data thread still waiting for the GIL in a
-    read when Python finalises never returns, and deleting an iterator left alive (a global
-    of the user's script) then waits for it forever: 3 exits in 5 hung without this."""
-    global _exiting
-    _exiting = True
-    time.sleep(0.05)  # releases the GIL
+    """At interpreter exit, before finalisation: every read from then on fails at once, and the
+    exit waits (releasing the GIL) until no read has run for `_QUIET_S`, at most `_MAX_WAIT_S`.
 
-
-atexit.register(_stop_reading)
+    A tf.data thread still waiting for the GIL in a read when Python finalises never returns,
+    and deleting an iterator left alive (a global of the user's script) then waits for it
+    forever (5 of 6 such scripts hung without this). Failing, not returning blank rows: a
+    batch read now (by a daemon thread still training, say) cannot be used by mistake, and the
+    pipeline's buffers fill with the error at once, so it stops asking for reads.
+    """
+    _Reads.exiting = True
+    deadline = time.monotonic() + _MAX_WAIT_S
+    while time.monotonic() < deadline:
+        with _Reads.lock:
+            quiet = _Reads.in_flight == 0 and time.monotonic() - _Reads.last >= _QUIET_S
+        if quiet:
+            return
+        time.sleep(0.01)
 
 
 def rows_reader(array: np.ndarray | tf.Tensor) -> Callable[[tf.Tensor], tf.Tensor]:
     """A function of a batch of row indices (int64) returning those rows of `array`, for a
     tf.data map.
 
-    A NumPy array (a memory-mapped one too) is read where it is, one batch at a time: taking it
-    into the graph as a tensor would copy all of it (the decoded training images: 150 KB an
-    image at 224 px), and a memory-mapped one into memory. Reading rows changes nothing, so the
-    read is stateless and tf.data still runs the map in parallel and prefetches under op
-    determinism. A tensor is gathered from as it is.
+    A NumPy array (a memory-mapped one too; anything else is taken as `np.asarray` of it) is
+    read where it is, one batch at a time: taking it into the graph as a tensor would copy all
+    of it (the decoded training images: 147 KB an image at 224 px), and a memory-mapped one
+    into memory. Reading rows changes nothing, so the read is stateless and tf.data still runs
+    the map in parallel and prefetches under op determinism. A tensor (or variable) is gathered
+    from as it is. Reads fail once Python exits (`_stop_reading`).
     """
-    if isinstance(array, tf.Tensor):
+    if tf.is_tensor(array) or isinstance(array, tf.Variable):
         return lambda index: tf.gather(array, index)
+    array = np.asarray(array)
     dtype, shape = tf.as_dtype(array.dtype), (None, *array.shape[1:])
+    with _Reads.lock:
+        if not _Reads.registered:
+            atexit.register(_stop_reading)
+            _Reads.registered = True
 
     def take(index: np.ndarray) -> np.ndarray:
-        if _exiting:  # the batch will never be used (see `_stop_reading`)
-            return np.zeros((len(index), *array.shape[1:]), array.dtype)
-        return np.ascontiguousarray(array[index])
+        with _Reads.lock:
+            if _Reads.exiting:
+                raise RuntimeError("Python is exiting: the batch is not read.")
+            _Reads.in_flight += 1
+            _Reads.last = time.monotonic()
+        try:
+            return np.ascontiguousarray(array[index])
+        finally:
+            with _Reads.lock:
+                _Reads.in_flight -= 1
 
     def read(index: tf.Tensor) -> tf.Tensor:
         rows = tf.numpy_function(take, [index], dtype, stateful=False)
@@ -256,7 +287,9 @@ def image_dataset(
     Returns:
         A prefetched `tf.data.Dataset`.
     """
-    pixels, classes = rows_reader(images), tf.constant(np.asarray(labels, np.int64))
+    if len(images) != len(labels):
+        raise ValueError(f"{len(images)} images but {len(labels)} labels: give one label an image.")
+    pixels, classes = rows_reader(images), tf.constant(np.asarray(labels))
     if not training:  # evaluation: the batches in order, as they are
         ds = index_batches(len(labels), batch_size).map(
             lambda index: (

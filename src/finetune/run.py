@@ -272,7 +272,7 @@ class Run:
         forward = self.prediction_forward(count, runtime)
         bar = progress_bar(len(images) * tta) if progress else None
         views = [predict_batches(forward, images, batch_size, bar=bar)]
-        pixels = rows_reader(np.asarray(images)) if augmentations else None
+        pixels = rows_reader(images) if augmentations else None
         for view, augmentation in enumerate(augmentations, start=1):
             # Keyed by (seed + view, batch): repeatable, and a map tf.data runs in parallel.
             stream = tf.constant(self.config.seed + view, tf.int64)

@@ -39,7 +39,7 @@ import numpy as np
 import tensorflow as tf
 
 from finetune.backbones.registry import BackboneSpec
-from finetune.data.pipeline import epoch_batches, rows_reader
+from finetune.data.pipeline import epoch_batches, index_batches, rows_reader
 from finetune.inference import keras_forward
 from finetune.model import BACKBONE_LAYER, backbone_of
 
@@ -263,38 +263,20 @@ def feature_dataset(
     iteration, shuffled by tf.data when `training`.
     Memory-mapped features are read batch by batch instead of being copied into the graph.
     """
-    if training and first_epoch is not None and not isinstance(features, np.memmap):
-        values, classes = tf.constant(features), tf.constant(labels)
+    # In memory: gathered from a tensor (2-3x as many batches a second as reading rows through
+    # Python, and a head's features are small); memory-mapped: read from the file batch by batch.
+    read = rows_reader(features if isinstance(features, np.memmap) else tf.constant(features))
+    classes = tf.constant(np.asarray(labels))
 
-        def gather_rows(index, *_):
-            return tf.gather(values, index), tf.one_hot(tf.gather(classes, index), num_classes)
+    def batch(index, *_):
+        return read(index), tf.one_hot(tf.gather(classes, index), num_classes)
 
-        ds = epoch_batches(len(labels), batch_size, seed, first_epoch).map(gather_rows)
-        return ds.prefetch(tf.data.AUTOTUNE)
-    if isinstance(features, np.memmap):
-        if training and first_epoch is not None:
-            ds = epoch_batches(len(labels), batch_size, seed, first_epoch).map(
-                lambda index, *_: index
-            )
-        else:
-            ds = tf.data.Dataset.from_tensor_slices(np.arange(len(labels), dtype=np.int64))
-            if training:
-                ds = ds.shuffle(len(labels), seed=seed, reshuffle_each_iteration=True)
-            ds = ds.batch(batch_size)
-        read = rows_reader(features)
-
-        def gather(index):
-            y = tf.gather(tf.constant(labels), index)
-            return read(index), tf.one_hot(y, num_classes)
-
-        ds = ds.map(gather)
+    if training and first_epoch is not None:
+        ds = epoch_batches(len(labels), batch_size, seed, first_epoch)
+    elif training:
+        ds = tf.data.Dataset.range(len(labels))
+        ds = ds.shuffle(len(labels), seed=seed, reshuffle_each_iteration=True).batch(batch_size)
     else:
-        ds = tf.data.Dataset.from_tensor_slices((features, labels))
-        if training:
-            ds = ds.shuffle(len(labels), seed=seed, reshuffle_each_iteration=True)
-
-        def one_hot(x, y):
-            return x, tf.one_hot(y, num_classes)
-
-        ds = ds.batch(batch_size).map(one_hot)
+        ds = index_batches(len(labels), batch_size)
+    ds = ds.map(batch)
     return ds.prefetch(tf.data.AUTOTUNE)

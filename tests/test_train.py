@@ -169,13 +169,22 @@ def test_unknown_options_and_backbones_are_named(digits):
 
 
 @pytest.mark.slow
-def test_the_same_seed_gives_the_same_weights(digits):
+def test_the_same_seed_gives_the_same_weights_with_the_images_in_memory_or_on_disk(
+    digits, tmp_path
+):
+    from finetune.config import Config, with_overrides
+
+    on_disk = with_overrides(Config(), **{"data.max_memory_gb": 1e-4})  # 0.1 MiB: 160 images
     runs = [
         finetune.train(
-            digits, image_size=SIZE, head_epochs=1, finetune_epochs=1, seed=11, progress=False
+            digits, image_size=SIZE, head_epochs=1, finetune_epochs=1, seed=11, progress=False,
+            **extra,
         )
-        for _ in range(2)
-    ]
+        for extra in ({}, {"config": on_disk, "out": tmp_path / "run"})
+    ]  # fmt: skip
+    # The second run's images were memory-mapped from a file in its folder, gone at once.
+    assert [r.info["images_on_disk"] for r in runs] == [False, True]
+    assert not list((tmp_path / "run").glob("finetune-images-*"))
     first, second = (r.model.get_weights() for r in runs)
     assert all(np.array_equal(a, b) for a, b in zip(first, second, strict=True))
     assert runs[0].history == runs[1].history

@@ -64,8 +64,10 @@ class DataConfig:
             Defaults to 0.1.
         test_fraction: share used for testing when the folder has no `test/`. Defaults to 0.1.
         batch_size: images per training step. Defaults to 32.
-        max_memory_gb: the most memory the decoded images may take (they are decoded once and
-            kept in memory); a larger folder is refused before decoding. Defaults to 8.
+        max_memory_gb: the most memory the decoded images may take (they are decoded once);
+            above it they are decoded into a memory-mapped file in the run folder, which
+            training reads from (a folder the disk has no room for is refused before
+            decoding). Defaults to 8.
         feature_cache_max_memory_gb: cached backbone features (see `recipe.feature_cache`)
             larger than this are written to a temporary file instead of memory. Defaults to 2.
         check: run the dataset check (`finetune inspect`: broken files, duplicates across

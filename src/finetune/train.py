@@ -240,7 +240,7 @@ def train(
             "(which starts the run again)."
         )
     run_dir = _prepare_run_dir(out, overwrite)
-    data = prepare_data(data_dir, config, progress=progress)
+    data = prepare_data(data_dir, config, progress=progress, spill_dir=run_dir)
     check_data(data, config, run_dir, progress)
     given = frozenset(OPTION_NAMES[k] for k in options)
     if recipe == "auto":
@@ -383,7 +383,7 @@ def prune(
     if not config.prune.sparsity > 0:
         raise ConfigError(f"sparsity = {sparsity}: give a share of zeros above 0, e.g. 0.5.")
     out_dir = _prepare_run_dir(out, overwrite)
-    data = prepare_data(source.info["data_dir"], config, progress=progress)
+    data = prepare_data(source.info["data_dir"], config, progress=progress, spill_dir=out_dir)
     recorded = source.info.get("data_fingerprint")
     if recorded is not None and data_fingerprint(data) != recorded:
         raise DataError(
@@ -472,8 +472,17 @@ def _auto_learning_rate(
     return config
 
 
-def prepare_data(data_dir: str | Path, config: Config, progress: bool = True) -> PreparedData:
-    """Scans, decodes and splits `data_dir` at the input size `config` asks for."""
+def prepare_data(
+    data_dir: str | Path,
+    config: Config,
+    progress: bool = True,
+    spill_dir: str | Path | None = None,
+) -> PreparedData:
+    """Scans, decodes and splits `data_dir` at the input size `config` asks for.
+
+    Decoded images above `config.data.max_memory_gb` go to a memory-mapped file in `spill_dir`
+    (the run folder, when there is one: a system's temporary folder may be in memory itself).
+    """
     spec = get_backbone(config.model.backbone)
     return prepare_image_data(
         data_dir,
@@ -484,6 +493,7 @@ def prepare_data(data_dir: str | Path, config: Config, progress: bool = True) ->
         seed=config.seed,
         progress=progress,
         max_memory_gb=config.data.max_memory_gb,
+        spill_dir=spill_dir,
     )
 
 
@@ -764,6 +774,7 @@ def _run_info(
         "data_dir": str(data.root),
         "counts": data.counts(),
         "data_fingerprint": data_fingerprint(data, files),
+        "images_on_disk": data.on_disk,
         "seed": config.seed,
         "created": datetime.now(UTC).isoformat(timespec="seconds"),
         "finetune_version": finetune.__version__,
@@ -921,7 +932,7 @@ def train_with_scratch_baseline(
     _check_recipe_mode(recipe)
     run_dir = _prepare_run_dir(out, overwrite)
     scratch_dir = _prepare_run_dir(run_dir / "scratch_baseline", overwrite) if run_dir else None
-    data = prepare_data(data_dir, config, progress=progress)
+    data = prepare_data(data_dir, config, progress=progress, spill_dir=run_dir)
     check_data(data, config, run_dir, progress)
     if recipe == "auto":
         given = frozenset(OPTION_NAMES[k] for k in options)

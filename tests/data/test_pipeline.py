@@ -9,11 +9,13 @@ import keras
 import numpy as np
 import pytest
 import tensorflow as tf
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from tensorflow.python.framework import op_def_registry
 
 from finetune.config import AugmentConfig, augment_preset, load_config
 from finetune.data.augment import RandomGeometry, augment, build_augmentation, build_mixing
-from finetune.data.pipeline import image_dataset, prepare_image_data
+from finetune.data.pipeline import image_dataset, permute_rows, prepare_image_data
 from tests.helpers import DIGITS, EXAMPLES, image_subset
 
 
@@ -191,12 +193,81 @@ def test_prepare_image_data_splits_and_decodes_at_the_size(tmp_path):
     assert [s.path for s in again.splits["test"]] == [s.path for s in prepared.splits["test"]]
 
 
-def test_a_folder_too_large_for_memory_is_refused_before_decoding(tmp_path):
+def test_images_above_the_memory_limit_are_decoded_to_disk_and_read_from_there(tmp_path):
+    data = image_subset(DIGITS, tmp_path / "d", classes=3, per_class=12)
+    (data / "0" / "broken.png").write_bytes(b"not a png")  # a failed slot among the rows
+    spill = tmp_path / "run"
+    in_memory = prepare_image_data(data, image_size=24, seed=3, progress=False)
+    on_disk = prepare_image_data(
+        data, image_size=24, seed=3, progress=False, max_memory_gb=1e-5, spill_dir=spill
+    )
+    assert not in_memory.on_disk and on_disk.on_disk
+    assert [b.path for b in on_disk.bad_files] == [b.path for b in in_memory.bad_files]
+    for split in ("train", "val", "test"):
+        assert [s.path for s in on_disk.splits[split]] == [s.path for s in in_memory.splits[split]]
+        np.testing.assert_array_equal(on_disk.images[split], in_memory.images[split])
+        np.testing.assert_array_equal(on_disk.labels[split], in_memory.labels[split])
+        # Read from the mapped file, not a copy in memory.
+        assert isinstance(on_disk.images[split], np.memmap)
+        assert not isinstance(in_memory.images[split], np.memmap)
+    # The file is gone from the folder already (the mapping keeps the data): nothing is left
+    # behind, even by a killed process.
+    assert list(spill.iterdir()) == []
+    # A training pipeline reads the mapped rows.
+    x, y = in_memory.images["train"], in_memory.labels["train"]
+    want = batches(image_dataset(x, y, 3, batch_size=5, training=True, first_epoch=0).take(3))
+    got = image_dataset(on_disk.images["train"], y, 3, batch_size=5, training=True, first_epoch=0)
+    for (a, b), (c, d) in zip(want, batches(got.take(3)), strict=True):
+        np.testing.assert_array_equal(a, c)
+        np.testing.assert_array_equal(b, d)
+
+
+def test_each_split_is_a_slice_of_one_array_not_a_second_copy(tmp_path):
+    data = image_subset(DIGITS, tmp_path / "d", classes=2, per_class=10)
+    prepared = prepare_image_data(data, image_size=16, progress=False)
+    train, val, test = (prepared.images[s] for s in ("train", "val", "test"))
+    assert train.base is not None and train.base is val.base is test.base
+    assert train.base.nbytes == train.nbytes + val.nbytes + test.nbytes
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.permutations(list(range(9))))
+def test_rows_are_reordered_in_place_like_taking_them(order):
+    array = np.arange(9 * 4, dtype=np.uint8).reshape(9, 2, 2)
+    want = array[np.asarray(order)]
+    before = array.__array_interface__["data"][0]
+    permute_rows(array, np.asarray(order))
+    np.testing.assert_array_equal(array, want)
+    assert array.__array_interface__["data"][0] == before
+
+
+def test_a_reorder_that_is_not_a_permutation_is_refused():
+    with pytest.raises(ValueError, match="not a permutation of the 3 rows"):
+        permute_rows(np.zeros((3, 2)), np.array([0, 0, 2]))
+
+
+def test_a_folder_too_large_for_memory_and_the_disk_is_refused_before_decoding(
+    tmp_path, monkeypatch
+):
+    import shutil
+
+    from finetune.data import pipeline
     from finetune.errors import DataError
 
     data = image_subset(DIGITS, tmp_path / "d", classes=2, per_class=10)
-    with pytest.raises(DataError, match="max_memory_gb"):
-        prepare_image_data(data, image_size=1024, max_memory_gb=0.01, progress=False)
+    decoded = []
+    monkeypatch.setattr(pipeline, "decode_images", lambda *a, **k: decoded.append(1))
+    # The disk is as full as it says: 20 images at 1024 px take 60 MiB; leave it 10 MiB.
+    usage = shutil.disk_usage(tmp_path)
+    monkeypatch.setattr(shutil, "disk_usage", lambda _: usage._replace(free=10 * 2**20))
+    with pytest.raises(DataError, match="max_memory_gb") as caught:
+        prepare_image_data(
+            data, image_size=1024, max_memory_gb=0.01, progress=False, spill_dir=tmp_path / "run"
+        )
+    message = str(caught.value)
+    assert str(data) in message and str(tmp_path / "run") in message
+    assert "take 60 MiB" in message and "10 MiB free" in message and "--image-size" in message
+    assert decoded == []  # refused before decoding
 
 
 def test_presets_match_the_seed_examples_and_unknown_names_are_refused():

@@ -361,6 +361,7 @@ def decode_images(
     interpolation: str = "bilinear",
     workers: int | None = None,
     progress: bool = True,
+    out: np.ndarray | None = None,
 ) -> tuple[np.ndarray, list[int], list[BadFile]]:
     """Decodes many image files into one array, skipping (and reporting) those that fail.
 
@@ -373,11 +374,14 @@ def decode_images(
         interpolation: resampling filter name (see `load_image`).
         workers: number of decoding threads; default: the CPUs available, at most 16.
         progress: show a "Decoding images" progress bar on stderr.
+        out: the uint8 array (len(paths), size, size, 3) to decode into (a memory-mapped one,
+            say). Defaults to None (a new array).
 
     Returns:
-        `(images, ok_indices, bad)`: `images` is a uint8 array of shape (N_ok, size, size, 3);
-        `ok_indices[i]` is the position in `paths` of `images[i]`, ascending; `bad` lists the
-        files that failed, in input order, each with its reason.
+        `(images, ok_indices, bad)`: `images` is a uint8 array of shape (N_ok, size, size, 3)
+        (the first rows of `out`, if given); `ok_indices[i]` is the position in `paths` of
+        `images[i]`, ascending; `bad` lists the files that failed, in input order, each with its
+        reason.
 
     Raises:
         ConfigError: `size`, `interpolation` or `workers` is not valid.
@@ -393,8 +397,14 @@ def decode_images(
         raise ConfigError(f"workers must be a positive integer, got {workers!r}")
 
     n = len(paths)
-    # Preallocated so peak memory is one copy of the dataset, not a list of arrays plus a stack.
-    out = np.empty((n, size, size, 3), dtype=np.uint8)
+    if out is None:
+        # Preallocated so peak memory is one copy of the dataset, not a list of arrays plus a
+        # stack.
+        out = np.empty((n, size, size, 3), dtype=np.uint8)
+    elif out.shape != (n, size, size, 3) or out.dtype != np.uint8:
+        raise ConfigError(
+            f"out must be a uint8 array of shape {(n, size, size, 3)}, got {out.dtype} {out.shape}"
+        )
     ok = np.zeros(n, dtype=bool)
     reasons: dict[int, str] = {}
 

@@ -2,7 +2,8 @@
 
 `prepare_image_data` scans the folder, decodes every image once (in parallel) at the training
 size with the hardened loader, leaves out files that fail (reported by path), completes the splits
-with a seeded stratified split, and keeps the decoded uint8 images in memory. `image_dataset`
+with a seeded stratified split, and keeps the decoded uint8 images in memory (or, above
+`max_memory_gb`, in a memory-mapped file). `image_dataset`
 turns one split into batches: shuffled and augmented for training, plain for evaluation, always
 prefetched, so the pipeline is never what the training waits on.
 
@@ -21,8 +22,12 @@ from __future__ import annotations
 import atexit
 import dataclasses
 import hashlib
+import shutil
+import sys
+import tempfile
 import threading
 import time
+import weakref
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -55,6 +60,8 @@ class PreparedData:
         ignored: files that are not images, left out.
         fractions: the split fractions used to complete missing splits.
         seed: the split seed.
+        on_disk: the images are memory-mapped from a file (above `max_memory_gb`); each split
+            is a slice of one array either way.
     """
 
     root: Path
@@ -67,6 +74,7 @@ class PreparedData:
     ignored: list[IgnoredFile] = field(default_factory=list)
     fractions: dict[str, float] = field(default_factory=dict)
     seed: int = 0
+    on_disk: bool = False
     _digests: dict[Path, str] = field(default_factory=dict, init=False, repr=False, compare=False)
 
     def file_digest(self, path: Path) -> str:
@@ -103,6 +111,7 @@ def prepare_image_data(
     seed: int = 0,
     progress: bool = True,
     max_memory_gb: float = 8.0,
+    spill_dir: str | Path | None = None,
 ) -> PreparedData:
     """Scans, decodes and splits an image folder.
 
@@ -114,30 +123,33 @@ def prepare_image_data(
         test_fraction: test share when there is no `test/`. Defaults to 0.1.
         seed: seed of the stratified split. Defaults to 0.
         progress: show a progress bar while decoding. Defaults to True.
-        max_memory_gb: refuse, before decoding, a folder whose decoded images would take more
-            memory than this. Defaults to 8.
+        max_memory_gb: the most memory the decoded images may take; above it, they are decoded
+            into a memory-mapped file in `spill_dir` instead (checked for room first). Defaults
+            to 8.
+        spill_dir: where that file goes (in a new temporary folder, deleted at once on POSIX
+            systems: the mapping keeps the data). Defaults to None (the system's temporary
+            folder, `TMPDIR`).
 
     Returns:
         A `PreparedData`.
 
     Raises:
-        DataError: no images, a single class, a class without any decodable image, or more
-            decoded pixels than `max_memory_gb`.
+        DataError: no images, a single class, a class without any decodable image, or decoded
+            images above `max_memory_gb` and too little room for them in `spill_dir`.
     """
     folder = scan_image_folder(data_dir)
     all_samples = [s for samples in folder.samples.values() for s in samples]
-    needed_gb = len(all_samples) * image_size * image_size * 3 / 2**30
-    if needed_gb > max_memory_gb:
-        # Images are decoded once and kept in memory (streaming from disk is not built yet):
-        # say so before spending minutes decoding into a swap storm.
-        raise DataError(
-            f"{data_dir}: {len(all_samples)} images at {image_size}x{image_size} take "
-            f"{needed_gb:.1f} GiB decoded, above data.max_memory_gb = {max_memory_gb:g}. "
-            "Use a smaller --image-size, raise max_memory_gb in the [data] section of the "
-            "config if this machine has the memory, or train on a subset."
-        )
+    shape = (len(all_samples), image_size, image_size, 3)
+    needed = int(np.prod(shape))
+    spill = None
+    if needed > max_memory_gb * 2**30:
+        spill = _spill_file(data_dir, needed, max_memory_gb, spill_dir, progress)
     arrays, ok, bad = decode_images(
-        [s.path for s in all_samples], image_size, interpolation=interpolation, progress=progress
+        [s.path for s in all_samples],
+        image_size,
+        interpolation=interpolation,
+        progress=progress,
+        out=None if spill is None else spill.open(shape),
     )
     index_of = {all_samples[i].path: row for row, i in enumerate(ok)}
     decodable = {
@@ -151,14 +163,20 @@ def prepare_image_data(
         "test": test_fraction,
     }
     splits = complete_splits(dataclasses.replace(folder, samples=decodable), fractions, seed)
-    images, labels = {}, {}
+    # The rows put in split order where they are, each split then a slice of them: taking each
+    # split's rows (`arrays[rows]`) would hold the images twice, in memory or on disk.
+    rows = {
+        split: np.asarray([index_of[s.path] for s in splits.get(split, [])], dtype=np.int64)
+        for split in SPLITS
+    }
+    used = np.concatenate(list(rows.values()))
+    unused = np.setdiff1d(np.arange(len(arrays)), used)
+    permute_rows(arrays, np.concatenate([used, unused]))
+    images, labels, start = {}, {}, 0
     for split in SPLITS:
-        samples = splits.get(split, [])
-        rows = np.asarray([index_of[s.path] for s in samples], dtype=np.int64)
-        images[split] = (
-            arrays[rows] if len(rows) else np.zeros((0, image_size, image_size, 3), np.uint8)
-        )
-        labels[split] = np.asarray([s.label for s in samples], dtype=np.int64)
+        images[split] = arrays[start : start + len(rows[split])]
+        start += len(rows[split])
+        labels[split] = np.asarray([s.label for s in splits.get(split, [])], dtype=np.int64)
     return PreparedData(
         root=folder.root,
         class_names=folder.class_names,
@@ -170,7 +188,92 @@ def prepare_image_data(
         ignored=folder.ignored,
         fractions=fractions,
         seed=seed,
+        on_disk=spill is not None,
     )
+
+
+def permute_rows(array: np.ndarray, order: np.ndarray) -> None:
+    """Reorders `array`'s rows in place: row i becomes the old row `order[i]`.
+
+    One row is held aside at a time (following the permutation's cycles), so a memory-mapped
+    array is reordered on disk without a second copy. `order` must be a permutation of
+    0 ... len(array) - 1.
+    """
+    order = np.asarray(order, dtype=np.int64)
+    if len(order) != len(array) or not np.array_equal(np.sort(order), np.arange(len(array))):
+        raise ValueError(f"order is not a permutation of the {len(array)} rows")
+    done = order == np.arange(len(order))
+    for first in np.flatnonzero(~done):
+        if done[first]:
+            continue
+        held, at = array[first].copy(), first
+        while True:
+            done[at] = True
+            source = order[at]
+            if source == first:
+                array[at] = held
+                break
+            array[at] = array[source]
+            at = source
+
+
+class _SpillFile:
+    """A memory-mapped .npy file for decoded images, deleted from its folder once the images
+    are in it (where the system allows: the mapping keeps the data until the arrays go), so
+    nothing is left behind even if the process is killed."""
+
+    def __init__(self, folder: Path):
+        self.folder = folder
+        self.path = folder / "images.npy"
+        self.array: np.ndarray | None = None
+
+    def open(self, shape: tuple[int, ...]) -> np.ndarray:
+        self.array = np.lib.format.open_memmap(self.path, mode="w+", dtype=np.uint8, shape=shape)
+        try:  # POSIX: the open mapping keeps the data
+            self.path.unlink()
+            self.folder.rmdir()
+        except OSError:  # elsewhere: deleted when the array goes, or at exit
+            weakref.finalize(self.array, shutil.rmtree, self.folder, True)
+        return self.array
+
+
+def _spill_file(
+    data_dir: str | Path,
+    needed: int,
+    max_memory_gb: float,
+    spill_dir: str | Path | None,
+    progress: bool,
+) -> _SpillFile:
+    """The memory-mapped file decoded images go to when they take more than `max_memory_gb`,
+    in a new temporary folder in `spill_dir`, after checking the disk has room for them."""
+    where = Path(spill_dir) if spill_dir is not None else Path(tempfile.gettempdir())
+    where.mkdir(parents=True, exist_ok=True)
+    free = shutil.disk_usage(where).free
+    if needed + _DISK_MARGIN > free:
+        raise DataError(
+            f"{data_dir}: the decoded images take {_size(needed)}, above data.max_memory_gb = "
+            f"{max_memory_gb:g}, so they go to a file on disk, but {where} has {_size(free)} "
+            "free. Free space there (or give --out on a larger "
+            "disk), use a smaller --image-size, or raise max_memory_gb in the [data] section "
+            "of the config if this machine has the memory."
+        )
+    if progress:
+        print(
+            f"The decoded images take {_size(needed)}, above data.max_memory_gb = "
+            f"{max_memory_gb:g}: they go to a memory-mapped file in {where} (deleted at the "
+            "end), and training reads them from there.",
+            file=sys.stderr,
+            flush=True,
+        )
+    return _SpillFile(Path(tempfile.mkdtemp(prefix="finetune-images-", dir=where)))
+
+
+def _size(nbytes: int) -> str:
+    return f"{nbytes / 2**30:.1f} GiB" if nbytes >= 2**30 else f"{nbytes / 2**20:.0f} MiB"
+
+
+# Disk space left free beyond the decoded images when they spill.
+_DISK_MARGIN = 256 * 2**20
 
 
 class _Reads:

@@ -107,7 +107,7 @@ def lr_find(
     from finetune.train import prepare_data, resolve_config
 
     config = resolve_config(config, **options)
-    data = prepare_data(data_dir, config, progress=progress)
+    data = prepare_data(data_dir, config, progress=progress, spill_dir=out)
     result = range_test(data, config, num_steps=num_steps)
     if out is not None:
         save_range_test(result, Path(out))

@@ -15,6 +15,7 @@ from tensorflow.python.framework import op_def_registry
 
 from finetune.config import AugmentConfig, augment_preset, load_config
 from finetune.data.augment import RandomGeometry, augment, build_augmentation, build_mixing
+from finetune.data.decode import load_image
 from finetune.data.pipeline import image_dataset, permute_rows, prepare_image_data
 from tests.helpers import DIGITS, EXAMPLES, image_subset
 
@@ -202,8 +203,13 @@ def test_images_above_the_memory_limit_are_decoded_to_disk_and_read_from_there(t
         data, image_size=24, seed=3, progress=False, max_memory_gb=1e-5, spill_dir=spill
     )
     assert not in_memory.on_disk and on_disk.on_disk
+    assert [b.path.name for b in on_disk.bad_files] == ["broken.png"]
     assert [b.path for b in on_disk.bad_files] == [b.path for b in in_memory.bad_files]
     for split in ("train", "val", "test"):
+        # Each split's rows are its own files' pixels, in its order, whatever the reordering.
+        assert len(in_memory.images[split]) == len(in_memory.splits[split]) > 0
+        for row, sample in zip(in_memory.images[split], in_memory.splits[split], strict=True):
+            np.testing.assert_array_equal(row, load_image(sample.path, 24, "bilinear"))
         assert [s.path for s in on_disk.splits[split]] == [s.path for s in in_memory.splits[split]]
         np.testing.assert_array_equal(on_disk.images[split], in_memory.images[split])
         np.testing.assert_array_equal(on_disk.labels[split], in_memory.labels[split])
@@ -268,6 +274,30 @@ def test_a_folder_too_large_for_memory_and_the_disk_is_refused_before_decoding(
     assert str(data) in message and str(tmp_path / "run") in message
     assert "take 60 MiB" in message and "10 MiB free" in message and "--image-size" in message
     assert decoded == []  # refused before decoding
+
+
+def test_a_disk_that_fills_before_the_images_are_written_is_an_error_not_a_crash(
+    tmp_path, monkeypatch
+):
+    """Space is reserved before decoding: a disk filled by someone else since the check fails
+    there, with the same message, instead of a SIGBUS when a decoded page is written."""
+    import errno
+    import os
+
+    from finetune.errors import DataError
+
+    data = image_subset(DIGITS, tmp_path / "d", classes=2, per_class=10)
+
+    def full(fd, offset, length):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(os, "posix_fallocate", full, raising=False)
+    with pytest.raises(DataError, match="max_memory_gb") as caught:
+        prepare_image_data(
+            data, image_size=64, max_memory_gb=1e-5, progress=False, spill_dir=tmp_path / "run"
+        )
+    assert "free" in str(caught.value) and str(tmp_path / "run") in str(caught.value)
+    assert list((tmp_path / "run").iterdir()) == []
 
 
 def test_presets_match_the_seed_examples_and_unknown_names_are_refused():

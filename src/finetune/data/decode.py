@@ -385,6 +385,7 @@ def decode_images(
 
     Raises:
         ConfigError: `size`, `interpolation` or `workers` is not valid.
+        ValueError: `out` is not a uint8 array of that shape.
     """
     if size is None:
         raise ConfigError("decode_images needs an image size to stack images of equal shape")
@@ -402,7 +403,7 @@ def decode_images(
         # stack.
         out = np.empty((n, size, size, 3), dtype=np.uint8)
     elif out.shape != (n, size, size, 3) or out.dtype != np.uint8:
-        raise ConfigError(
+        raise ValueError(
             f"out must be a uint8 array of shape {(n, size, size, 3)}, got {out.dtype} {out.shape}"
         )
     ok = np.zeros(n, dtype=bool)

@@ -21,13 +21,14 @@ from __future__ import annotations
 
 import atexit
 import dataclasses
+import errno
 import hashlib
+import os
 import shutil
 import sys
 import tempfile
 import threading
 import time
-import weakref
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -126,9 +127,8 @@ def prepare_image_data(
         max_memory_gb: the most memory the decoded images may take; above it, they are decoded
             into a memory-mapped file in `spill_dir` instead (checked for room first). Defaults
             to 8.
-        spill_dir: where that file goes (in a new temporary folder, deleted at once on POSIX
-            systems: the mapping keeps the data). Defaults to None (the system's temporary
-            folder, `TMPDIR`).
+        spill_dir: the folder that file goes to (an anonymous temporary file, not kept).
+            Defaults to None (the system's temporary folder, `TMPDIR`).
 
     Returns:
         A `PreparedData`.
@@ -140,16 +140,15 @@ def prepare_image_data(
     folder = scan_image_folder(data_dir)
     all_samples = [s for samples in folder.samples.values() for s in samples]
     shape = (len(all_samples), image_size, image_size, 3)
-    needed = int(np.prod(shape))
     spill = None
-    if needed > max_memory_gb * 2**30:
-        spill = _spill_file(data_dir, needed, max_memory_gb, spill_dir, progress)
+    if int(np.prod(shape)) > max_memory_gb * 2**30:
+        spill = _spill_array(data_dir, shape, max_memory_gb, spill_dir, progress)
     arrays, ok, bad = decode_images(
         [s.path for s in all_samples],
         image_size,
         interpolation=interpolation,
         progress=progress,
-        out=None if spill is None else spill.open(shape),
+        out=spill,
     )
     index_of = {all_samples[i].path: row for row, i in enumerate(ok)}
     decodable = {
@@ -217,55 +216,54 @@ def permute_rows(array: np.ndarray, order: np.ndarray) -> None:
             at = source
 
 
-class _SpillFile:
-    """A memory-mapped .npy file for decoded images, deleted from its folder once the images
-    are in it (where the system allows: the mapping keeps the data until the arrays go), so
-    nothing is left behind even if the process is killed."""
-
-    def __init__(self, folder: Path):
-        self.folder = folder
-        self.path = folder / "images.npy"
-        self.array: np.ndarray | None = None
-
-    def open(self, shape: tuple[int, ...]) -> np.ndarray:
-        self.array = np.lib.format.open_memmap(self.path, mode="w+", dtype=np.uint8, shape=shape)
-        try:  # POSIX: the open mapping keeps the data
-            self.path.unlink()
-            self.folder.rmdir()
-        except OSError:  # elsewhere: deleted when the array goes, or at exit
-            weakref.finalize(self.array, shutil.rmtree, self.folder, True)
-        return self.array
-
-
-def _spill_file(
+def _spill_array(
     data_dir: str | Path,
-    needed: int,
+    shape: tuple[int, ...],
     max_memory_gb: float,
     spill_dir: str | Path | None,
     progress: bool,
-) -> _SpillFile:
-    """The memory-mapped file decoded images go to when they take more than `max_memory_gb`,
-    in a new temporary folder in `spill_dir`, after checking the disk has room for them."""
+) -> np.memmap:
+    """The memory-mapped uint8 array decoded images go to when they take more than
+    `max_memory_gb`: an anonymous temporary file in `spill_dir` (never listed in it on Linux,
+    deleted when its mapping closes elsewhere, so a killed run leaves nothing), its space
+    reserved first where the system can (a full disk is then a `DataError` here, not a
+    SIGBUS while decoding).
+    """
+    needed = int(np.prod(shape))
     where = Path(spill_dir) if spill_dir is not None else Path(tempfile.gettempdir())
     where.mkdir(parents=True, exist_ok=True)
+
+    def no_room(free: int) -> DataError:
+        elsewhere = "give --out on a larger disk" if spill_dir is not None else "set TMPDIR"
+        return DataError(
+            f"{data_dir}: the decoded images take {_size(needed)}, above data.max_memory_gb = "
+            f"{max_memory_gb:g}, so they go to a file in {where}, but it has {_size(free)} free. "
+            f"Free space there (or {elsewhere}), use a smaller --image-size, or raise "
+            "max_memory_gb in the [data] section of the config if this machine has the memory."
+        )
+
     free = shutil.disk_usage(where).free
     if needed + _DISK_MARGIN > free:
-        raise DataError(
-            f"{data_dir}: the decoded images take {_size(needed)}, above data.max_memory_gb = "
-            f"{max_memory_gb:g}, so they go to a file on disk, but {where} has {_size(free)} "
-            "free. Free space there (or give --out on a larger "
-            "disk), use a smaller --image-size, or raise max_memory_gb in the [data] section "
-            "of the config if this machine has the memory."
-        )
+        raise no_room(free)
     if progress:
         print(
             f"The decoded images take {_size(needed)}, above data.max_memory_gb = "
-            f"{max_memory_gb:g}: they go to a memory-mapped file in {where} (deleted at the "
-            "end), and training reads them from there.",
+            f"{max_memory_gb:g}: they go to a memory-mapped file in {where} (not kept after "
+            "the run), and training reads them from there.",
             file=sys.stderr,
             flush=True,
         )
-    return _SpillFile(Path(tempfile.mkdtemp(prefix="finetune-images-", dir=where)))
+    with tempfile.TemporaryFile(prefix="finetune-images-", dir=where) as file:
+        try:
+            os.posix_fallocate(file.fileno(), 0, needed)
+        except AttributeError:  # no posix_fallocate here (Windows, macOS)
+            file.truncate(needed)
+        except OSError as error:
+            if error.errno == errno.ENOSPC:
+                raise no_room(shutil.disk_usage(where).free) from error
+            file.truncate(needed)  # a file system that cannot reserve
+        # The mapping holds the file open on its own once this one is closed.
+        return np.memmap(file, dtype=np.uint8, mode="r+", shape=shape)
 
 
 def _size(nbytes: int) -> str:

@@ -192,6 +192,21 @@ def test_evaluate_refuses_the_training_folder_and_unreadable_data(run_dir, tmp_p
 
 
 @pytest.mark.slow
+def test_evaluate_reads_images_above_the_runs_memory_limit_from_disk(run_dir, tmp_path, capfd):
+    copy = tmp_path / "copy"
+    shutil.copytree(run_dir, copy, ignore=shutil.ignore_patterns("tensorboard", "checkpoints"))
+    config = (copy / "config.toml").read_text()
+    assert "max_memory_gb = 8.0" in config
+    (copy / "config.toml").write_text(config.replace("max_memory_gb = 8.0", "max_memory_gb = 1e-5"))
+    trained = json.loads((run_dir / "metrics.json").read_text())
+    capfd.readouterr()
+    metrics = finetune.evaluate(copy, progress=True)
+    assert "memory-mapped file" in capfd.readouterr().err
+    assert metrics["accuracy"] == pytest.approx(trained["accuracy"])
+    assert metrics["roc_auc_ovr"] == pytest.approx(trained["roc_auc_ovr"], abs=1e-6)
+
+
+@pytest.mark.slow
 def test_evaluate_on_a_folder_of_one_of_its_classes(run_dir, tmp_path):
     # New photos of one class the model knows: its accuracy, and macro averages over that
     # class alone (the others have no images, so no recall to average). The run's own record

@@ -291,8 +291,12 @@ def evaluate(
     Returns:
         The metrics (see `classification_metrics`) plus `data` (what was evaluated) and `tta`.
 
+    Decoded images above the run's `data.max_memory_gb` go to a memory-mapped temporary file
+    in `TMPDIR` (see `finetune.data.decode.decode_within`).
+
     Raises:
-        DataError: the folder has classes the model does not know, or no images.
+        DataError: the folder has classes the model does not know, or no images, or the
+            decoded images need that file and `TMPDIR` has no room.
     """
     return evaluate_with_predictions(run, data_dir, progress=progress, tta=tta, runtime=runtime)[0]
 
@@ -314,7 +318,7 @@ def evaluate_with_predictions(
     runtime: str | None = None,
 ) -> tuple[dict[str, Any], Predictions]:
     """`evaluate`, also returning the per-image `Predictions`."""
-    from finetune.data.decode import decode_images
+    from finetune.data.pipeline import decode_within
     from finetune.data.scan import scan_image_folder
     from finetune.run import Run, probabilities_from_views
 
@@ -347,7 +351,13 @@ def evaluate_with_predictions(
         where = f"{data_dir} ({split})"
     if not paths:
         raise DataError(f"nothing to evaluate: {where} holds no images.")
-    images, ok, bad = decode_images(paths, run.image_size, progress=progress)
+    images, ok, bad = decode_within(
+        paths,
+        run.image_size,
+        progress=progress,
+        max_memory_gb=run.config.data.max_memory_gb,
+        source=where,
+    )
     if not ok:
         raise DataError(
             f"none of the {len(paths)} images of the {where} can be read (the first: "

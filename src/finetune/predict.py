@@ -21,7 +21,7 @@ from typing import Any
 
 import numpy as np
 
-from finetune.data.decode import IMAGE_EXTENSIONS, decode_images, shown_path
+from finetune.data.decode import IMAGE_EXTENSIONS, decode_within, shown_path
 from finetune.errors import ConfigError, FinetuneError
 from finetune.probabilities import probabilities_from_views, softmax
 
@@ -141,8 +141,12 @@ def predict(
     Returns:
         One `Prediction` per image file, in input order.
 
+    Every image is decoded before the first prediction; above 8 GiB of decoded pixels they go
+    to a memory-mapped temporary file in `TMPDIR` (see `finetune.data.decode.decode_within`).
+
     Raises:
-        FinetuneError: unknown model, inputs that do not exist, or `top_k` below 1.
+        FinetuneError: unknown model, inputs that do not exist, or `top_k` below 1; a
+            `DataError` when the decoded images need that file and `TMPDIR` has no room.
 
     Example:
         >>> predict("efficientnet_lite0", ["cat.jpg"])[0].top[0]
@@ -173,7 +177,7 @@ def predict(
     if paths is None:
         paths = expand_inputs(inputs)
     if decoded is None:
-        decoded = decode_images(paths, predictor.image_size, progress=len(paths) > 50)
+        decoded = decode_within(paths, predictor.image_size, progress=len(paths) > 50)
     images, ok, _ = decoded
     probabilities = None
     if len(ok):
@@ -259,7 +263,7 @@ def _predict_from_kept_conversion(
 ) -> tuple[Any, np.ndarray | None]:
     """The run's probabilities from the conversion linked to its `model.keras`
     (`finetune.kept`), without Keras: `(decoded, probabilities)`, `decoded` being
-    `decode_images`' `(images, ok, bad)`. Probabilities are None when no conversion is linked
+    `decode_within`'s `(images, ok, bad)`. Probabilities are None when no conversion is linked
     for the runtime chosen, or it fails on a batch (its link is then deleted): then the path
     through the run's Keras model predicts, from the images decoded here (`decoded`, None when
     nothing was: images are decoded only once a linked conversion has loaded)."""
@@ -276,7 +280,7 @@ def _predict_from_kept_conversion(
     if found is None:
         return None, None
     forward, link = found
-    decoded = decode_images(paths, run_dir.image_size, progress=len(paths) > 50)
+    decoded = decode_within(paths, run_dir.image_size, progress=len(paths) > 50)
     images, ok, _ = decoded
     if resolve_runtime(runtime, len(ok)) != chosen:  # as `Run.prediction_forward` chooses
         return decoded, None

@@ -27,6 +27,7 @@ from finetune.data.decode import (
     load_image,
 )
 from finetune.errors import ConfigError, ImageDecodeError
+from tests.helpers import DIGITS
 
 # Display transform per EXIF orientation, as the EXIF 2.3 specification defines it.
 EXIF_TRANSPOSE = {
@@ -622,3 +623,17 @@ def test_bad_files_with_non_utf8_names_can_be_reported(tmp_path):
     with pytest.raises(ImageDecodeError) as caught:
         load_image(broken)
     assert caught.value.path == broken  # the real path, for a caller that acts on the file
+
+
+def test_decode_within_maps_images_above_the_limit_from_a_temporary_file(tmp_path):
+    from finetune.data.decode import decode_within
+
+    paths = [DIGITS / "0" / name for name in sorted(os.listdir(DIGITS / "0"))[:6]]
+    paths.insert(2, tmp_path / "missing.png")
+    in_memory = decode_within(paths, 20, progress=False)
+    mapped = decode_within(paths, 20, progress=False, max_memory_gb=1e-6, spill_dir=tmp_path)
+    assert not isinstance(in_memory[0], np.memmap) and isinstance(mapped[0], np.memmap)
+    np.testing.assert_array_equal(mapped[0], in_memory[0])
+    assert mapped[1] == in_memory[1] == [0, 1, 3, 4, 5, 6]
+    assert [b.path for b in mapped[2]] == [tmp_path / "missing.png"]
+    assert list(tmp_path.iterdir()) == []  # nothing left in the folder

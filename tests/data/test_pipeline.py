@@ -257,12 +257,12 @@ def test_a_folder_too_large_for_memory_and_the_disk_is_refused_before_decoding(
 ):
     import shutil
 
-    from finetune.data import pipeline
+    from finetune.data import decode
     from finetune.errors import DataError
 
     data = image_subset(DIGITS, tmp_path / "d", classes=2, per_class=10)
     decoded = []
-    monkeypatch.setattr(pipeline, "decode_images", lambda *a, **k: decoded.append(1))
+    monkeypatch.setattr(decode, "decode_images", lambda *a, **k: decoded.append(1))
     # The disk is as full as it says: 20 images at 1024 px take 60 MiB; leave it 10 MiB.
     usage = shutil.disk_usage(tmp_path)
     monkeypatch.setattr(shutil, "disk_usage", lambda _: usage._replace(free=10 * 2**20))

@@ -12,9 +12,13 @@ list of files, decoding in a thread pool because Pillow releases the GIL while d
 
 from __future__ import annotations
 
+import errno
 import os
 import re
+import shutil
 import stat
+import sys
+import tempfile
 import threading
 import warnings
 from collections.abc import Callable, Sequence
@@ -25,7 +29,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-from finetune.errors import ConfigError, ImageDecodeError
+from finetune.errors import ConfigError, DataError, ImageDecodeError
 
 __all__ = [
     "IMAGE_EXTENSIONS",
@@ -428,3 +432,84 @@ def decode_images(
         out = out[: len(ok_indices)]
     bad = [BadFile(shown_path(paths[i]), reasons[i]) for i in sorted(reasons)]
     return out, ok_indices, bad
+
+
+def decode_within(
+    paths: Sequence[str | Path],
+    size: int,
+    *,
+    interpolation: str = "bilinear",
+    progress: bool = True,
+    max_memory_gb: float = 8.0,
+    spill_dir: str | Path | None = None,
+    source: str | Path = "the images",
+    advice: str = "point TMPDIR to a larger disk, or give fewer images at a time.",
+) -> tuple[np.ndarray, list[int], list[BadFile]]:
+    """`decode_images`, into a memory-mapped temporary file in `spill_dir` when the decoded
+    images would take more than `max_memory_gb` (see `prepare_image_data`).
+
+    `source` names the images in messages (a folder, a split). Raises `DataError`, ending with
+    `advice`, when they go to disk and `spill_dir` (`TMPDIR` if None) has no room for them.
+    """
+    shape = (len(paths), size, size, 3)
+    spill = None
+    if int(np.prod(shape)) > max_memory_gb * 2**30:
+        spill = _spill_array(source, shape, max_memory_gb, spill_dir, progress, advice)
+    return decode_images(paths, size, interpolation=interpolation, progress=progress, out=spill)
+
+
+def _spill_array(
+    source: str | Path,
+    shape: tuple[int, ...],
+    max_memory_gb: float,
+    spill_dir: str | Path | None,
+    progress: bool,
+    advice: str,
+) -> np.memmap:
+    """The memory-mapped uint8 array decoded images go to when they take more than
+    `max_memory_gb`: an anonymous temporary file in `spill_dir` (never listed in it on Linux,
+    deleted when its mapping closes elsewhere, so a killed run leaves nothing), its space
+    reserved first where the system can (a full disk is then a `DataError` here, not a
+    SIGBUS while decoding). `advice` ends the message when there is no room.
+    """
+    needed = int(np.prod(shape))
+    where = Path(spill_dir) if spill_dir is not None else Path(tempfile.gettempdir())
+    where.mkdir(parents=True, exist_ok=True)
+
+    def no_room(free: int) -> DataError:
+        return DataError(
+            f"{source}: the decoded images take {_size(needed)}, above {max_memory_gb:g} GiB "
+            f"(data.max_memory_gb), so they go to a file in {where}, but it has {_size(free)} "
+            f"free. Free space there, {advice}"
+        )
+
+    free = shutil.disk_usage(where).free
+    if needed + _DISK_MARGIN > free:
+        raise no_room(free)
+    if progress:
+        print(
+            f"{source}: the decoded images take {_size(needed)}, above {max_memory_gb:g} GiB "
+            f"(data.max_memory_gb): they go to a memory-mapped file in {where}, not kept, and "
+            "are read from there.",
+            file=sys.stderr,
+            flush=True,
+        )
+    with tempfile.TemporaryFile(prefix="finetune-images-", dir=where) as file:
+        try:
+            os.posix_fallocate(file.fileno(), 0, needed)
+        except AttributeError:  # no posix_fallocate here (Windows, macOS)
+            file.truncate(needed)
+        except OSError as error:
+            if error.errno == errno.ENOSPC:
+                raise no_room(shutil.disk_usage(where).free) from error
+            file.truncate(needed)  # a file system that cannot reserve
+        # The mapping holds the file open on its own once this one is closed.
+        return np.memmap(file, dtype=np.uint8, mode="r+", shape=shape)
+
+
+def _size(nbytes: int) -> str:
+    return f"{nbytes / 2**30:.1f} GiB" if nbytes >= 2**30 else f"{nbytes / 2**20:.0f} MiB"
+
+
+# Disk space left free beyond the decoded images when they spill.
+_DISK_MARGIN = 256 * 2**20

@@ -21,12 +21,7 @@ from __future__ import annotations
 
 import atexit
 import dataclasses
-import errno
 import hashlib
-import os
-import shutil
-import sys
-import tempfile
 import threading
 import time
 from collections.abc import Callable
@@ -38,10 +33,9 @@ import numpy as np
 import tensorflow as tf
 
 from finetune.data.augment import Mixing, augment
-from finetune.data.decode import BadFile, decode_images
+from finetune.data.decode import BadFile, decode_within
 from finetune.data.scan import IgnoredFile, Sample, check_classes, scan_image_folder
 from finetune.data.split import complete_splits
-from finetune.errors import DataError
 
 SPLITS = ("train", "val", "test")
 
@@ -139,16 +133,17 @@ def prepare_image_data(
     """
     folder = scan_image_folder(data_dir)
     all_samples = [s for samples in folder.samples.values() for s in samples]
-    shape = (len(all_samples), image_size, image_size, 3)
-    spill = None
-    if int(np.prod(shape)) > max_memory_gb * 2**30:
-        spill = _spill_array(data_dir, shape, max_memory_gb, spill_dir, progress)
-    arrays, ok, bad = decode_images(
+    elsewhere = "give --out on a larger disk" if spill_dir else "point TMPDIR to a larger disk"
+    arrays, ok, bad = decode_within(
         [s.path for s in all_samples],
         image_size,
         interpolation=interpolation,
         progress=progress,
-        out=spill,
+        max_memory_gb=max_memory_gb,
+        spill_dir=spill_dir,
+        source=data_dir,
+        advice=f"{elsewhere}, use a smaller --image-size, or raise max_memory_gb in the [data] "
+        "section of the config if this machine has the memory.",
     )
     index_of = {all_samples[i].path: row for row, i in enumerate(ok)}
     decodable = {
@@ -187,7 +182,7 @@ def prepare_image_data(
         ignored=folder.ignored,
         fractions=fractions,
         seed=seed,
-        on_disk=spill is not None,
+        on_disk=isinstance(arrays, np.memmap),
     )
 
 
@@ -214,64 +209,6 @@ def permute_rows(array: np.ndarray, order: np.ndarray) -> None:
                 break
             array[at] = array[source]
             at = source
-
-
-def _spill_array(
-    data_dir: str | Path,
-    shape: tuple[int, ...],
-    max_memory_gb: float,
-    spill_dir: str | Path | None,
-    progress: bool,
-) -> np.memmap:
-    """The memory-mapped uint8 array decoded images go to when they take more than
-    `max_memory_gb`: an anonymous temporary file in `spill_dir` (never listed in it on Linux,
-    deleted when its mapping closes elsewhere, so a killed run leaves nothing), its space
-    reserved first where the system can (a full disk is then a `DataError` here, not a
-    SIGBUS while decoding).
-    """
-    needed = int(np.prod(shape))
-    where = Path(spill_dir) if spill_dir is not None else Path(tempfile.gettempdir())
-    where.mkdir(parents=True, exist_ok=True)
-
-    def no_room(free: int) -> DataError:
-        elsewhere = "give --out on a larger disk" if spill_dir is not None else "set TMPDIR"
-        return DataError(
-            f"{data_dir}: the decoded images take {_size(needed)}, above data.max_memory_gb = "
-            f"{max_memory_gb:g}, so they go to a file in {where}, but it has {_size(free)} free. "
-            f"Free space there (or {elsewhere}), use a smaller --image-size, or raise "
-            "max_memory_gb in the [data] section of the config if this machine has the memory."
-        )
-
-    free = shutil.disk_usage(where).free
-    if needed + _DISK_MARGIN > free:
-        raise no_room(free)
-    if progress:
-        print(
-            f"The decoded images take {_size(needed)}, above data.max_memory_gb = "
-            f"{max_memory_gb:g}: they go to a memory-mapped file in {where} (not kept after "
-            "the run), and training reads them from there.",
-            file=sys.stderr,
-            flush=True,
-        )
-    with tempfile.TemporaryFile(prefix="finetune-images-", dir=where) as file:
-        try:
-            os.posix_fallocate(file.fileno(), 0, needed)
-        except AttributeError:  # no posix_fallocate here (Windows, macOS)
-            file.truncate(needed)
-        except OSError as error:
-            if error.errno == errno.ENOSPC:
-                raise no_room(shutil.disk_usage(where).free) from error
-            file.truncate(needed)  # a file system that cannot reserve
-        # The mapping holds the file open on its own once this one is closed.
-        return np.memmap(file, dtype=np.uint8, mode="r+", shape=shape)
-
-
-def _size(nbytes: int) -> str:
-    return f"{nbytes / 2**30:.1f} GiB" if nbytes >= 2**30 else f"{nbytes / 2**20:.0f} MiB"
-
-
-# Disk space left free beyond the decoded images when they spill.
-_DISK_MARGIN = 256 * 2**20
 
 
 class _Reads:

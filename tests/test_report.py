@@ -176,6 +176,30 @@ def test_predict_returns_the_calibrated_probabilities(run_dir):
 
 
 @pytest.mark.slow
+def test_predict_reads_images_above_its_limit_from_disk(run_dir, monkeypatch):
+    import importlib
+
+    rows = Predictions.read_csv(run_dir / "predictions.csv")
+    paths = rows.paths[:3]
+    want = finetune.predict(run_dir, paths, top_k=2)
+    predict_module = importlib.import_module("finetune.predict")
+    monkeypatch.setitem(predict_module._PREDICT_LIMIT, "max_memory_gb", 1e-6)
+    decode = importlib.import_module("finetune.data.decode")
+    into, decode_images = [], decode.decode_images
+
+    def seen(*args, **kwargs):  # the real decoding, noting where it decodes into
+        into.append(type(kwargs.get("out")))
+        return decode_images(*args, **kwargs)
+
+    monkeypatch.setattr(decode, "decode_images", seen)
+    got = finetune.predict(run_dir, paths, top_k=2)
+    assert into == [np.memmap]
+    for g, w in zip(got, want, strict=True):
+        assert [name for name, _ in g.top] == [name for name, _ in w.top]
+        assert [p for _, p in g.top] == pytest.approx([p for _, p in w.top], abs=1e-5)
+
+
+@pytest.mark.slow
 def test_evaluate_refuses_the_training_folder_and_unreadable_data(run_dir, tmp_path):
     info = json.loads((run_dir / "run.json").read_text())
     result = CliRunner().invoke(app, ["evaluate", str(run_dir), info["data_dir"]])

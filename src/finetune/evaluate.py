@@ -292,11 +292,11 @@ def evaluate(
         The metrics (see `classification_metrics`) plus `data` (what was evaluated) and `tta`.
 
     Decoded images above the run's `data.max_memory_gb` go to a memory-mapped temporary file
-    in `TMPDIR` (see `finetune.data.decode.decode_within`).
+    in the run folder (see `finetune.data.decode.decode_within`).
 
     Raises:
         DataError: the folder has classes the model does not know, or no images, or the
-            decoded images need that file and `TMPDIR` has no room.
+            decoded images need that file and the run folder has no room.
     """
     return evaluate_with_predictions(run, data_dir, progress=progress, tta=tta, runtime=runtime)[0]
 
@@ -318,7 +318,7 @@ def evaluate_with_predictions(
     runtime: str | None = None,
 ) -> tuple[dict[str, Any], Predictions]:
     """`evaluate`, also returning the per-image `Predictions`."""
-    from finetune.data.pipeline import decode_within
+    from finetune.data.decode import decode_within
     from finetune.data.scan import scan_image_folder
     from finetune.run import Run, probabilities_from_views
 
@@ -351,12 +351,16 @@ def evaluate_with_predictions(
         where = f"{data_dir} ({split})"
     if not paths:
         raise DataError(f"nothing to evaluate: {where} holds no images.")
+    config = "its config" if run.path is None else run.path / "config.toml"
     images, ok, bad = decode_within(
         paths,
         run.image_size,
         progress=progress,
         max_memory_gb=run.config.data.max_memory_gb,
-        source=where,
+        spill_dir=run.path,  # not TMPDIR: it may be in memory itself
+        source=where if data_dir is not None else f"{run.path or 'the run'}: {where}",
+        limit_name=f"data.max_memory_gb in {config}",
+        advice=f"or raise max_memory_gb in {config} if this machine has the memory.",
     )
     if not ok:
         raise DataError(

@@ -91,7 +91,14 @@ class _ImageNetClassifier:
         self.logits = spec.top_is_logits
 
     def predict_proba(self, images: np.ndarray) -> np.ndarray:
-        out = self.model.predict(np.asarray(images, np.float32), batch_size=32, verbose=0)
+        # float32 a batch at a time: no copy of all the images
+        out = np.concatenate(
+            [
+                np.asarray(self.model.predict_on_batch(np.asarray(images[i : i + 32], np.float32)))
+                for i in range(0, len(images), 32)
+            ]
+            or [np.zeros((0, len(self.class_names)), np.float32)]
+        )
         return softmax(out) if self.logits else out
 
 
@@ -115,6 +122,14 @@ def load_predictor(model):
         "--out folder of `finetune train`, a file written by `finetune export` (.tflite, .onnx, "
         ".keras, or a SavedModel folder), or a name from `finetune backbones`."
     )
+
+
+# Decoded images above this go to a memory-mapped file in TMPDIR (`decode_within`).
+_PREDICT_LIMIT = {
+    "max_memory_gb": 8.0,
+    "source": "the images to predict",
+    "limit_name": "finetune predict's limit",
+}
 
 
 def predict(
@@ -177,7 +192,9 @@ def predict(
     if paths is None:
         paths = expand_inputs(inputs)
     if decoded is None:
-        decoded = decode_within(paths, predictor.image_size, progress=len(paths) > 50)
+        decoded = decode_within(
+            paths, predictor.image_size, progress=len(paths) > 50, **_PREDICT_LIMIT
+        )
     images, ok, _ = decoded
     probabilities = None
     if len(ok):
@@ -280,7 +297,7 @@ def _predict_from_kept_conversion(
     if found is None:
         return None, None
     forward, link = found
-    decoded = decode_within(paths, run_dir.image_size, progress=len(paths) > 50)
+    decoded = decode_within(paths, run_dir.image_size, progress=len(paths) > 50, **_PREDICT_LIMIT)
     images, ok, _ = decoded
     if resolve_runtime(runtime, len(ok)) != chosen:  # as `Run.prediction_forward` chooses
         return decoded, None

@@ -327,7 +327,9 @@ def test_decompression_bomb_refused_quickly(tmp_path):
     assert path.stat().st_size < 100
     start = time.perf_counter()
     reason = reason_for(path)
-    assert time.perf_counter() - start < 1.0
+    # Generous (another test process may share the cores): decoding 10^10 pixels would take
+    # minutes and 30 GB.
+    assert time.perf_counter() - start < 5.0
     assert "decompression bomb" in reason and "10000000000 pixels" in reason
 
 

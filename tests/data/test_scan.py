@@ -322,7 +322,9 @@ def test_scanning_10000_files_is_fast(tmp_path):
     folder = scan_image_folder(tmp_path)
     elapsed = time.perf_counter() - start
     assert len(folder.samples["all"]) == 10_000
-    assert elapsed < 2.0, f"scanning took {elapsed:.2f}s"
+    # Generous: another test process may share the cores (make test runs two). A scan that
+    # went quadratic in the number of files would take minutes.
+    assert elapsed < 6.0, f"scanning took {elapsed:.2f}s"
 
 
 # --- file names: spaces and bytes that are not UTF-8 ---------------------------------------------

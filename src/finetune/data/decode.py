@@ -443,66 +443,77 @@ def decode_within(
     max_memory_gb: float = 8.0,
     spill_dir: str | Path | None = None,
     source: str | Path = "the images",
+    limit_name: str = "data.max_memory_gb",
     advice: str = "point TMPDIR to a larger disk, or give fewer images at a time.",
 ) -> tuple[np.ndarray, list[int], list[BadFile]]:
     """`decode_images`, into a memory-mapped temporary file in `spill_dir` when the decoded
     images would take more than `max_memory_gb` (see `prepare_image_data`).
 
-    `source` names the images in messages (a folder, a split). Raises `DataError`, ending with
-    `advice`, when they go to disk and `spill_dir` (`TMPDIR` if None) has no room for them.
+    `source` names the images and `limit_name` the limit in messages. Raises `DataError`,
+    ending with `advice`, when they go to disk and `spill_dir` (`TMPDIR` if None) has no room
+    for them.
     """
     shape = (len(paths), size, size, 3)
     spill = None
     if int(np.prod(shape)) > max_memory_gb * 2**30:
-        spill = _spill_array(source, shape, max_memory_gb, spill_dir, progress, advice)
+        above = f"above {max_memory_gb:g} GiB ({limit_name})"
+        spill = _spill_array(source, shape, above, spill_dir, progress, advice)
     return decode_images(paths, size, interpolation=interpolation, progress=progress, out=spill)
 
 
 def _spill_array(
     source: str | Path,
     shape: tuple[int, ...],
-    max_memory_gb: float,
+    above: str,
     spill_dir: str | Path | None,
     progress: bool,
     advice: str,
 ) -> np.memmap:
-    """The memory-mapped uint8 array decoded images go to when they take more than
-    `max_memory_gb`: an anonymous temporary file in `spill_dir` (never listed in it on Linux,
-    deleted when its mapping closes elsewhere, so a killed run leaves nothing), its space
-    reserved first where the system can (a full disk is then a `DataError` here, not a
-    SIGBUS while decoding). `advice` ends the message when there is no room.
+    """The memory-mapped uint8 array decoded images go to when they are `above` the limit:
+    an anonymous temporary file in `spill_dir` (never listed in it on Linux, deleted when its
+    mapping closes elsewhere), its space reserved first where the system can (a full disk is
+    then a `DataError` here, not a SIGBUS while decoding). `advice` ends the message when there
+    is no room.
     """
     needed = int(np.prod(shape))
     where = Path(spill_dir) if spill_dir is not None else Path(tempfile.gettempdir())
-    where.mkdir(parents=True, exist_ok=True)
 
-    def no_room(free: int) -> DataError:
+    def no_room(free: int, why: str = "") -> DataError:
         return DataError(
-            f"{source}: the decoded images take {_size(needed)}, above {max_memory_gb:g} GiB "
-            f"(data.max_memory_gb), so they go to a file in {where}, but it has {_size(free)} "
-            f"free. Free space there, {advice}"
+            f"{source}: the decoded images take {_size(needed)}, {above}, so they go to a file "
+            f"in {where}, but {why or f'it has {_size(free)} free'}. Free space there, {advice}"
         )
 
-    free = shutil.disk_usage(where).free
+    try:
+        where.mkdir(parents=True, exist_ok=True)
+        free = shutil.disk_usage(where).free
+    except OSError as error:  # read-only, say
+        raise no_room(0, f"it cannot be written ({error.strerror})") from error
     if needed + _DISK_MARGIN > free:
         raise no_room(free)
     if progress:
         print(
-            f"{source}: the decoded images take {_size(needed)}, above {max_memory_gb:g} GiB "
-            f"(data.max_memory_gb): they go to a memory-mapped file in {where}, not kept, and "
-            "are read from there.",
+            f"{source}: the decoded images take {_size(needed)}, {above}: they go to a "
+            f"memory-mapped file in {where}, not kept, and are read from there.",
             file=sys.stderr,
             flush=True,
         )
-    with tempfile.TemporaryFile(prefix="finetune-images-", dir=where) as file:
+    try:  # closed by the `with` below
+        file = tempfile.TemporaryFile(prefix="finetune-images-", dir=where)  # noqa: SIM115
+    except OSError as error:
+        raise no_room(0, f"it cannot be written ({error.strerror})") from error
+    with file:
         try:
-            os.posix_fallocate(file.fileno(), 0, needed)
-        except AttributeError:  # no posix_fallocate here (Windows, macOS)
-            file.truncate(needed)
-        except OSError as error:
-            if error.errno == errno.ENOSPC:
-                raise no_room(shutil.disk_usage(where).free) from error
-            file.truncate(needed)  # a file system that cannot reserve
+            try:
+                os.posix_fallocate(file.fileno(), 0, needed)
+            except AttributeError:  # no posix_fallocate here (Windows, macOS)
+                file.truncate(needed)
+            except OSError as error:
+                if error.errno in (errno.ENOSPC, errno.EDQUOT):
+                    raise no_room(shutil.disk_usage(where).free) from error
+                file.truncate(needed)  # a file system that cannot reserve
+        except OSError as error:  # a file too large for the file system (FAT32), say
+            raise no_room(0, f"it cannot hold a file that large ({error.strerror})") from error
         # The mapping holds the file open on its own once this one is closed.
         return np.memmap(file, dtype=np.uint8, mode="r+", shape=shape)
 

@@ -370,8 +370,11 @@ def _member_probabilities(members_model, images, temperatures) -> np.ndarray:
     from finetune.run import softmax
 
     fast = fold_batchnorm(members_model, frozen_only=False, snapshot=True)  # inference only
-    outputs = fast.predict(np.asarray(images, np.float32), batch_size=64, verbose=0)
-    outputs = outputs if isinstance(outputs, list) else [outputs]
+    batches = []  # float32 a batch at a time: no copy of all the images (4x their size)
+    for start in range(0, len(images), 64):
+        out = fast.predict_on_batch(np.asarray(images[start : start + 64], np.float32))
+        batches.append([np.asarray(z) for z in (out if isinstance(out, list | tuple) else [out])])
+    outputs = [np.concatenate(per_member) for per_member in zip(*batches, strict=True)]
     return np.stack([softmax(z / t) for z, t in zip(outputs, temperatures, strict=True)])
 
 

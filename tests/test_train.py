@@ -182,7 +182,8 @@ def test_the_same_seed_gives_the_same_weights_with_the_images_in_memory_or_on_di
         )
         for extra in ({}, {"config": on_disk, "out": tmp_path / "run"})
     ]  # fmt: skip
-    # The second run's images were memory-mapped from a file in its folder, gone at once.
+    # The second run's images were memory-mapped from an anonymous file in its folder, which
+    # leaves no file there (a named one would show in this glob).
     assert [r.info["images_on_disk"] for r in runs] == [False, True]
     assert not list((tmp_path / "run").glob("finetune-images-*"))
     first, second = (r.model.get_weights() for r in runs)

@@ -367,15 +367,19 @@ def _member_logits(models: list[keras.Model], image_size: int):
 
 def _member_probabilities(members_model, images, temperatures) -> np.ndarray:
     from finetune.fold import fold_batchnorm
+    from finetune.inference import predict_batches
     from finetune.run import softmax
 
     fast = fold_batchnorm(members_model, frozen_only=False, snapshot=True)  # inference only
-    batches = []  # float32 a batch at a time: no copy of all the images (4x their size)
-    for start in range(0, len(images), 64):
-        out = fast.predict_on_batch(np.asarray(images[start : start + 64], np.float32))
-        batches.append([np.asarray(z) for z in (out if isinstance(out, list | tuple) else [out])])
-    outputs = [np.concatenate(per_member) for per_member in zip(*batches, strict=True)]
-    return np.stack([softmax(z / t) for z, t in zip(outputs, temperatures, strict=True)])
+
+    def forward(x: np.ndarray) -> np.ndarray:  # (batch, members, classes)
+        out = fast.predict_on_batch(x)
+        return np.stack(
+            [np.asarray(z) for z in (out if isinstance(out, list | tuple) else [out])], 1
+        )
+
+    outputs = predict_batches(forward, images, 64)  # float32 by batch, not all the images
+    return np.stack([softmax(outputs[:, m] / t) for m, t in enumerate(temperatures)])
 
 
 def _decode(samples, image_size: int, what: str) -> tuple[np.ndarray, np.ndarray]:

@@ -91,14 +91,9 @@ class _ImageNetClassifier:
         self.logits = spec.top_is_logits
 
     def predict_proba(self, images: np.ndarray) -> np.ndarray:
-        # float32 a batch at a time: no copy of all the images
-        out = np.concatenate(
-            [
-                np.asarray(self.model.predict_on_batch(np.asarray(images[i : i + 32], np.float32)))
-                for i in range(0, len(images), 32)
-            ]
-            or [np.zeros((0, len(self.class_names)), np.float32)]
-        )
+        from finetune.inference import predict_batches
+
+        out = predict_batches(self.model.predict_on_batch, images, 32)  # float32 by batch
         return softmax(out) if self.logits else out
 
 

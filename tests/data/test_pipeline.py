@@ -216,8 +216,8 @@ def test_images_above_the_memory_limit_are_decoded_to_disk_and_read_from_there(t
         # Read from the mapped file, not a copy in memory.
         assert isinstance(on_disk.images[split], np.memmap)
         assert not isinstance(in_memory.images[split], np.memmap)
-    # The file is gone from the folder already (the mapping keeps the data): nothing is left
-    # behind, even by a killed process.
+    # The file is never listed in the folder (an anonymous temporary file; the mapping keeps
+    # the data): nothing is left behind, even by a killed process.
     assert list(spill.iterdir()) == []
     # A training pipeline reads the mapped rows.
     x, y = in_memory.images["train"], in_memory.labels["train"]

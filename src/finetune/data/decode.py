@@ -25,6 +25,7 @@ from collections.abc import Callable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor, as_completed
 from dataclasses import dataclass
 from pathlib import Path
+from typing import BinaryIO
 
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
@@ -455,7 +456,7 @@ def decode_within(
     """
     shape = (len(paths), size, size, 3)
     spill = None
-    if int(np.prod(shape)) > max_memory_gb * 2**30:
+    if np.prod(shape) > max_memory_gb * 2**30:
         above = f"above {max_memory_gb:g} GiB ({limit_name})"
         spill = _spill_array(source, shape, above, spill_dir, progress, advice)
     return decode_images(paths, size, interpolation=interpolation, progress=progress, out=spill)
@@ -504,18 +505,32 @@ def _spill_array(
         raise no_room(0, f"it cannot be written ({error.strerror})") from error
     with file:
         try:
-            try:
-                os.posix_fallocate(file.fileno(), 0, needed)
-            except AttributeError:  # no posix_fallocate here (Windows, macOS)
-                file.truncate(needed)
-            except OSError as error:
-                if error.errno in (errno.ENOSPC, errno.EDQUOT):
-                    raise no_room(shutil.disk_usage(where).free) from error
-                file.truncate(needed)  # a file system that cannot reserve
-        except OSError as error:  # a file too large for the file system (FAT32), say
+            _reserve(file, needed)
+        except OSError as error:
+            if error.errno in _DISK_FULL:
+                raise no_room(shutil.disk_usage(where).free) from error
+            # a file too large for the file system (FAT32), say
             raise no_room(0, f"it cannot hold a file that large ({error.strerror})") from error
         # The mapping holds the file open on its own once this one is closed.
         return np.memmap(file, dtype=np.uint8, mode="r+", shape=shape)
+
+
+def _reserve(file: BinaryIO, size: int) -> None:
+    """Makes `file` `size` bytes long, its blocks reserved on disk where the system can (a
+    full disk or quota then fails here, with `_DISK_FULL`, not when a page is written)."""
+    try:
+        os.posix_fallocate(file.fileno(), 0, size)
+        return
+    except AttributeError:  # no posix_fallocate here (Windows, macOS)
+        pass
+    except OSError as error:
+        if error.errno in _DISK_FULL:
+            raise
+        # a file system that cannot reserve: the length alone
+    file.truncate(size)
+
+
+_DISK_FULL = (errno.ENOSPC, errno.EDQUOT)
 
 
 def _size(nbytes: int) -> str:

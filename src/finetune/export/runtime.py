@@ -133,17 +133,17 @@ class ExportedModel:
 
     def predict_logits(self, images: np.ndarray, batch_size: int = 32) -> np.ndarray:
         """Logits for (N, size, size, 3) RGB pixels in [0, 255]."""
-        x = np.asarray(images)  # float32 a batch at a time: no copy of all of them
+        from finetune.inference import predict_batches
+
+        x = np.asarray(images)  # float32 a batch at a time (predict_batches), not all of them
         if x.ndim != 4 or x.shape[1:] != (self.image_size, self.image_size, 3):
             raise FinetuneError(
                 f"{self.path} takes images of shape (N, {self.image_size}, {self.image_size}, 3), "
                 f"got {x.shape}."
             )
-        outs = [
-            self._run(np.asarray(x[i : i + batch_size], np.float32))
-            for i in range(0, len(x), batch_size)
-        ]
-        return np.concatenate(outs) if outs else np.zeros((0, len(self.class_names)), np.float32)
+        if not len(x):
+            return np.zeros((0, len(self.class_names)), np.float32)
+        return predict_batches(self._run, x, batch_size)
 
     def predict_proba(self, images: np.ndarray, batch_size: int = 32) -> np.ndarray:
         """Class probabilities, `softmax(logits / temperature)` as for the run."""

@@ -198,11 +198,71 @@ def _swapped_filter_gradient(x: Any, dy: Any, kernel_size: tuple, stride: int, p
     return tf.reduce_sum(tf.reshape(taps, (kh, kw, n, channels)), axis=2)[..., None]
 
 
+def _strided_input_gradient(dy: Any, w: Any, input_shape: tuple, stride: int, padding: str) -> Any:
+    """The input gradient of a depthwise convolution (multiplier 1) with `stride` above 1, as a
+    stride-1 depthwise convolution's forward pass: `dy` with `stride - 1` zeros between its
+    values (each axis), padded, by the kernel flipped in both spatial axes.
+
+    `dx[h] = sum over i, p with s*i + p - top = h of dy[i] * w[p]`: with `u` the zero-spaced
+    `dy`, `dx[h] = sum over q of u[h + top - (k - 1) + q] * w[k - 1 - q]`. In bfloat16 oneDNN
+    runs TensorFlow's own input gradient of a strided depthwise convolution on a generic
+    strided kernel, 16-36 ms a call on Lite0's maps at 64 px; this runs on its depthwise one
+    (benchmarks/RESULTS.md, twentieth slice).
+    """
+    import tensorflow as tf
+
+    (kh, kw), (height, width) = w.shape[:2], input_shape[1:3]
+    n, out_h, out_w, channels = tf.shape(dy)[0], dy.shape[1], dy.shape[2], dy.shape[3]
+    # Zeros after each column, then after each row; the trailing ones dropped.
+    spaced_w, spaced_h = (out_w - 1) * stride + 1, (out_h - 1) * stride + 1
+    u = tf.stack([dy] + [tf.zeros_like(dy)] * (stride - 1), axis=3)
+    u = tf.reshape(u, (n, out_h, out_w * stride, channels))[:, :, :spaced_w]
+    u = tf.stack([u] + [tf.zeros_like(u)] * (stride - 1), axis=2)
+    u = tf.reshape(u, (n, out_h * stride, spaced_w, channels))[:, :spaced_h]
+    top = left = 0
+    if padding == "same":
+        top, left = _same_padding(height, kh, stride)[0], _same_padding(width, kw, stride)[0]
+    u = tf.pad(
+        u,
+        [
+            [0, 0],
+            [kh - 1 - top, height + top - spaced_h],
+            [kw - 1 - left, width + left - spaced_w],
+            [0, 0],
+        ],
+    )
+    return tf.nn.depthwise_conv2d(u, w[::-1, ::-1], strides=[1, 1, 1, 1], padding="VALID")
+
+
+def _bfloat16_gradients_apply(conv: Any, input_shape: tuple) -> bool:
+    """Whether `_depthwise_conv` computes a bfloat16 depthwise convolution's gradients its own
+    way (`_strided_input_gradient`, `_swapped_filter_gradient`): TensorFlow backend, CPUs only,
+    channels last, multiplier 1, the same stride both ways, no dilation, a known map size."""
+    return (
+        keras.backend.backend() == "tensorflow"
+        and isinstance(conv, keras.layers.DepthwiseConv2D)
+        and len(input_shape) == 4
+        and conv.data_format == "channels_last"
+        and conv.depth_multiplier == 1
+        and tuple(conv.dilation_rate) == (1, 1)
+        and conv.strides[0] == conv.strides[1]
+        and all(d is not None for d in input_shape[1:])
+        and _only_cpus()
+    )
+
+
 def _depthwise_conv(conv: Any, inputs: Any, kernel: Any, gradient: bool = True) -> Any:
-    """`conv`'s depthwise convolution of `inputs` by `kernel` (no bias), with the filter
-    gradient by `_swapped_filter_gradient` where that is faster (`_uses_swapped_gradient`) and
-    `gradient` says one is needed. The forward pass and the input gradient are TensorFlow's own
-    either way."""
+    """`conv`'s depthwise convolution of `inputs` by `kernel` (no bias), with its gradients
+    computed faster where `gradient` says one is needed:
+
+    - float32: the filter gradient by `_swapped_filter_gradient` where that is faster
+      (`_uses_swapped_gradient`); the input gradient is TensorFlow's own.
+    - bfloat16 (`_bfloat16_gradients_apply`): oneDNN's bfloat16 filter gradient runs on a
+      generic kernel for 5 x 5 kernels (and 3 x 3 on 2 x 2 maps), its input gradient of a
+      strided convolution likewise; there the filter gradient is `_swapped_filter_gradient`,
+      the strided input gradient `_strided_input_gradient`.
+
+    The forward pass is TensorFlow's own either way."""
     spec = {
         "strides": conv.strides,
         "padding": conv.padding,
@@ -210,8 +270,17 @@ def _depthwise_conv(conv: Any, inputs: Any, kernel: Any, gradient: bool = True) 
         "data_format": conv.data_format,
     }
     # The inputs' dtype too: a FoldedConv computes in the global policy's, whatever the layer's.
-    float32 = keras.backend.standardize_dtype(inputs.dtype) == "float32"
-    if not (gradient and float32 and _uses_swapped_gradient(conv, tuple(inputs.shape))):
+    dtype = keras.backend.standardize_dtype(inputs.dtype)
+    shape = tuple(inputs.shape)
+    if dtype == "float32":
+        faster = gradient and _uses_swapped_gradient(conv, shape)
+        swapped, strided = faster, False
+    else:
+        faster = gradient and dtype == "bfloat16" and _bfloat16_gradients_apply(conv, shape)
+        kh, kw = conv.kernel_size
+        swapped = faster and (kh * kw >= 25 or max(shape[1:3]) <= 2)
+        strided = faster and conv.strides[0] > 1
+    if not faster:
         return ops.depthwise_conv(inputs, kernel, **spec)
     import tensorflow as tf
 
@@ -223,14 +292,26 @@ def _depthwise_conv(conv: Any, inputs: Any, kernel: Any, gradient: bool = True) 
         y = tf.nn.depthwise_conv2d(x, w, strides=[1, stride, stride, 1], padding=tf_padding)
 
         def grad(dy):
-            dx = tf.raw_ops.DepthwiseConv2dNativeBackpropInput(
-                input_sizes=tf.shape(x),
-                filter=w,
-                out_backprop=dy,
-                strides=[1, stride, stride, 1],
-                padding=tf_padding,
-            )
-            dw = _swapped_filter_gradient(x, dy, conv.kernel_size, stride, conv.padding)
+            if strided:
+                dx = _strided_input_gradient(dy, w, shape, stride, conv.padding)
+            else:
+                dx = tf.raw_ops.DepthwiseConv2dNativeBackpropInput(
+                    input_sizes=tf.shape(x),
+                    filter=w,
+                    out_backprop=dy,
+                    strides=[1, stride, stride, 1],
+                    padding=tf_padding,
+                )
+            if swapped:
+                dw = _swapped_filter_gradient(x, dy, conv.kernel_size, stride, conv.padding)
+            else:
+                dw = tf.raw_ops.DepthwiseConv2dNativeBackpropFilter(
+                    input=x,
+                    filter_sizes=tf.shape(w),
+                    out_backprop=dy,
+                    strides=[1, stride, stride, 1],
+                    padding=tf_padding,
+                )
             return dx, dw
 
         return y, grad
@@ -542,6 +623,7 @@ def fold_batchnorm(
     fuse_training_batchnorm: bool = True,
     snapshot: bool = False,
     bfloat16: bool = False,
+    train_in_bfloat16: bool = False,
 ) -> keras.Model:
     """A model computing `model`'s function with BatchNorm folded into the convolutions.
 
@@ -563,6 +645,12 @@ def fold_batchnorm(
         bfloat16: with `snapshot`, compute those pairs in bfloat16 where nothing below them
             trains, and the weightless elementwise layers between them; the view's outputs
             stay float32 (see the module docstring). Without `snapshot` it changes nothing.
+            Defaults to False.
+        train_in_bfloat16: with `frozen_only`, the folded pairs that train (a convolution that
+            trains before a frozen BatchNorm) compute in bfloat16 too, and the weightless
+            elementwise layers between them: mixed precision, the variables and the gradients
+            reaching them float32, the view's outputs float32 (see the module docstring).
+            BatchNorm layers that train, and the convolutions before them, stay float32.
             Defaults to False.
 
     Returns:
@@ -592,7 +680,8 @@ def fold_batchnorm(
 
     def call(layer, *args, **kwargs):
         output = _call(layer, *args, **kwargs)
-        nested = bfloat16 and isinstance(layer, Functional)
+        # (Training in bfloat16, gradients may go through bfloat16 anywhere.)
+        nested = bfloat16 and not train_in_bfloat16 and isinstance(layer, Functional)
         if nested and depends(args, kwargs) and computes_in_bfloat16(layer):
             raise ValueError(
                 f"fold_batchnorm(bfloat16=True): the nested model {layer.name!r} computes in "
@@ -625,6 +714,9 @@ def fold_batchnorm(
             if bfloat16 and snapshot and fixed and not depends(conv_input):
                 # Nothing below it trains either: no gradient goes through it.
                 return FoldedConv(conv, layer, snapshot=True, dtype="mixed_bfloat16")(conv_input)
+            if train_in_bfloat16 and frozen_only and not fixed:
+                # Its convolution trains: bfloat16 convolutions, float32 variables.
+                return FoldedConv(conv, layer, dtype="mixed_bfloat16")(conv_input)
             return FoldedConv(conv, layer, snapshot=snapshot and fixed)(conv_input)
         if (
             frozen_only
@@ -646,10 +738,10 @@ def fold_batchnorm(
             # this output drops out as the unfolded one does.
             folded += 1
             output = SwappedGradientDepthwiseConv(layer)(args[0])
-        elif bfloat16 and _runs_in_bfloat16(layer, args, kwargs):
+        elif (bfloat16 or train_in_bfloat16) and _runs_in_bfloat16(layer, args, kwargs):
             folded += 1
             output = _InBfloat16(layer)(*args, **kwargs)
-        elif bfloat16 and not isinstance(layer, keras.layers.Layer):
+        elif (bfloat16 or train_in_bfloat16) and not isinstance(layer, keras.layers.Layer):
             # A raw operation (`ops.mean(x)`...) computes in its inputs' dtype: float32 here.
             args, kwargs = tree.map_structure(_as_float32, (args, kwargs))
             output = layer(*args, **kwargs)
@@ -664,13 +756,30 @@ def fold_batchnorm(
     )
     if not folded:
         return model
-    if bfloat16 and any(o.dtype == "bfloat16" for o in clone.outputs):
+    if (bfloat16 or train_in_bfloat16) and any(o.dtype == "bfloat16" for o in clone.outputs):
         # What the view returns is float32, as the model's (in the same structure).
         outputs = tree.map_structure(
             lambda o: _ToFloat32()(o) if o.dtype == "bfloat16" else o, clone.output
         )
         clone = keras.Model(clone.input, outputs, name=clone.name)
     return clone
+
+
+def bfloat16_parts(model: keras.Model) -> tuple[bool, bool]:
+    """What a view made by `fold_batchnorm` computes in bfloat16 (nested models included):
+    `(frozen, training)`, whether any compiled-in pair does (`bfloat16`), and whether any pair
+    whose convolution trains does (`train_in_bfloat16`)."""
+    frozen = training = False
+    for layer in getattr(model, "layers", []):
+        if isinstance(layer, Functional):
+            below = bfloat16_parts(layer)
+            frozen, training = frozen or below[0], training or below[1]
+        elif (
+            isinstance(layer, FoldedConv)
+            and keras.backend.standardize_dtype(layer.compute_dtype) == "bfloat16"
+        ):
+            frozen, training = frozen or layer.snapshot, training or not layer.snapshot
+    return frozen, training
 
 
 def computes_in_bfloat16(model: keras.Model) -> bool:

@@ -43,7 +43,7 @@ from finetune.data.pipeline import (
     with_class_weights,
 )
 from finetune.errors import NonFiniteLossError
-from finetune.fold import computes_in_bfloat16, fold_batchnorm
+from finetune.fold import bfloat16_parts, computes_in_bfloat16, fold_batchnorm
 from finetune.inference import frozen_in_bfloat16, guarded_forward, resolve_runtime
 from finetune.model import freeze_backbone, unfreeze_top_groups
 from finetune.recipes.averaging import WeightAveraging
@@ -266,15 +266,23 @@ def bfloat16_stays_close(reference: keras.Model, view: keras.Model, images: np.n
 
 
 def frozen_view(
-    model: keras.Model, images: np.ndarray, *, bfloat16: bool, frozen_only: bool = True
+    model: keras.Model,
+    images: np.ndarray,
+    *,
+    bfloat16: bool,
+    frozen_only: bool = True,
+    train: bool = False,
 ) -> tuple[keras.Model, bool]:
     """`fold_batchnorm(model, frozen_only=frozen_only, snapshot=True)`, or with `bfloat16` its
-    bfloat16 view where that computes anything in bfloat16 and passes
-    `bfloat16_stays_close` on `images`; and whether the bfloat16 view is the one returned."""
+    bfloat16 view (with `train`, the pairs that train in bfloat16 too: `train_in_bfloat16`)
+    where that computes anything in bfloat16 and passes `bfloat16_stays_close` on `images`;
+    and whether the bfloat16 view is the one returned."""
     view = fold_batchnorm(model, frozen_only=frozen_only, snapshot=True)
     if not bfloat16:
         return view, False
-    low = fold_batchnorm(model, frozen_only=frozen_only, snapshot=True, bfloat16=True)
+    low = fold_batchnorm(
+        model, frozen_only=frozen_only, snapshot=True, bfloat16=True, train_in_bfloat16=train
+    )
     if computes_in_bfloat16(low) and bfloat16_stays_close(view, low, images):
         return low, True
     return view, False
@@ -693,7 +701,8 @@ def fit_phases(
         "openvino", "openvino-bf16" or "onnxruntime", as they do with `features_streamed`,
         True when an augmented phase took that output from a converted model batch by batch:
         the head's, or the top groups'); `frozen_bfloat16`, True when a phase trained through
-        frozen layers that Keras computed in bfloat16; with
+        frozen layers that Keras computed in bfloat16; `trained_bfloat16`, True when its
+        layers that train computed in bfloat16 (mixed precision: float32 weights); with
         `recipe.average_last_epochs`, `averaged` on the epochs whose mean the final phase ends
         with (`finetune.recipes.averaging`; that phase then has no early stopping).
     """
@@ -754,7 +763,7 @@ def fit_phases(
                 # Stored as float32, no larger than the images themselves.
                 cut = cut_layer(model, spec, groups, data.image_bytes)
             split = streamed = None
-            frozen_bfloat16 = False
+            frozen_bfloat16 = trained_bfloat16 = False
             if cut is not None and data.uses_feature_cache(phase):
                 split = features.head_and_datasets(cut)
             elif stream_images := data.stream_images(phase, cut):
@@ -771,10 +780,16 @@ def fit_phases(
                 # The same layers and weights, with each frozen BatchNorm folded into the
                 # convolution before it: the same training, with a faster forward pass.
                 # Under "auto" on a CPU with bfloat16, what is frozen below everything that
-                # trains computes in bfloat16 (`frozen_in_bfloat16`).
-                fit_model, frozen_bfloat16 = frozen_view(
-                    model, data.train_images, bfloat16=frozen_in_bfloat16(data.runtime)
+                # trains computes in bfloat16 (`frozen_in_bfloat16`), and so do the folded
+                # pairs that train, in mixed precision (float32 variables and gradients).
+                fit_model, in_bfloat16 = frozen_view(
+                    model,
+                    data.train_images,
+                    bfloat16=frozen_in_bfloat16(data.runtime),
+                    train=True,
                 )
+                if in_bfloat16:
+                    frozen_bfloat16, trained_bfloat16 = bfloat16_parts(fit_model)
                 train_from = functools.partial(data.train_dataset, phase.augment)
                 val_ds = data.val_dataset()
             steps = data.steps_per_epoch
@@ -806,6 +821,8 @@ def fit_phases(
                     how = f" ({what} on cached features, computed by {features.runtime})"
                 elif streamed is not None:
                     how = f" ({what} on features computed by {features.runtime} as it goes)"
+                elif trained_bfloat16:
+                    how = " (in bfloat16: mixed precision)"
                 elif frozen_bfloat16:
                     how = " (the frozen layers in bfloat16)"
                 again = f", going on after epoch {first_epoch}" if going_on else ""
@@ -866,6 +883,8 @@ def fit_phases(
                         record["features_streamed"] = True
                     if frozen_bfloat16:
                         record["frozen_bfloat16"] = True
+                    if trained_bfloat16:
+                        record["trained_bfloat16"] = True
                     ran += 1
             epoch = phase_start + ran
             if phase.budget is not None:

@@ -258,6 +258,7 @@ def run_one(
         ),
         # The phases that trained through frozen layers Keras computed in bfloat16.
         "frozen_bfloat16": sorted({r["phase"] for r in run.history if r.get("frozen_bfloat16")}),
+        "trained_bfloat16": sorted({r["phase"] for r in run.history if r.get("trained_bfloat16")}),
         "config": config.to_dict()["recipe"],
         **scored,
     }

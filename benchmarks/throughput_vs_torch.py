@@ -40,8 +40,10 @@ frozen groups in ONNX Runtime then the top's step, measured and not used: RESULT
 slice, and `streamed_bf16`: the frozen groups in bfloat16 OpenVINO then the top's step, what an
 augmented partial phase runs where "auto" streams: `two_phase.PhaseData.stream_images`;
 and `frozen_bf16`: the step through the network with the frozen groups in bfloat16 in Keras,
-`fold_batchnorm(..., bfloat16=True)`, what it runs where nothing streams under "auto" on a CPU
-with bfloat16), `head` (frozen backbone,
+`fold_batchnorm(..., bfloat16=True)`, what it ran before the twentieth slice where nothing
+streams under "auto" on a CPU with bfloat16; and `train_bf16`, in `full` too: the layers that
+train in bfloat16 as well, mixed precision, `train_in_bfloat16=True`, what `fit_phases` runs
+there now), `head` (frozen backbone,
 the step through it; for `finetune`, also `streamed` and `streamed_bf16`: the frozen backbone
 in OpenVINO, float32 or bfloat16, then the head's step on its output, one after the other, what
 `--head-augment` runs from `finetune.inference.AUTO_MIN_IMAGES` image-epochs on, or from
@@ -179,6 +181,15 @@ def finetune_child(args: argparse.Namespace, bf16: bool, fold: bool = True) -> d
                 compile_for(low, groups)
                 row["frozen_bf16"] = time_calls(
                     lambda m=low: m.train_on_batch(x, y), args.warmup, args.steps
+                )
+            if mode in ("full", "partial") and fold and not bf16:
+                # The layers that train in bfloat16 too (mixed precision), the frozen ones
+                # below compiled in bfloat16: what `fit_phases` trains through the network
+                # under "auto" on a CPU with bfloat16 (twentieth slice).
+                mixed = fold_batchnorm(model, snapshot=True, bfloat16=True, train_in_bfloat16=True)
+                compile_for(mixed, groups)
+                row["train_bf16"] = time_calls(
+                    lambda m=mixed: m.train_on_batch(x, y), args.warmup, args.steps
                 )
             # What the fused kernels replace (Keras' own BatchNorm; the depthwise convolutions'
             # swapped filter gradient stays, as in the row above).
@@ -494,6 +505,12 @@ def summarise(report: dict) -> dict:
                 if plain and fp32:
                     cell["finetune_keras_bn"] = plain["images_per_s"]
                     cell["ratio_keras_bn"] = plain["images_per_s"] / cell["best_torch"]
+            if mode in ("full", "partial") and run and run.get("status") == "ok":
+                mixed = run["modes"].get(mode, {}).get("train_bf16")
+                if mixed and fp32:
+                    cell["finetune_train_bf16"] = mixed["images_per_s"]
+                    cell["ratio_train_bf16"] = mixed["images_per_s"] / cell["best_torch"]
+                    cell["train_bf16_over_fp32"] = mixed["images_per_s"] / cell["finetune"]
             if mode in ("head", "partial") and run and run.get("status") == "ok":
                 low = run["modes"].get(mode, {}).get("frozen_bf16")
                 if low and fp32:
@@ -561,6 +578,12 @@ def markdown(report: dict) -> str:
                          f"on a CPU with bfloat16, where nothing streams) "
                          f"| {fmt(c['finetune_frozen_bf16'])} | | | | | | {best} "
                          f"| {fmt(c.get('ratio_frozen_bf16'), 2)} |")  # fmt: skip
+        if c.get("finetune_train_bf16"):
+            lines.append(f"| {c['size']} | {c['mode']}, trained in bfloat16 (mixed precision; "
+                         f"auto on a CPU with bfloat16, where nothing streams; "
+                         f"{fmt(c.get('train_bf16_over_fp32'), 2)}x the float32 step) "
+                         f"| {fmt(c['finetune_train_bf16'])} | | | | | | {best} "
+                         f"| {fmt(c.get('ratio_train_bf16'), 2)} |")  # fmt: skip
         if c.get("finetune_keras_bn"):
             lines.append(f"| {c['size']} | full_bn, Keras' own BatchNorm (not the fused "
                          f"kernels) | {fmt(c['finetune_keras_bn'])} | | | | | "

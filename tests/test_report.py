@@ -391,6 +391,8 @@ def test_the_phases_table_says_how_each_frozen_part_ran(tmp_path):
         {"phase": "polish", "epoch": 3, "learning_rate": 1e-5, "features_cached": False},
         {"phase": "last", "epoch": 4, "learning_rate": 1e-5, "features_cached": False,
          "frozen_bfloat16": True},
+        {"phase": "mixed", "epoch": 5, "learning_rate": 1e-5, "features_cached": False,
+         "frozen_bfloat16": True, "trained_bfloat16": True},
     ]  # fmt: skip
     run = finetune.Run(
         model=None, config=finetune.Config(), class_names=["a"], image_size=32, path=tmp_path,
@@ -401,3 +403,4 @@ def test_the_phases_table_says_how_each_frozen_part_ran(tmp_path):
     assert "streamed (block5c_add, openvino-bf16)" in page
     assert "no: through the network</td>" in page
     assert "no: through the network (its frozen layers in bfloat16)" in page
+    assert "no: through the network (in bfloat16: mixed precision)" in page

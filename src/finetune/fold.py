@@ -43,6 +43,21 @@ frozen rest 1.06-1.50x (two runs on an AMD EPYC; RESULTS, seventeenth slice). fi
 it where "auto" computes in bfloat16 (`finetune.inference.frozen_in_bfloat16`), after a check
 of the first batch against float32 (`finetune.recipes.two_phase.bfloat16_stays_close`).
 
+With `train_in_bfloat16=True` (a training view), the folded pairs whose convolution trains
+compute in bfloat16 too, and so do the weightless elementwise layers between them: mixed
+precision. Their variables stay float32; each call reads them, folds in float32 and casts the
+folded kernel once (a few thousand numbers), and the gradients reaching the variables are
+float32. The gradients themselves are computed in bfloat16, as with PyTorch's bfloat16
+autocast: through Lite0's 49 layers they end about 16% (median over its variables) from
+float32's, for the pretrained network on real images. What `--train-batchnorm` trains stays
+float32 (its statistics and normalisation are float32 in Keras; converted back and forth the
+step was no faster). Keras' `mixed_bfloat16` policy trained 0.36-0.40x as fast as float32 on
+this path; not because of the casts but because oneDNN runs two of a depthwise convolution's
+bfloat16 gradients on generic kernels (up to 56 ms a step for three calls on 2 x 2 maps):
+`_depthwise_conv` computes those another way (`_strided_input_gradient`,
+`_swapped_filter_gradient`). `fit_phases` trains so under "auto" on a CPU with bfloat16, after
+the first-batch check (benchmarks/RESULTS.md, twentieth slice).
+
 A pair folds when its BatchNorm runs in inference mode:
 
 - `frozen_only=True` (for training): the BatchNorm layer is frozen (its own `trainable`, or

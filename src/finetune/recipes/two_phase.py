@@ -232,10 +232,15 @@ class PhaseData:
         1.07-1.20 / 1.23-1.26 / 1.23-1.33x a step at 64 / 128 / 224 px (two runs); whole
         phases of 2,250 images 0.90-0.92x at 64 and 128 px, 1.05-1.12x at 224 px, and
         1.12-1.13x at 128 px over 6,750 image-epochs (benchmarks/RESULTS.md, twelfth slice);
-        ONNX Runtime saved too little (1.04-1.08x a step, fifth slice)."""
+        ONNX Runtime saved too little (1.04-1.08x a step, fifth slice). Under "auto" on a CPU
+        with bfloat16 they do not stream: there the phase trains through the network in
+        bfloat16 (`frozen_in_bfloat16`), 1.11-1.40x as fast a step as streamed with the top
+        groups in float32 (two runs; twentieth slice)."""
         from finetune.inference import resolve_runtime
 
         if cut is None or not (self.feature_cache and self.augments(phase)):
+            return 0
+        if cut != POOL_LAYER and frozen_in_bfloat16(self.runtime):
             return 0
         images = len(self.train_images) * phase.epochs
         if cut != POOL_LAYER:

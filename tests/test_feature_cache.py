@@ -248,6 +248,7 @@ def test_below_the_conversion_auto_computes_the_frozen_backbone_in_bfloat16_in_k
         None if augment else "keras-bf16"
     ] * 3
     assert [r.get("frozen_bfloat16") for r in auto_records] == [augment or None] * 3
+    assert [r.get("trained_bfloat16") for r in auto_records] == [None] * 3  # only Dense layers
     assert [r["features_cached"] for r in auto_records] == [not augment] * 3
     pairs = list(zip(head_weights(exact), head_weights(auto), strict=True))
     assert max(np.abs(a - b).max() for a, b in pairs) > 1e-4  # really bfloat16
@@ -330,8 +331,10 @@ def test_through_the_network_auto_trains_in_bfloat16_on_a_cpu_with_it(digits, mo
     """The top groups trained through the network (no cache), under "auto" on a CPU with
     bfloat16: the frozen groups below compiled in bfloat16, the groups that train in mixed
     precision (`frozen_bfloat16`, `trained_bfloat16`). The frozen groups stay as they were,
-    the trained ones end near the float32 run's, not the same; exactly the float32 run where
-    the first batch's check refuses bfloat16, and under `FINETUNE_RUNTIME=keras`."""
+    the trained ones end near the float32 run's, not the same (the frozen part alone in
+    bfloat16 moves them too: `trained_bfloat16` is what says the trained layers were); exactly
+    the float32 run where the first batch's check refuses bfloat16. The float32 run is the
+    runtime "keras" named."""
     import finetune.inference as inference
 
     monkeypatch.delenv(inference.ENV_VAR, raising=False)

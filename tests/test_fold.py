@@ -913,15 +913,17 @@ def _count_strided_gradients(monkeypatch) -> list:
 
 
 @pytest.mark.parametrize(
-    "size,kernel,stride,padding",
-    [(32, 3, 2, "same"), (16, 5, 2, "same"), (4, 5, 2, "same"), (15, 3, 2, "same"),
-     (15, 5, 2, "valid"), (16, 3, 2, "valid"), (9, 5, 3, "same"), (7, 3, 3, "valid")],
+    "height,width,kernel,stride,padding",
+    [(32, 32, 3, 2, "same"), (16, 16, 5, 2, "same"), (4, 4, 5, 2, "same"), (15, 15, 3, 2, "same"),
+     (15, 15, 5, 2, "valid"), (16, 16, 3, 2, "valid"), (9, 9, 5, 3, "same"),
+     (7, 7, 3, 3, "valid"), (12, 7, 5, 2, "same"), (7, 12, 3, 2, "valid"), (2, 5, 5, 2, "same")],
 )  # fmt: skip
-def test_the_strided_input_gradient_is_tensorflows(size, kernel, stride, padding):
+def test_the_strided_input_gradient_is_tensorflows(height, width, kernel, stride, padding):
     """In float64, where rounding cannot hide a misplaced tap: Lite0's strided shapes, odd
-    sizes, both paddings, stride 3."""
-    rng = np.random.default_rng(size * kernel)
-    x = tf.constant(rng.standard_normal((3, size, size, 5)))
+    sizes, maps taller than wide and the reverse, a map smaller than the kernel, both
+    paddings, stride 3."""
+    rng = np.random.default_rng(height * width * kernel)
+    x = tf.constant(rng.standard_normal((3, height, width, 5)))
     w = tf.constant(rng.standard_normal((kernel, kernel, 5, 1)))
     tf_padding = padding.upper()
     with tf.GradientTape() as tape:
@@ -935,32 +937,39 @@ def test_the_strided_input_gradient_is_tensorflows(size, kernel, stride, padding
 
 
 @pytest.mark.parametrize(
-    "size,kernel,stride,swapped,strided",
-    [(9, 5, 1, True, False), (8, 5, 2, True, True), (8, 3, 2, False, True),
-     (8, 3, 1, False, False), (2, 3, 1, True, False)],
+    "size,kernel,stride,padding,swapped,strided",
+    [(9, 5, 1, "same", True, False), (8, 5, 2, "same", True, True),
+     (8, 3, 2, "same", False, True), (8, 3, 1, "same", False, False),
+     (2, 3, 1, "same", True, False), (11, 5, 2, "valid", True, True),
+     (9, 3, 2, "valid", False, True)],
 )  # fmt: skip
 def test_bfloat16_depthwise_gradients_avoid_onednns_generic_kernels(
-    size, kernel, stride, swapped, strided, monkeypatch
+    size, kernel, stride, padding, swapped, strided, monkeypatch
 ):
     """bfloat16 inputs: the filter gradient swapped for 5 x 5 kernels and 2 x 2 maps, the input
-    gradient of a strided convolution as a forward pass; TensorFlow's own elsewhere. The
-    gradients are TensorFlow's bfloat16 ones up to bfloat16 rounding; in float32 the rule is
-    the eighth slice's (5 x 5 on small maps, the filter gradient only)."""
+    gradient of a strided convolution as a forward pass; TensorFlow's own elsewhere. Both
+    gradients within bfloat16's rounding of float64's, as TensorFlow's own bfloat16 ones are,
+    traced with the batch size unknown as eagerly; in float32 the rule is the eighth slice's
+    (5 x 5 on small maps, the filter gradient only)."""
     swaps, strides = _count_swapped_gradients(monkeypatch), _count_strided_gradients(monkeypatch)
-    conv = keras.layers.DepthwiseConv2D(kernel, strides=stride, padding="same", use_bias=False)
+    conv = keras.layers.DepthwiseConv2D(kernel, strides=stride, padding=padding, use_bias=False)
     conv.build((None, size, size, 16))
     rng = np.random.default_rng(size)
     x = rng.normal(0, 1, (4, size, size, 16))
 
-    def gradients(dtype, function):
-        inputs, kernel_value = tf.constant(x, dtype), tf.cast(conv.kernel, dtype)
+    def gradients_of(inputs, function):
+        kernel_value = tf.cast(conv.kernel, inputs.dtype)
         with tf.GradientTape() as tape:
             tape.watch([inputs, kernel_value])
             value = tf.reduce_sum(tf.square(function(inputs, kernel_value)))
-        return [g.numpy().astype(np.float64) for g in tape.gradient(value, [inputs, kernel_value])]
+        return tape.gradient(value, [inputs, kernel_value])
+
+    def gradients(dtype, function):
+        found = gradients_of(tf.constant(x, dtype), function)
+        return [g.numpy().astype(np.float64) for g in found]
 
     def tensorflows(inputs, kernel_value):
-        return tf.nn.depthwise_conv2d(inputs, kernel_value, [1, stride, stride, 1], "SAME")
+        return tf.nn.depthwise_conv2d(inputs, kernel_value, [1, stride, stride, 1], padding.upper())
 
     def ours(inputs, kernel_value):
         return fold_module._depthwise_conv(conv, inputs, kernel_value)
@@ -974,9 +983,15 @@ def test_bfloat16_depthwise_gradients_avoid_onednns_generic_kernels(
         # bfloat16 has 8 bits of mantissa: both within a few of its steps of float64's.
         assert np.abs(a - e).max() < 0.05 * scale, name
         assert np.abs(b - e).max() < 0.05 * scale, name
+    # Traced as `fit` traces its step, the batch size unknown: the same gradients.
+    spec = tf.TensorSpec((None, size, size, 16), "bfloat16")
+    traced = tf.function(lambda v: gradients_of(v, ours), input_signature=[spec])
+    for a, b in zip(low, traced(tf.constant(x, "bfloat16")), strict=True):
+        np.testing.assert_array_equal(a, np.asarray(b, np.float64))
     swaps.clear(), strides.clear()
     gradients("float32", ours)
-    assert (len(swaps), len(strides)) == (int(kernel == 5 and size * stride <= 28), 0)
+    out = -(-size // stride) if padding == "same" else (size - kernel) // stride + 1
+    assert (len(swaps), len(strides)) == (int(kernel == 5 and out * stride <= 28), 0)
 
 
 def test_a_view_trained_in_bfloat16_computes_the_pairs_that_train_in_bfloat16():

@@ -393,6 +393,8 @@ def test_the_phases_table_says_how_each_frozen_part_ran(tmp_path):
          "frozen_bfloat16": True},
         {"phase": "mixed", "epoch": 5, "learning_rate": 1e-5, "features_cached": False,
          "frozen_bfloat16": True, "trained_bfloat16": True},
+        {"phase": "whole", "epoch": 6, "learning_rate": 1e-5, "features_cached": False,
+         "trained_bfloat16": True},
     ]  # fmt: skip
     run = finetune.Run(
         model=None, config=finetune.Config(), class_names=["a"], image_size=32, path=tmp_path,
@@ -403,4 +405,5 @@ def test_the_phases_table_says_how_each_frozen_part_ran(tmp_path):
     assert "streamed (block5c_add, openvino-bf16)" in page
     assert "no: through the network</td>" in page
     assert "no: through the network (its frozen layers in bfloat16)" in page
+    assert "(frozen layers in bfloat16, trained ones in mixed precision)" in page
     assert "no: through the network (in bfloat16: mixed precision)" in page

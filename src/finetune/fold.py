@@ -210,7 +210,9 @@ def _swapped_filter_gradient(x: Any, dy: Any, kernel_size: tuple, stride: int, p
     taps = tf.nn.depthwise_conv2d(
         z, f, strides=[1, 1, 1, 1], padding="VALID", dilations=[stride, stride]
     )[0, :kh, :kw, :]
-    return tf.reduce_sum(tf.reshape(taps, (kh, kw, n, channels)), axis=2)[..., None]
+    # Summed over the batch in float32 (bfloat16 inputs too), returned in the inputs' dtype.
+    taps = tf.cast(tf.reshape(taps, (kh, kw, n, channels)), "float32")
+    return tf.cast(tf.reduce_sum(taps, axis=2)[..., None], x.dtype)
 
 
 def _strided_input_gradient(dy: Any, w: Any, input_shape: tuple, stride: int, padding: str) -> Any:
@@ -221,8 +223,8 @@ def _strided_input_gradient(dy: Any, w: Any, input_shape: tuple, stride: int, pa
     `dx[h] = sum over i, p with s*i + p - top = h of dy[i] * w[p]`: with `u` the zero-spaced
     `dy`, `dx[h] = sum over q of u[h + top - (k - 1) + q] * w[k - 1 - q]`. In bfloat16 oneDNN
     runs TensorFlow's own input gradient of a strided depthwise convolution on a generic
-    strided kernel, 16-36 ms a call on Lite0's maps at 64 px; this runs on its depthwise one
-    (benchmarks/RESULTS.md, twentieth slice).
+    strided kernel, 16-36 ms a call on Lite0's maps at 64 px (profiled); this runs on its
+    depthwise one (benchmarks/RESULTS.md, twentieth slice).
     """
     import tensorflow as tf
 
@@ -275,7 +277,8 @@ def _depthwise_conv(conv: Any, inputs: Any, kernel: Any, gradient: bool = True) 
     - bfloat16 (`_bfloat16_gradients_apply`): oneDNN's bfloat16 filter gradient runs on a
       generic kernel for 5 x 5 kernels (and 3 x 3 on 2 x 2 maps), its input gradient of a
       strided convolution likewise; there the filter gradient is `_swapped_filter_gradient`,
-      the strided input gradient `_strided_input_gradient`.
+      the strided input gradient `_strided_input_gradient`. For 5 x 5 kernels at any map size:
+      timed on Lite0's maps up to 224 px only (56 x 56), not on larger ones.
 
     The forward pass is TensorFlow's own either way."""
     spec = {
@@ -443,7 +446,8 @@ class FoldedConv(_LayerView):
 
 class _InBfloat16(_LayerView):
     """A weightless layer run on bfloat16 inputs as they are (its own policy would cast them
-    back to float32): inside the bfloat16 part of a `fold_batchnorm(..., bfloat16=True)` view."""
+    back to float32): inside the bfloat16 part of a `fold_batchnorm(..., bfloat16=True)` or
+    `train_in_bfloat16=True` view."""
 
     _runs = ("layer",)
 
@@ -460,7 +464,8 @@ class _InBfloat16(_LayerView):
 
 
 class _ToFloat32(_LayerView):
-    """Casts a bfloat16 output of a `fold_batchnorm(..., bfloat16=True)` view to float32."""
+    """Casts a bfloat16 output of a `fold_batchnorm(..., bfloat16=True)` (or
+    `train_in_bfloat16=True`) view to float32."""
 
     def call(self, inputs):
         return ops.cast(inputs, "float32")
@@ -674,8 +679,9 @@ def fold_batchnorm(
         swapped filter gradient) or it is not functional.
 
     Raises:
-        ValueError: with `bfloat16`, a nested model that would compute in bfloat16 has an
-            input that depends on layers that train (`fit_phases` never makes one).
+        ValueError: with `bfloat16` (and not `train_in_bfloat16`, where gradients may pass
+            through bfloat16), a nested model that would compute in bfloat16 has an input
+            that depends on layers that train (`fit_phases` never makes one).
 
     Example:
         >>> fast = fold_batchnorm(model, frozen_only=False)
@@ -798,8 +804,8 @@ def bfloat16_parts(model: keras.Model) -> tuple[bool, bool]:
 
 
 def computes_in_bfloat16(model: keras.Model) -> bool:
-    """Whether a view made by `fold_batchnorm(..., bfloat16=True)` computes anything in
-    bfloat16 (nested models included)."""
+    """Whether a view made by `fold_batchnorm(..., bfloat16=True)` (or `train_in_bfloat16=True`)
+    computes anything in bfloat16 (nested models included)."""
     return any(
         keras.backend.standardize_dtype(layer.compute_dtype) == "bfloat16"
         or (isinstance(layer, Functional) and computes_in_bfloat16(layer))
@@ -816,7 +822,7 @@ def _as_float32(value: Any) -> Any:
 def _runs_in_bfloat16(layer: Any, args: tuple, kwargs: dict) -> bool:
     """Whether the bfloat16 part of a view runs `layer` as it is: a weightless elementwise layer
     (`_BF16_LAYERS`; an `Activation` of an elementwise function) whose floating inputs are
-    all bfloat16 (all fixed, then)."""
+    all bfloat16 (all fixed, then, unless the view trains in bfloat16)."""
     if type(layer) not in _BF16_LAYERS or layer.weights:
         return False
     if isinstance(layer, keras.layers.Activation) and (

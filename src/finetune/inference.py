@@ -180,9 +180,9 @@ def frozen_in_bfloat16(runtime: str | None) -> bool:
     frozen layers below everything that trains when the phase goes through them, and the
     head's feature-cache fill when Keras makes it (`fold_batchnorm(..., bfloat16=True)`); and
     where a phase trains through the network, the layers that train as well, in mixed
-    precision (`train_in_bfloat16=True`; twentieth slice: a step 1.34-1.75x as fast). Under
-    "auto" on a CPU with bfloat16 only; any runtime named (`keras` included) keeps Keras in
-    float32.
+    precision (`train_in_bfloat16=True`; twentieth slice: a step 1.26-1.82x as fast, two
+    runs). Under "auto" on a CPU with bfloat16 only; any runtime named (`keras` included)
+    keeps Keras in float32.
 
     On EfficientNet-Lite0 a step through the frozen backbone was 1.17-1.98x as fast, and one
     of the top three groups 1.06-1.50x (two runs on an AMD EPYC; benchmarks/RESULTS.md,

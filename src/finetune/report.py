@@ -207,6 +207,10 @@ def _features_cell(record: dict) -> str:
         return f"cached ({where})"
     if record.get("features_streamed"):
         return f"streamed ({where})"
+    if record.get("trained_bfloat16") and record.get("frozen_bfloat16"):
+        return (
+            "no: through the network (frozen layers in bfloat16, trained ones in mixed precision)"
+        )
     if record.get("trained_bfloat16"):
         return "no: through the network (in bfloat16: mixed precision)"
     if record.get("frozen_bfloat16"):

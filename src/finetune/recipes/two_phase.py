@@ -233,14 +233,17 @@ class PhaseData:
         phases of 2,250 images 0.90-0.92x at 64 and 128 px, 1.05-1.12x at 224 px, and
         1.12-1.13x at 128 px over 6,750 image-epochs (benchmarks/RESULTS.md, twelfth slice);
         ONNX Runtime saved too little (1.04-1.08x a step, fifth slice). Under "auto" on a CPU
-        with bfloat16 they do not stream: there the phase trains through the network in
-        bfloat16 (`frozen_in_bfloat16`), 1.11-1.40x as fast a step as streamed with the top
-        groups in float32 (two runs; twentieth slice)."""
+        with bfloat16, with BatchNorm frozen, they do not stream: there the phase trains
+        through the network in bfloat16 (`frozen_in_bfloat16`), 1.11-1.40x as fast a step as
+        streamed with the top groups in float32 (two runs; twentieth slice). (Should the
+        first batch's check refuse bfloat16 there, the phase trains through the network in
+        float32, slower than streamed would have been.) With BatchNorm training
+        (`train_batchnorm`), the top groups stay float32 through the network: they stream."""
         from finetune.inference import resolve_runtime
 
         if cut is None or not (self.feature_cache and self.augments(phase)):
             return 0
-        if cut != POOL_LAYER and frozen_in_bfloat16(self.runtime):
+        if cut != POOL_LAYER and not phase.train_batchnorm and frozen_in_bfloat16(self.runtime):
             return 0
         images = len(self.train_images) * phase.epochs
         if cut != POOL_LAYER:
@@ -826,6 +829,8 @@ def fit_phases(
                     how = f" ({what} on cached features, computed by {features.runtime})"
                 elif streamed is not None:
                     how = f" ({what} on features computed by {features.runtime} as it goes)"
+                elif trained_bfloat16 and frozen_bfloat16:
+                    how = " (frozen layers in bfloat16, trained ones in mixed precision)"
                 elif trained_bfloat16:
                     how = " (in bfloat16: mixed precision)"
                 elif frozen_bfloat16:

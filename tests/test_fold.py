@@ -1035,3 +1035,32 @@ def test_batchnorm_that_trains_stays_float32_in_a_view_trained_in_bfloat16():
     assert not _folded_layers(fast) and not computes_in_bfloat16(fast)
     fused = [layer for layer in _all_layers(fast) if isinstance(layer, FusedTrainingBatchNorm)]
     assert len(fused) == 49 and {_dtype(layer) for layer in fused} == {"float32"}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    "name", ["resnet50", "mobilenet_v2", "mobilenet_v3_small", "efficientnet_b0", "vgg16"]
+)
+def test_keras_applications_train_in_bfloat16_where_anything_folds(name):
+    """What `fit_phases` builds under "auto" on a CPU with bfloat16, for each registered Keras
+    Applications family (random weights, 64 px), the whole network training and the top two
+    groups: the pairs that train in bfloat16 (none in VGG16, which has no BatchNorm: it then
+    trains the float32 view), logits the first-batch check accepts, a finite loss."""
+    from finetune.recipes.optimizers import make_optimizer
+    from finetune.recipes.two_phase import bfloat16_stays_close
+
+    spec = get_backbone(name)
+    keras.utils.set_random_seed(0)
+    model = build_classifier(spec, 4, image_size=64, weights=None, head=ModelConfig(dropout=0.0))
+    x = _images(8, size=64)
+    y = np.eye(4, dtype=np.float32)[[0, 1, 2, 3] * 2]
+    recipe = RecipeConfig()
+    for groups, frozen in ((-1, False), (2, True)):
+        unfreeze_top_groups(model, spec, groups)
+        reference = fold_batchnorm(model, snapshot=True)
+        view = fold_batchnorm(model, snapshot=True, bfloat16=True, train_in_bfloat16=True)
+        expected = (frozen, True) if name != "vgg16" else (False, False)
+        assert bfloat16_parts(view) == expected, groups
+        assert bfloat16_stays_close(reference, view, x)
+        compile_phase(view, recipe, make_optimizer(recipe, 1e-4))
+        assert np.isfinite(np.asarray(view.train_on_batch(x, y))).all()

@@ -149,29 +149,35 @@ def _frozen_layers(model: keras.Model) -> set[int]:
 SWAPPED_GRADIENT_MAX_SIDE = 28
 
 
+def _is_plain_depthwise(conv: Any, input_shape: tuple) -> bool:
+    """Whether `conv` is a depthwise convolution `_depthwise_conv` can compute the gradients of
+    its own way, on `input_shape`: TensorFlow backend, channels last, multiplier 1, the same
+    stride both ways, no dilation, a known map size."""
+    return (
+        keras.backend.backend() == "tensorflow"
+        and isinstance(conv, keras.layers.DepthwiseConv2D)
+        and len(input_shape) == 4
+        and conv.data_format == "channels_last"
+        and conv.depth_multiplier == 1
+        and tuple(conv.dilation_rate) == (1, 1)
+        and conv.strides[0] == conv.strides[1]
+        and all(d is not None for d in input_shape[1:])
+    )
+
+
 def _uses_swapped_gradient(conv: Any, input_shape: tuple) -> bool:
-    """Whether `_depthwise_conv` computes `conv`'s filter gradient by `_swapped_filter_gradient`."""
-    if keras.backend.backend() != "tensorflow" or not isinstance(
-        conv, keras.layers.DepthwiseConv2D
-    ):
+    """Whether `_depthwise_conv` computes `conv`'s float32 filter gradient by
+    `_swapped_filter_gradient`."""
+    if not _is_plain_depthwise(conv, input_shape):
         return False
     kh, kw = conv.kernel_size
-    sh, sw = conv.strides
-    if (
-        len(input_shape) != 4
-        or conv.data_format != "channels_last"
-        or conv.depth_multiplier != 1
-        or tuple(conv.dilation_rate) != (1, 1)
-        or sh != sw
-        or kh * kw < 25
-        or keras.backend.standardize_dtype(conv.compute_dtype) != "float32"
-        or any(d is None for d in input_shape[1:])
-    ):
+    if kh * kw < 25 or keras.backend.standardize_dtype(conv.compute_dtype) != "float32":
         return False
+    stride = conv.strides[0]
     out_h, out_w = conv.compute_output_shape(input_shape)[1:3]
     return (
-        out_h * sh <= SWAPPED_GRADIENT_MAX_SIDE
-        and out_w * sw <= SWAPPED_GRADIENT_MAX_SIDE
+        out_h * stride <= SWAPPED_GRADIENT_MAX_SIDE
+        and out_w * stride <= SWAPPED_GRADIENT_MAX_SIDE
         and _only_cpus()  # last: asked of qualifying convolutions only
     )
 
@@ -253,19 +259,9 @@ def _strided_input_gradient(dy: Any, w: Any, input_shape: tuple, stride: int, pa
 
 def _bfloat16_gradients_apply(conv: Any, input_shape: tuple) -> bool:
     """Whether `_depthwise_conv` computes a bfloat16 depthwise convolution's gradients its own
-    way (`_strided_input_gradient`, `_swapped_filter_gradient`): TensorFlow backend, CPUs only,
-    channels last, multiplier 1, the same stride both ways, no dilation, a known map size."""
-    return (
-        keras.backend.backend() == "tensorflow"
-        and isinstance(conv, keras.layers.DepthwiseConv2D)
-        and len(input_shape) == 4
-        and conv.data_format == "channels_last"
-        and conv.depth_multiplier == 1
-        and tuple(conv.dilation_rate) == (1, 1)
-        and conv.strides[0] == conv.strides[1]
-        and all(d is not None for d in input_shape[1:])
-        and _only_cpus()
-    )
+    way (`_strided_input_gradient`, `_swapped_filter_gradient`): a plain depthwise convolution
+    (`_is_plain_depthwise`), on CPUs only."""
+    return _is_plain_depthwise(conv, input_shape) and _only_cpus()
 
 
 def _depthwise_conv(conv: Any, inputs: Any, kernel: Any, gradient: bool = True) -> Any:
@@ -691,6 +687,7 @@ def fold_batchnorm(
         return model
     frozen = _frozen_layers(model)
     folded = 0
+    any_bfloat16 = bfloat16 or train_in_bfloat16
     made: dict[int, tuple[keras.layers.Layer, Any]] = {}  # id(conv output) -> (conv, its input)
     # ids of the tensors that depend on something that trains (the rest is fixed while the
     # view runs). A nested model's inputs count as fixed (checked where it is called).
@@ -759,10 +756,10 @@ def fold_batchnorm(
             # this output drops out as the unfolded one does.
             folded += 1
             output = SwappedGradientDepthwiseConv(layer)(args[0])
-        elif (bfloat16 or train_in_bfloat16) and _runs_in_bfloat16(layer, args, kwargs):
+        elif any_bfloat16 and _runs_in_bfloat16(layer, args, kwargs):
             folded += 1
             output = _InBfloat16(layer)(*args, **kwargs)
-        elif (bfloat16 or train_in_bfloat16) and not isinstance(layer, keras.layers.Layer):
+        elif any_bfloat16 and not isinstance(layer, keras.layers.Layer):
             # A raw operation (`ops.mean(x)`...) computes in its inputs' dtype: float32 here.
             args, kwargs = tree.map_structure(_as_float32, (args, kwargs))
             output = layer(*args, **kwargs)
@@ -777,7 +774,7 @@ def fold_batchnorm(
     )
     if not folded:
         return model
-    if (bfloat16 or train_in_bfloat16) and any(o.dtype == "bfloat16" for o in clone.outputs):
+    if any_bfloat16 and any(o.dtype == "bfloat16" for o in clone.outputs):
         # What the view returns is float32, as the model's (in the same structure).
         outputs = tree.map_structure(
             lambda o: _ToFloat32()(o) if o.dtype == "bfloat16" else o, clone.output
@@ -801,6 +798,17 @@ def bfloat16_parts(model: keras.Model) -> tuple[bool, bool]:
         ):
             frozen, training = frozen or layer.snapshot, training or not layer.snapshot
     return frozen, training
+
+
+def describe_bfloat16(frozen: bool, training: bool) -> str:
+    """How a phase trained through the network computed, for the phase's line and the report,
+    from `bfloat16_parts` (or the history's `frozen_bfloat16`, `trained_bfloat16`); "" when in
+    float32."""
+    if frozen and training:
+        return "frozen layers in bfloat16, trained ones in mixed precision"
+    if training:
+        return "in bfloat16: mixed precision"
+    return "its frozen layers in bfloat16" if frozen else ""
 
 
 def computes_in_bfloat16(model: keras.Model) -> bool:

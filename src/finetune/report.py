@@ -207,15 +207,12 @@ def _features_cell(record: dict) -> str:
         return f"cached ({where})"
     if record.get("features_streamed"):
         return f"streamed ({where})"
-    if record.get("trained_bfloat16") and record.get("frozen_bfloat16"):
-        return (
-            "no: through the network (frozen layers in bfloat16, trained ones in mixed precision)"
-        )
-    if record.get("trained_bfloat16"):
-        return "no: through the network (in bfloat16: mixed precision)"
-    if record.get("frozen_bfloat16"):
-        return "no: through the network (its frozen layers in bfloat16)"
-    return "no: through the network"
+    from finetune.fold import describe_bfloat16
+
+    how = describe_bfloat16(
+        bool(record.get("frozen_bfloat16")), bool(record.get("trained_bfloat16"))
+    )
+    return f"no: through the network ({how})" if how else "no: through the network"
 
 
 def _config(run: Run, path: Path) -> str:

@@ -43,7 +43,12 @@ from finetune.data.pipeline import (
     with_class_weights,
 )
 from finetune.errors import NonFiniteLossError
-from finetune.fold import bfloat16_parts, computes_in_bfloat16, fold_batchnorm
+from finetune.fold import (
+    bfloat16_parts,
+    computes_in_bfloat16,
+    describe_bfloat16,
+    fold_batchnorm,
+)
 from finetune.inference import frozen_in_bfloat16, guarded_forward, resolve_runtime
 from finetune.model import freeze_backbone, unfreeze_top_groups
 from finetune.recipes.averaging import WeightAveraging
@@ -790,14 +795,13 @@ def fit_phases(
                 # Under "auto" on a CPU with bfloat16, what is frozen below everything that
                 # trains computes in bfloat16 (`frozen_in_bfloat16`), and so do the folded
                 # pairs that train, in mixed precision (float32 variables and gradients).
-                fit_model, in_bfloat16 = frozen_view(
+                fit_model, _ = frozen_view(
                     model,
                     data.train_images,
                     bfloat16=frozen_in_bfloat16(data.runtime),
                     train=True,
                 )
-                if in_bfloat16:
-                    frozen_bfloat16, trained_bfloat16 = bfloat16_parts(fit_model)
+                frozen_bfloat16, trained_bfloat16 = bfloat16_parts(fit_model)
                 train_from = functools.partial(data.train_dataset, phase.augment)
                 val_ds = data.val_dataset()
             steps = data.steps_per_epoch
@@ -829,12 +833,8 @@ def fit_phases(
                     how = f" ({what} on cached features, computed by {features.runtime})"
                 elif streamed is not None:
                     how = f" ({what} on features computed by {features.runtime} as it goes)"
-                elif trained_bfloat16 and frozen_bfloat16:
-                    how = " (frozen layers in bfloat16, trained ones in mixed precision)"
-                elif trained_bfloat16:
-                    how = " (in bfloat16: mixed precision)"
-                elif frozen_bfloat16:
-                    how = " (the frozen layers in bfloat16)"
+                elif frozen_bfloat16 or trained_bfloat16:
+                    how = f" ({describe_bfloat16(frozen_bfloat16, trained_bfloat16)})"
                 again = f", going on after epoch {first_epoch}" if going_on else ""
                 print(
                     f"Phase '{phase.name}': up to {phase.epochs} epoch(s) at learning rate "

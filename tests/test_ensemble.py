@@ -393,3 +393,32 @@ def test_an_ensemble_is_not_pruned_directly(built, tmp_path):
     with pytest.raises(FinetuneError, match="is an ensemble: prune its members"):
         finetune.prune(folder, out=tmp_path / "pruned", progress=False)
     assert not (tmp_path / "pruned").exists()
+
+
+@pytest.mark.slow
+def test_held_out_images_above_the_limit_go_to_disk_once_each(members, built, tmp_path, capsys):
+    """The first member's `data.max_memory_gb` (the ensemble's config) limits the decoded val
+    and test splits as it limits `finetune evaluate`: above it they go to a memory-mapped file
+    in the ensemble's folder, each split decoded once, with the same results."""
+    low = tmp_path / "low"
+    shutil.copytree(members[0], low)
+    config = (low / "config.toml").read_text()
+    assert "max_memory_gb = 8.0" in config
+    (low / "config.toml").write_text(config.replace("max_memory_gb = 8.0", "max_memory_gb = 1e-6"))
+    out = tmp_path / "ensemble"
+    run = finetune.ensemble([low, *members[1:]], method="weighted", out=out, progress=True)
+    printed = capsys.readouterr().err
+    for split in ("val", "test"):  # 18 images of 32 x 32 x 3 bytes: 54 KiB, above 1 KiB
+        spilled = f"the members' {split} split: the decoded images take"
+        assert printed.count(spilled) == 1, printed
+    assert f"memory-mapped file in {out}" in printed
+    expected, _, _ = built("weighted")
+    record, before = run.info["ensemble"], expected.info["ensemble"]
+    np.testing.assert_allclose(record["weights"], before["weights"], atol=1e-9)
+    for member, then in zip(record["members"], before["members"], strict=True):
+        assert member["test"] == pytest.approx(then["test"], abs=1e-6)
+    assert run.metrics["accuracy"] == expected.metrics["accuracy"]
+    assert run.metrics["num_images"] == 18
+    assert sorted(p.name for p in out.iterdir()) == sorted(
+        p.name for p in built("weighted")[1].iterdir()
+    )  # nothing left behind by the spill

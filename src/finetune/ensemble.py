@@ -382,16 +382,30 @@ def _member_probabilities(members_model, images, temperatures) -> np.ndarray:
     return np.stack([softmax(outputs[:, m] / t) for m, t in enumerate(temperatures)])
 
 
-def _decode(samples, image_size: int, what: str) -> tuple[np.ndarray, np.ndarray]:
-    from finetune.data.decode import decode_images
+def _decode(
+    samples, image_size: int, what: str, *, limit: float, config: Path, spill_dir, progress: bool
+) -> tuple[np.ndarray, list[int], list[Any]]:
+    """`decode_within` for a split of the members: above `limit` GiB (the first member's
+    `data.max_memory_gb`, in `config`) the images go to a memory-mapped file in `spill_dir`
+    (the ensemble's folder; TMPDIR without one)."""
+    from finetune.data.decode import decode_within
 
-    images, ok, bad = decode_images([s.path for s in samples], image_size, progress=False)
+    images, ok, bad = decode_within(
+        [s.path for s in samples],
+        image_size,
+        progress=progress,
+        max_memory_gb=limit,
+        spill_dir=spill_dir,
+        source=f"the members' {what}",
+        limit_name=f"data.max_memory_gb in {config}",
+        advice=f"or raise max_memory_gb in {config} if this machine has the memory.",
+    )
     if not ok:
         raise DataError(
             f"none of the {len(samples)} images of the {what} can be read (the first: "
             f"{bad[0].path}: {bad[0].reason})."
         )
-    return images, np.asarray([samples[i].label for i in ok], np.int64)
+    return images, ok, bad
 
 
 def _backbone_label(infos: list[dict[str, Any]]) -> str:
@@ -470,6 +484,18 @@ def ensemble(
         print(f"The members take different sizes ({sizes}): the ensemble takes {image_size} px "
               "and resizes the image for the smaller ones.", flush=True)  # fmt: skip
     temperatures = [float(m.temperature) for m in members]
+
+    def decode(split: str) -> tuple[np.ndarray, list[int], list[Any]]:
+        return _decode(
+            splits[split],
+            image_size,
+            f"{split} split",
+            limit=members[0].config.data.max_memory_gb,  # the ensemble's config is the first's
+            config=paths[0] / "config.toml",
+            spill_dir=run_dir,
+            progress=progress,
+        )
+
     inputs, logits = _member_logits([m.model for m in members], image_size)
     members_model = keras.Model(inputs, logits, name="ensemble_members")
 
@@ -478,7 +504,8 @@ def ensemble(
     if method == "weighted":
         if progress:
             print("Fitting the members' weights on the val split...", flush=True)
-        images, labels = _decode(splits["val"], image_size, "val split")
+        images, ok, _ = decode("val")
+        labels = np.asarray([splits["val"][i].label for i in ok], np.int64)
         probabilities = _member_probabilities(members_model, images, temperatures)
         weights, fit_record = fit_weights(probabilities, labels)
         fit_record["fitted_on"] = f"val split ({len(labels)} images)"
@@ -570,8 +597,10 @@ def ensemble(
 
         if progress:
             print(f"Evaluating on the {eval_split} split...", flush=True)
-        run.metrics, predictions = evaluate_with_predictions(run, progress=False)
-        images, labels = _decode(splits[eval_split], image_size, f"{eval_split} split")
+        decoded = decode(eval_split)  # once, for the ensemble and for each member
+        run.metrics, predictions = evaluate_with_predictions(run, progress=False, decoded=decoded)
+        images, ok, _ = decoded
+        labels = np.asarray([splits[eval_split][i].label for i in ok], np.int64)
         probabilities = _member_probabilities(members_model, images, temperatures)
         for member, p in zip(record["members"], probabilities, strict=True):
             member[eval_split] = {

@@ -316,8 +316,13 @@ def evaluate_with_predictions(
     progress: bool = True,
     tta: int = 1,
     runtime: str | None = None,
+    decoded: tuple[np.ndarray, list[int], list[Any]] | None = None,
 ) -> tuple[dict[str, Any], Predictions]:
-    """`evaluate`, also returning the per-image `Predictions`."""
+    """`evaluate`, also returning the per-image `Predictions`.
+
+    `decoded`: the images evaluated, already decoded at the run's image size, as `decode_within`
+    returns them for the paths of the run's own split (without `data_dir`), so that a caller
+    that needs them too decodes them once."""
     from finetune.data.decode import decode_within
     from finetune.data.scan import scan_image_folder
     from finetune.run import Run, probabilities_from_views
@@ -352,16 +357,25 @@ def evaluate_with_predictions(
     if not paths:
         raise DataError(f"nothing to evaluate: {where} holds no images.")
     config = "its config" if run.path is None else run.path / "config.toml"
-    images, ok, bad = decode_within(
-        paths,
-        run.image_size,
-        progress=progress,
-        max_memory_gb=run.config.data.max_memory_gb,
-        spill_dir=run.path,  # not TMPDIR: it may be in memory itself
-        source=where if data_dir is not None else f"{run.path or 'the run'}: {where}",
-        limit_name=f"data.max_memory_gb in {config}",
-        advice=f"or raise max_memory_gb in {config} if this machine has the memory.",
-    )
+    if decoded is not None:
+        if data_dir is not None:
+            raise ValueError("`decoded` is for the run's own split, not a data_dir")
+        images, ok, bad = decoded
+        if len(ok) + len(bad) != len(paths):
+            raise ValueError(
+                f"`decoded` holds {len(ok) + len(bad)} images; the {where} has {len(paths)}"
+            )
+    else:
+        images, ok, bad = decode_within(
+            paths,
+            run.image_size,
+            progress=progress,
+            max_memory_gb=run.config.data.max_memory_gb,
+            spill_dir=run.path,  # not TMPDIR: it may be in memory itself
+            source=where if data_dir is not None else f"{run.path or 'the run'}: {where}",
+            limit_name=f"data.max_memory_gb in {config}",
+            advice=f"or raise max_memory_gb in {config} if this machine has the memory.",
+        )
     if not ok:
         raise DataError(
             f"none of the {len(paths)} images of the {where} can be read (the first: "

@@ -42,9 +42,12 @@ OPTIONS = {
 }
 
 CHILD = r"""
-import json, sys, time
+import json, os, sys, time
 import finetune
 from finetune.recipes import two_phase
+
+if os.environ.get("CHILD_FLOAT32"):  # as on a CPU without bfloat16, whatever this one has
+    two_phase.frozen_in_bfloat16 = lambda runtime: False
 
 data, out = sys.argv[1], sys.argv[2]
 target, options = json.loads(sys.argv[3]), json.loads(sys.argv[4])
@@ -72,14 +75,16 @@ def compile_and_maybe_block(*args, **kwargs):
     return compile_phase(*args, **kwargs)
 
 two_phase.compile_phase = compile_and_maybe_block
+options |= json.loads(os.environ.get("CHILD_OPTIONS", "{}"))
 finetune.train(data, out=out, progress=False, **options)
 print("FINISHED", flush=True)
 """
 
 
-def run_child(data: Path, out: Path, target: dict) -> list[str]:
-    """Runs a training in a new process; SIGKILLs it when it blocks at `target`."""
-    env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3"}
+def run_child(data: Path, out: Path, target: dict, **env_vars: str) -> list[str]:
+    """Runs a training in a new process (with `env_vars` set); SIGKILLs it when it blocks at
+    `target`."""
+    env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3", **env_vars}
     argv = [sys.executable, "-c", CHILD, str(data), str(out), json.dumps(target)]
     child = subprocess.Popen(
         [*argv, json.dumps(OPTIONS)], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
@@ -166,6 +171,30 @@ def test_a_run_killed_three_times_ends_as_the_uninterrupted_run(digits, tmp_path
         for key, value in want.items():
             assert got[key] == pytest.approx(value, abs=1e-6), key
     assert resumed.metrics["confusion_matrix"] == reference.metrics["confusion_matrix"]
+
+
+@pytest.mark.slow
+def test_a_resumed_phase_records_how_each_of_its_epochs_trained(digits, tmp_path):
+    """The history says how each epoch trained, as its own process did: here the fine-tuning
+    phase's first epoch in float32 (the process before the kill, as on a CPU without
+    bfloat16), the others as this CPU trains them ("auto": in bfloat16 where it has it)."""
+    from finetune.recipes.two_phase import frozen_in_bfloat16
+
+    out = tmp_path / "run"
+    options = {"head_epochs": 1, "finetune_epochs": 3, "mixup": 0.0, "average_last_epochs": 0}
+    lines = run_child(digits, out, {"step": ["finetune", 2, 1]}, CHILD_FLOAT32="1", **{
+        "CHILD_OPTIONS": json.dumps(options)
+    })  # fmt: skip
+    assert lines[-2] == "STEP finetune 2 1"
+    run_child(digits, out, {}, CHILD_OPTIONS=json.dumps(options))
+    history = finetune.Run.load(out).history
+    assert [(r["phase"], r["epoch"]) for r in history] == [
+        ("head", 1), ("finetune", 2), ("finetune", 3), ("finetune", 4),
+    ]  # fmt: skip
+    assert all(not r["features_cached"] for r in history[1:])
+    in_bfloat16 = frozen_in_bfloat16("auto")
+    trained = [r.get("trained_bfloat16", False) for r in history[1:]]
+    assert trained == [False, in_bfloat16, in_bfloat16]
 
 
 def test_a_state_of_another_format_is_refused_by_name(tmp_path, monkeypatch):

@@ -867,8 +867,24 @@ def fit_phases(
                 assert resume is not None
                 callbacks.append(RestoreCallbackStates(list(callbacks), resume))
             position = {"phase_index": index, "phase_name": phase.name, "phase_start": phase_start}
+            # How each epoch of this phase trained, recorded as it ends (so a resumed phase's
+            # earlier epochs keep what their own process did).
+            marks: dict[str, Any] = {"features_cached": cached}
+            if on_features:
+                marks |= {"features_runtime": features.runtime, "features_layer": cut}
+            if streamed is not None:
+                marks["features_streamed"] = True
+            if frozen_bfloat16:
+                marks["frozen_bfloat16"] = True
+            if trained_bfloat16:
+                marks["trained_bfloat16"] = True
 
-            def after_epoch(done: int, stop: bool, cbs=callbacks, fm=fit_model, at=position):
+            def after_epoch(
+                done: int, stop: bool, cbs=callbacks, fm=fit_model, at=position, marks=marks
+            ):
+                for record in records:
+                    if record["phase"] == at["phase_name"] and record["epoch"] == done:
+                        record.update(marks)
                 save(at | {"epoch": done, "phase_done": False, "stop_training": stop}, fm, cbs)
 
             callbacks.append(_AfterEpoch(after_epoch))
@@ -882,20 +898,7 @@ def fit_phases(
                 shuffle=False,  # the dataset shuffles itself, seeded
                 verbose=verbose,
             )
-            ran = 0
-            for record in records:
-                if record["phase"] == phase.name:
-                    record["features_cached"] = cached
-                    if on_features:
-                        record["features_runtime"] = features.runtime
-                        record["features_layer"] = cut
-                    if streamed is not None:
-                        record["features_streamed"] = True
-                    if frozen_bfloat16:
-                        record["frozen_bfloat16"] = True
-                    if trained_bfloat16:
-                        record["trained_bfloat16"] = True
-                    ran += 1
+            ran = sum(record["phase"] == phase.name for record in records)
             epoch = phase_start + ran
             if phase.budget is not None:
                 budgets[phase.budget] -= ran

@@ -412,6 +412,7 @@ def test_held_out_images_above_the_limit_go_to_disk_once_each(members, built, tm
         spilled = f"the members' {split} split: the decoded images take"
         assert printed.count(spilled) == 1, printed
     assert f"memory-mapped file in {out}" in printed
+    assert printed.count("the decoded images take") == 2  # evaluating decoded none again
     expected, _, _ = built("weighted")
     record, before = run.info["ensemble"], expected.info["ensemble"]
     np.testing.assert_allclose(record["weights"], before["weights"], atol=1e-9)
@@ -422,3 +423,28 @@ def test_held_out_images_above_the_limit_go_to_disk_once_each(members, built, tm
     assert sorted(p.name for p in out.iterdir()) == sorted(
         p.name for p in built("weighted")[1].iterdir()
     )  # nothing left behind by the spill
+
+
+@pytest.mark.slow
+def test_without_a_test_split_the_val_split_is_decoded_once(members, tmp_path, capsys):
+    """Weighted, with no test split: the val split fits the weights and is evaluated, from
+    one decoding (above the limit, one file)."""
+    copies = []
+    for i in (0, 1):
+        copy = tmp_path / f"member{i}"
+        shutil.copytree(members[i], copy)
+        split = json.loads((copy / "split.json").read_text())
+        split["splits"].pop("test")
+        split["counts"].pop("test")
+        (copy / "split.json").write_text(json.dumps(split))
+        copies.append(copy)
+    config = (copies[0] / "config.toml").read_text()
+    (copies[0] / "config.toml").write_text(
+        config.replace("max_memory_gb = 8.0", "max_memory_gb = 1e-6")
+    )
+    run = finetune.ensemble(copies, method="weighted", out=tmp_path / "ensemble", progress=True)
+    printed = capsys.readouterr().err
+    assert printed.count("the decoded images take") == 1, printed
+    assert "the members' val split: the decoded images take" in printed
+    assert run.metrics["data"] == "val split" and run.metrics["num_images"] == 18
+    assert all("accuracy" in m["val"] for m in run.info["ensemble"]["members"])

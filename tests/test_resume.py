@@ -46,8 +46,8 @@ import json, os, sys, time
 import finetune
 from finetune.recipes import two_phase
 
-if os.environ.get("CHILD_FLOAT32"):  # as on a CPU without bfloat16, whatever this one has
-    two_phase.frozen_in_bfloat16 = lambda runtime: False
+if os.environ.get("CHILD_BFLOAT16"):  # "0": as on a CPU without bfloat16, "1": with it
+    two_phase.frozen_in_bfloat16 = lambda runtime: os.environ["CHILD_BFLOAT16"] == "1"
 
 data, out = sys.argv[1], sys.argv[2]
 target, options = json.loads(sys.argv[3]), json.loads(sys.argv[4])
@@ -177,24 +177,26 @@ def test_a_run_killed_three_times_ends_as_the_uninterrupted_run(digits, tmp_path
 def test_a_resumed_phase_records_how_each_of_its_epochs_trained(digits, tmp_path):
     """The history says how each epoch trained, as its own process did: here the fine-tuning
     phase's first epoch in float32 (the process before the kill, as on a CPU without
-    bfloat16), the others as this CPU trains them ("auto": in bfloat16 where it has it)."""
-    from finetune.recipes.two_phase import frozen_in_bfloat16
-
+    bfloat16), the others in bfloat16 (the resumed process, as "auto" on a CPU with it). The
+    report says so, by epochs."""
     out = tmp_path / "run"
-    options = {"head_epochs": 1, "finetune_epochs": 3, "mixup": 0.0, "average_last_epochs": 0}
-    lines = run_child(digits, out, {"step": ["finetune", 2, 1]}, CHILD_FLOAT32="1", **{
-        "CHILD_OPTIONS": json.dumps(options)
-    })  # fmt: skip
+    options = json.dumps(
+        {"head_epochs": 1, "finetune_epochs": 3, "mixup": 0.0, "average_last_epochs": 0}
+    )
+    target = {"step": ["finetune", 2, 1]}
+    lines = run_child(digits, out, target, CHILD_BFLOAT16="0", CHILD_OPTIONS=options)
     assert lines[-2] == "STEP finetune 2 1"
-    run_child(digits, out, {}, CHILD_OPTIONS=json.dumps(options))
+    run_child(digits, out, {}, CHILD_BFLOAT16="1", CHILD_OPTIONS=options)
     history = finetune.Run.load(out).history
     assert [(r["phase"], r["epoch"]) for r in history] == [
         ("head", 1), ("finetune", 2), ("finetune", 3), ("finetune", 4),
     ]  # fmt: skip
     assert all(not r["features_cached"] for r in history[1:])
-    in_bfloat16 = frozen_in_bfloat16("auto")
     trained = [r.get("trained_bfloat16", False) for r in history[1:]]
-    assert trained == [False, in_bfloat16, in_bfloat16]
+    assert trained == [False, True, True]
+    page = (out / "report.html").read_text()
+    assert "no: through the network (epoch 2); no: through the network (in bfloat16" in page
+    assert "(epochs 3-4)" in page
 
 
 def test_a_state_of_another_format_is_refused_by_name(tmp_path, monkeypatch):

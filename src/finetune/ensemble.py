@@ -485,16 +485,22 @@ def ensemble(
               "and resizes the image for the smaller ones.", flush=True)  # fmt: skip
     temperatures = [float(m.temperature) for m in members]
 
+    decoded: dict[str, tuple[np.ndarray, list[int], list[Any]]] = {}
+
     def decode(split: str) -> tuple[np.ndarray, list[int], list[Any]]:
-        return _decode(
-            splits[split],
-            image_size,
-            f"{split} split",
-            limit=members[0].config.data.max_memory_gb,  # the ensemble's config is the first's
-            config=paths[0] / "config.toml",
-            spill_dir=run_dir,
-            progress=progress,
-        )
+        """A split's images, decoded once (the val split fits the weights and may be the one
+        evaluated too)."""
+        if split not in decoded:
+            decoded[split] = _decode(
+                splits[split],
+                image_size,
+                f"{split} split",
+                limit=members[0].config.data.max_memory_gb,  # the ensemble's config: the first's
+                config=paths[0] / "config.toml",
+                spill_dir=run_dir,
+                progress=progress,
+            )
+        return decoded[split]
 
     inputs, logits = _member_logits([m.model for m in members], image_size)
     members_model = keras.Model(inputs, logits, name="ensemble_members")
@@ -507,6 +513,7 @@ def ensemble(
         images, ok, _ = decode("val")
         labels = np.asarray([splits["val"][i].label for i in ok], np.int64)
         probabilities = _member_probabilities(members_model, images, temperatures)
+        del images
         weights, fit_record = fit_weights(probabilities, labels)
         fit_record["fitted_on"] = f"val split ({len(labels)} images)"
         if progress:
@@ -597,9 +604,13 @@ def ensemble(
 
         if progress:
             print(f"Evaluating on the {eval_split} split...", flush=True)
-        decoded = decode(eval_split)  # once, for the ensemble and for each member
-        run.metrics, predictions = evaluate_with_predictions(run, progress=False, decoded=decoded)
-        images, ok, _ = decoded
+        if eval_split != "val":
+            decoded.pop("val", None)  # not held while the test split is
+        images, ok, bad = decode(eval_split)  # once, for the ensemble and for each member
+        given = [s.path for s in splits[eval_split]]
+        run.metrics, predictions = evaluate_with_predictions(
+            run, progress=False, decoded=(given, images, ok, bad)
+        )
         labels = np.asarray([splits[eval_split][i].label for i in ok], np.int64)
         probabilities = _member_probabilities(members_model, images, temperatures)
         for member, p in zip(record["members"], probabilities, strict=True):

@@ -316,13 +316,13 @@ def evaluate_with_predictions(
     progress: bool = True,
     tta: int = 1,
     runtime: str | None = None,
-    decoded: tuple[np.ndarray, list[int], list[Any]] | None = None,
+    decoded: tuple[list[Path], np.ndarray, list[int], list[Any]] | None = None,
 ) -> tuple[dict[str, Any], Predictions]:
     """`evaluate`, also returning the per-image `Predictions`.
 
-    `decoded`: the images evaluated, already decoded at the run's image size, as `decode_within`
-    returns them for the paths of the run's own split (without `data_dir`), so that a caller
-    that needs them too decodes them once."""
+    `decoded`: the run's own split (without `data_dir`) already decoded at its image size, so
+    that a caller that needs the images too decodes them once: `(paths, images, ok, bad)`, the
+    paths in the split's order and what `decode_within` returned for them."""
     from finetune.data.decode import decode_within
     from finetune.data.scan import scan_image_folder
     from finetune.run import Run, probabilities_from_views
@@ -360,11 +360,9 @@ def evaluate_with_predictions(
     if decoded is not None:
         if data_dir is not None:
             raise ValueError("`decoded` is for the run's own split, not a data_dir")
-        images, ok, bad = decoded
-        if len(ok) + len(bad) != len(paths):
-            raise ValueError(
-                f"`decoded` holds {len(ok) + len(bad)} images; the {where} has {len(paths)}"
-            )
+        given, images, ok, bad = decoded
+        if [Path(p).resolve() for p in given] != [Path(p).resolve() for p in paths]:
+            raise ValueError(f"`decoded` is not the images of the {where}, in its order")
     else:
         images, ok, bad = decode_within(
             paths,

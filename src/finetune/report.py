@@ -200,8 +200,8 @@ def _data(run: Run, path: Path) -> str:
 
 
 def _features_cell(record: dict) -> str:
-    """How a phase's frozen part ran (from its first history record): its output computed once
-    and cached, streamed from a converted model batch by batch, or neither."""
+    """How an epoch's frozen part ran (from its history record): its output computed once and
+    cached, streamed from a converted model batch by batch, or neither."""
     where = f"{record.get('features_layer') or 'pool'}, {record.get('features_runtime', 'keras')}"
     if record.get("features_cached"):
         return f"cached ({where})"
@@ -215,6 +215,22 @@ def _features_cell(record: dict) -> str:
     return f"no: through the network ({how})" if how else "no: through the network"
 
 
+def _phase_features_cell(records: list[dict]) -> str:
+    """`_features_cell` of a phase's records: one cell when every epoch ran the same way, else
+    each way with its epochs (a phase resumed in a process that ran it otherwise)."""
+    ways: dict[str, list[int]] = {}
+    for record in records:
+        ways.setdefault(_features_cell(record), []).append(int(record.get("epoch", 0)))
+    if len(ways) == 1:
+        return next(iter(ways))
+
+    def epochs(numbers: list[int]) -> str:
+        first, last = numbers[0], numbers[-1]
+        return f"epoch {first}" if first == last else f"epochs {first}-{last}"
+
+    return "; ".join(f"{way} ({epochs(numbers)})" for way, numbers in ways.items())
+
+
 def _config(run: Run, path: Path) -> str:
     from finetune.config import dump_config
 
@@ -226,7 +242,7 @@ def _config(run: Run, path: Path) -> str:
             end - start,
             _lr(h[start].get("learning_rate")),
             _lr(h[end - 1].get("learning_rate")),
-            _features_cell(h[start]),
+            _phase_features_cell(h[start:end]),
         ]
         for name, start, end in phase_spans(h)
     ]

@@ -898,7 +898,12 @@ def fit_phases(
                 shuffle=False,  # the dataset shuffles itself, seeded
                 verbose=verbose,
             )
-            ran = sum(record["phase"] == phase.name for record in records)
+            ran = 0
+            for record in records:
+                if record["phase"] == phase.name:
+                    ran += 1
+                    if "features_cached" not in record:  # saved by a version that marked later
+                        record.update(marks)
             epoch = phase_start + ran
             if phase.budget is not None:
                 budgets[phase.budget] -= ran

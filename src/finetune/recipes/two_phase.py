@@ -365,15 +365,20 @@ def two_phase_plan(recipe: RecipeConfig, num_groups: int | None = None) -> list[
 
 
 class PhaseLogger(keras.callbacks.Callback):
-    """Collects one history record per epoch, tagged with its phase and learning rate."""
+    """Collects one history record per epoch, tagged with its phase and learning rate, and
+    with `marks` (how the epoch trained: features cached or streamed, bfloat16), so that each
+    record says what its own process did (a resumed phase may run otherwise)."""
 
-    def __init__(self, phase: str, records: list[dict[str, Any]]):
+    def __init__(
+        self, phase: str, records: list[dict[str, Any]], marks: dict[str, Any] | None = None
+    ):
         super().__init__()
         self.phase = phase
         self.records = records
+        self.marks = dict(marks or {})
 
     def on_epoch_end(self, epoch, logs=None):
-        record: dict[str, Any] = {"phase": self.phase, "epoch": epoch + 1}
+        record: dict[str, Any] = {"phase": self.phase, "epoch": epoch + 1, **self.marks}
         record.update({k: float(v) for k, v in (logs or {}).items()})
         lr = self.model.optimizer.learning_rate
         record["learning_rate"] = float(keras.ops.convert_to_numpy(lr))
@@ -506,8 +511,9 @@ def _callbacks(
     classifier: keras.Model,
     average_last_epochs: int = 0,
     batchnorm_batches: Callable[[], Any] | None = None,
+    marks: dict[str, Any] | None = None,
 ) -> list[keras.callbacks.Callback]:
-    callbacks: list[keras.callbacks.Callback] = [PhaseLogger(phase.name, records)]
+    callbacks: list[keras.callbacks.Callback] = [PhaseLogger(phase.name, records, marks)]
     if phase.until_plateau:
         callbacks.append(
             keras.callbacks.EarlyStopping(
@@ -841,6 +847,16 @@ def fit_phases(
                     f"{phase.learning_rate:g}{how}{again}",
                     flush=True,
                 )
+            # How each epoch of this phase trains, in its history record (`PhaseLogger`).
+            marks: dict[str, Any] = {"features_cached": cached}
+            if on_features:
+                marks |= {"features_runtime": features.runtime, "features_layer": cut}
+            if streamed is not None:
+                marks["features_streamed"] = True
+            if frozen_bfloat16:
+                marks["frozen_bfloat16"] = True
+            if trained_bfloat16:
+                marks["trained_bfloat16"] = True
             train_ds = train_from(first_epoch)
             if class_weight:
                 train_ds = with_class_weights(train_ds, class_weight, data.num_classes)
@@ -860,6 +876,7 @@ def fit_phases(
                     (lambda at=first_epoch, f=train_from, n=steps: f(at, False).take(n))
                     if on_features
                     else (lambda at=first_epoch: data.one_epoch(augment=False, epoch=at)),
+                    marks,
                 )
                 + (extra_callbacks(phase) if extra_callbacks else [])
             )
@@ -867,24 +884,8 @@ def fit_phases(
                 assert resume is not None
                 callbacks.append(RestoreCallbackStates(list(callbacks), resume))
             position = {"phase_index": index, "phase_name": phase.name, "phase_start": phase_start}
-            # How each epoch of this phase trained, recorded as it ends (so a resumed phase's
-            # earlier epochs keep what their own process did).
-            marks: dict[str, Any] = {"features_cached": cached}
-            if on_features:
-                marks |= {"features_runtime": features.runtime, "features_layer": cut}
-            if streamed is not None:
-                marks["features_streamed"] = True
-            if frozen_bfloat16:
-                marks["frozen_bfloat16"] = True
-            if trained_bfloat16:
-                marks["trained_bfloat16"] = True
 
-            def after_epoch(
-                done: int, stop: bool, cbs=callbacks, fm=fit_model, at=position, marks=marks
-            ):
-                for record in records:
-                    if record["phase"] == at["phase_name"] and record["epoch"] == done:
-                        record.update(marks)
+            def after_epoch(done: int, stop: bool, cbs=callbacks, fm=fit_model, at=position):
                 save(at | {"epoch": done, "phase_done": False, "stop_training": stop}, fm, cbs)
 
             callbacks.append(_AfterEpoch(after_epoch))

@@ -41,9 +41,9 @@ slice, and `streamed_bf16`: the frozen groups in bfloat16 OpenVINO then the top'
 augmented partial phase runs where "auto" streams: `two_phase.PhaseData.stream_images`;
 and `frozen_bf16`: the step through the network with the frozen groups in bfloat16 in Keras,
 `fold_batchnorm(..., bfloat16=True)`, what it ran before the twentieth slice where nothing
-streams under "auto" on a CPU with bfloat16; and `train_bf16`, in `full` too: the layers that
-train in bfloat16 as well, mixed precision, `train_in_bfloat16=True`, what `fit_phases` runs
-there now), `head` (frozen backbone,
+streams under "auto" on a CPU with bfloat16; and `train_bf16`, in `full` and `full_bn` too:
+the layers that train in bfloat16 as well, mixed precision, `train_in_bfloat16=True`, what
+`fit_phases` runs there now), `head` (frozen backbone,
 the step through it; for `finetune`, also `streamed` and `streamed_bf16`: the frozen backbone
 in OpenVINO, float32 or bfloat16, then the head's step on its output, one after the other, what
 `--head-augment` runs from `finetune.inference.AUTO_MIN_IMAGES` image-epochs on, or from
@@ -182,10 +182,11 @@ def finetune_child(args: argparse.Namespace, bf16: bool, fold: bool = True) -> d
                 row["frozen_bf16"] = time_calls(
                     lambda m=low: m.train_on_batch(x, y), args.warmup, args.steps
                 )
-            if mode in ("full", "partial") and fold and not bf16:
+            if fold and not bf16:
                 # The layers that train in bfloat16 too (mixed precision), the frozen ones
                 # below compiled in bfloat16: what `fit_phases` trains through the network
-                # under "auto" on a CPU with bfloat16 (twentieth slice).
+                # under "auto" on a CPU with bfloat16 (twentieth slice; with BatchNorm
+                # training, `full_bn`, since the twenty-second).
                 mixed = fold_batchnorm(model, snapshot=True, bfloat16=True, train_in_bfloat16=True)
                 compile_for(mixed, groups)
                 row["train_bf16"] = time_calls(
@@ -505,7 +506,7 @@ def summarise(report: dict) -> dict:
                 if plain and fp32:
                     cell["finetune_keras_bn"] = plain["images_per_s"]
                     cell["ratio_keras_bn"] = plain["images_per_s"] / cell["best_torch"]
-            if mode in ("full", "partial") and run and run.get("status") == "ok":
+            if mode in ("full", "full_bn", "partial") and run and run.get("status") == "ok":
                 mixed = run["modes"].get(mode, {}).get("train_bf16")
                 if mixed and fp32:
                     cell["finetune_train_bf16"] = mixed["images_per_s"]

@@ -373,6 +373,42 @@ def test_through_the_network_auto_trains_in_bfloat16_on_a_cpu_with_it(digits, mo
         np.testing.assert_array_equal(a, b)
 
 
+def test_trained_batchnorm_trains_in_bfloat16_through_the_network_under_auto(digits, monkeypatch):
+    """BatchNorm training in the top groups, under "auto" on a CPU with bfloat16: the pairs
+    that train in mixed precision (`trained_bfloat16`), the moving statistics and weights near
+    the float32 run's, and the last 2 epochs' average gets its statistics recomputed through
+    the bfloat16 view."""
+    import finetune.inference as inference
+
+    monkeypatch.delenv(inference.ENV_VAR, raising=False)
+    monkeypatch.setattr(inference, "cpu_has_bfloat16", lambda: True)
+    exact, exact_records = partial_phase_run(
+        digits, feature_cache=False, train_batchnorm=True, average=2, runtime="keras"
+    )
+    low, low_records = partial_phase_run(
+        digits, feature_cache=False, train_batchnorm=True, average=2
+    )
+    assert [r.get("trained_bfloat16") for r in exact_records] == [None] * 3
+    assert [r.get("trained_bfloat16") for r in low_records] == [True] * 3
+    top_bn = [
+        layer
+        for layer in low.get_layer("backbone").layers
+        if isinstance(layer, keras.layers.BatchNormalization) and layer.trainable
+    ]
+    assert low_records[-1]["batchnorm_recomputed"] == len(top_bn) > 0
+    seed_everything(5)
+    initial = weights_by_group(build_classifier(SPEC, 4, image_size=SIZE, head=ModelConfig()))
+    slow, fast = weights_by_group(exact), weights_by_group(low)
+    for group in ("block6", "block7", "top", "head"):
+        pairs = list(zip(slow[group], fast[group], strict=True))
+        assert max(np.abs(a - b).max() for a, b in pairs) > 1e-5, group  # really bfloat16
+        moved = sum(np.linalg.norm(a - i) for a, i in zip(slow[group], initial[group], strict=True))
+        apart = sum(np.linalg.norm(b - a) for a, b in pairs)
+        assert apart < 0.6 * moved, group  # measured: 3-33% of how far training moved them
+    for e, f in zip(exact_records, low_records, strict=True):
+        assert f["val_loss"] == pytest.approx(e["val_loss"], rel=0.05)  # measured: <0.3%
+
+
 def test_cached_top_groups_with_trained_batchnorm_and_averaging_end_as_through_the_network(
     digits,
 ):
@@ -448,7 +484,7 @@ def test_the_top_groups_stream_from_bfloat16_openvino_counted_in_224_px_images(m
     """An augmented phase streams the head's features from any converted runtime "auto" picks
     for its image-epochs, the top groups' input from bfloat16 OpenVINO only, named, counted in
     images of 224 x 224 pixels; under "auto" the top groups train through the network in
-    bfloat16 instead (twentieth slice)."""
+    bfloat16 instead (twentieth slice), with BatchNorm training too (twenty-second)."""
     import finetune.inference as inference
     from finetune.recipes.two_phase import POOL_LAYER, STREAM_CUT_PIXELS
 
@@ -460,7 +496,7 @@ def test_the_top_groups_stream_from_bfloat16_openvino_counted_in_224_px_images(m
     def at_224(epochs):
         return 100 * epochs * 64 * 64 // STREAM_CUT_PIXELS
 
-    def counted(epochs, cut, runtime=None, augment=True):
+    def counted(epochs, cut, runtime=None, augment=True, train_batchnorm=False):
         data = digits_phase_data(
             SimpleNamespace(
                 images={"train": images, "val": None},
@@ -470,7 +506,10 @@ def test_the_top_groups_stream_from_bfloat16_openvino_counted_in_224_px_images(m
             0,
             runtime=runtime,
         )
-        phase = Phase("finetune", epochs=epochs, learning_rate=1e-3, augment=augment)
+        phase = Phase(
+            "finetune", epochs=epochs, learning_rate=1e-3, augment=augment,
+            train_batchnorm=train_batchnorm,
+        )  # fmt: skip
         return data.stream_images(phase, cut)
 
     # Where the bfloat16 threshold falls for the top groups: its count of 224 px images.
@@ -479,12 +518,15 @@ def test_the_top_groups_stream_from_bfloat16_openvino_counted_in_224_px_images(m
     # Under "auto" on a CPU with bfloat16 the top groups train through the network in
     # bfloat16 instead (faster than streamed), at any count; the head still streams.
     assert counted(100 * least, "block5c_add") == 0
+    assert counted(100 * least, "block5c_add", train_batchnorm=True) == 0
     # The head counts every image, and streams from float32 runtimes too.
     assert counted(20, POOL_LAYER) == 2000
     assert counted(19, POOL_LAYER, runtime="onnxruntime") == 1900
     for runtime in ("onnxruntime", "openvino", "keras"):
         assert counted(10 * least, "block5c_add", runtime=runtime) == 0, runtime
     assert counted(least, "block5c_add", runtime="openvino-bf16") == at_224(least)
+    named = counted(least, "block5c_add", runtime="openvino-bf16", train_batchnorm=True)
+    assert named == at_224(least)
     # A CPU without bfloat16: not at a cut, even where it is asked for by name.
     monkeypatch.setattr(inference, "cpu_has_bfloat16", lambda: False)
     for runtime in (None, "openvino-bf16"):

@@ -49,14 +49,22 @@ precision. Their variables stay float32; each call reads them, folds in float32 
 folded kernel once (a few thousand numbers), and the gradients reaching the variables are
 float32. The gradients themselves are computed in bfloat16, as with PyTorch's bfloat16
 autocast: through Lite0's 49 layers they end about 16% (median over its variables) from
-float32's, for the pretrained network on real images. What `--train-batchnorm` trains stays
-float32 (its statistics and normalisation are float32 in Keras; converted back and forth the
-step was no faster). Keras' `mixed_bfloat16` policy trained 0.36-0.40x as fast as float32 on
-this path; not because of the casts but because oneDNN runs two of a depthwise convolution's
-bfloat16 gradients on generic kernels (up to 56 ms a step for three calls on 2 x 2 maps):
-`_depthwise_conv` computes those another way (`_strided_input_gradient`,
-`_swapped_filter_gradient`). `fit_phases` trains so under "auto" on a CPU with bfloat16, after
-the first-batch check (benchmarks/RESULTS.md, twentieth slice).
+float32's, for the pretrained network on real images. Keras' `mixed_bfloat16` policy trained
+0.36-0.40x as fast as float32 on this path; not because of the casts but because oneDNN runs
+two of a depthwise convolution's bfloat16 gradients on generic kernels (up to 56 ms a step for
+three calls on 2 x 2 maps): `_depthwise_conv` computes those another way
+(`_strided_input_gradient`, `_swapped_filter_gradient`). `fit_phases` trains so under "auto"
+on a CPU with bfloat16, after the first-batch check (benchmarks/RESULTS.md, twentieth slice).
+
+With `train_in_bfloat16=True`, a convolution followed by a BatchNorm layer that trains
+(`--train-batchnorm`) computes in bfloat16 as well, as one `MixedTrainingPair`: the
+convolution in bfloat16, the normalisation and its gradient on TensorFlow's fused kernels over
+the bfloat16 map, given the batch's statistics computed in float32 as Keras computes them
+(the kernel's own statistics, though faster, lost accuracy here too, as in float32: below).
+Casting the map to float32 around a float32 BatchNorm instead made the step no faster. On
+Lite0 with every BatchNorm training a step was 1.04-1.37x as fast as in float32 at 64 and 128
+px, and no faster at 224 px (0.91-1.07x: the statistics read a float32 copy of each map;
+RESULTS, twenty-second slice).
 
 A pair folds when its BatchNorm runs in inference mode:
 
@@ -82,7 +90,7 @@ close to float64's as Keras' own at the median (`benchmarks/RESULTS.md`, seventh
 kernel's own training mode, which also computes the statistics, would be faster still
 (1.2-1.8x), but oneDNN's statistics are less precise: gradients about twice as far from
 float64's, and 3.3 points lower test accuracy over 8 seeds of the accuracy benchmark's least
-stable recipe (RESULTS, sixth and seventh slices). It is not used.
+stable recipe (RESULTS, sixth and seventh slices). It is not used in float32.
 
 Depthwise convolutions with 5 x 5 kernels (or larger) on small maps, in a training view, get
 their filter gradient another way (TensorFlow backend, CPUs only): oneDNN computes it with a
@@ -542,22 +550,23 @@ def _is_fusable_batchnorm(layer: Any, inputs: Any) -> bool:
 
 
 def _training_batchnorm(x: Any, scale: Any, offset: Any, epsilon: float) -> tuple[Any, Any, Any]:
-    """Training-mode BatchNorm of float32 NHWC `x`: the output, the batch mean and the biased
-    batch variance, with a hand-made gradient.
+    """Training-mode BatchNorm of float32 or bfloat16 NHWC `x`: the output (in `x`'s dtype),
+    the batch mean and the biased batch variance (float32), with a hand-made gradient.
 
-    The batch's statistics come from `tf.nn.moments`, as in Keras' own layer (so the same
-    values, and the same moving statistics); the normalisation runs as TensorFlow's fused
-    kernel given those statistics, and the gradient as its fused gradient kernel. The kernel's
-    own training mode computes the statistics too, but less precisely on oneDNN: measured on
-    the pretrained Lite0, gradients 4.8% from float64 at the median against Keras' 2.7%, and
-    2.8-3.3 points lower test accuracy on the accuracy benchmark's `seed_docs` recipe
-    (`benchmarks/RESULTS.md`, sixth and seventh slices).
+    The batch's statistics come from `tf.nn.moments` of `x` in float32, as in Keras' own layer
+    (so the same values, and the same moving statistics); the normalisation runs as
+    TensorFlow's fused kernel given those statistics, and the gradient as its fused gradient
+    kernel. The kernel's own training mode computes the statistics too, but less precisely on
+    oneDNN: measured on the pretrained Lite0, gradients 4.8% from float64 at the median against
+    Keras' 2.7%, and 2.8-3.3 points lower test accuracy on the accuracy benchmark's `seed_docs`
+    recipe (`benchmarks/RESULTS.md`, sixth and seventh slices); over bfloat16 maps, 2.1 points
+    lower than these statistics over 6 seeds (twenty-second slice).
     """
     import tensorflow as tf  # only called on the TensorFlow backend (`_is_fusable_batchnorm`)
 
     @tf.custom_gradient
     def run(x, scale, offset):
-        mean, variance = tf.nn.moments(x, [0, 1, 2])
+        mean, variance = tf.nn.moments(tf.cast(x, "float32"), [0, 1, 2])  # float32: no-op
         y, *_ = tf.raw_ops.FusedBatchNormV3(
             x=x,
             scale=scale,
@@ -632,6 +641,79 @@ class FusedTrainingBatchNorm(_LayerView):
         return input_shape
 
 
+class MixedTrainingPair(_LayerView):
+    """A convolution followed by a BatchNorm layer that trains, computed in bfloat16 (mixed
+    precision) with the batch's statistics in float32.
+
+    Holds the two layers themselves (shared, not copied): their float32 variables are its
+    variables. The convolution computes in bfloat16 (its kernel cast on each call, depthwise
+    gradients by `_depthwise_conv`). In training, the batch's statistics are computed in
+    float32 from the bfloat16 map as Keras computes them (`tf.nn.moments`), and the
+    normalisation and its gradient run on TensorFlow's fused kernels over the bfloat16 map
+    given them (`_training_batchnorm`, as `FusedTrainingBatchNorm` in float32); the moving
+    statistics move as Keras moves them (biased variance). Otherwise it normalises with the
+    moving statistics. Made by `fold_batchnorm(..., train_in_bfloat16=True)`; not meant to be
+    saved.
+
+    Args:
+        conv: a `Conv2D` or `DepthwiseConv2D` without activation, channels last.
+        batchnorm: the `BatchNormalization` layer over its output channels (fusable:
+            `_is_fusable_batchnorm`).
+    """
+
+    _runs = ("conv", "batchnorm")
+
+    def __init__(
+        self, conv: keras.layers.Layer, batchnorm: keras.layers.BatchNormalization, **kwargs
+    ):
+        super().__init__(
+            name=f"{conv.name}_{batchnorm.name}_mixed", dtype="mixed_bfloat16", **kwargs
+        )
+        self.conv = conv
+        self.batchnorm = batchnorm
+
+    def call(self, inputs, training=None):
+        import tensorflow as tf  # only built on the TensorFlow backend (`_is_fusable_batchnorm`)
+
+        conv, bn = self.conv, self.batchnorm
+        with AutocastScope(None):  # the float32 variables, cast here once a call
+            kernel = ops.cast(conv.kernel, inputs.dtype)
+            bias = conv.bias if conv.use_bias else None
+            ones = tf.ones_like(bn.moving_mean)
+            scale = tf.cast(bn.gamma, "float32") if bn.scale else ones
+            offset = tf.cast(bn.beta, "float32") if bn.center else tf.zeros_like(ones)
+        if isinstance(conv, keras.layers.DepthwiseConv2D):
+            x = _depthwise_conv(conv, inputs, kernel)
+        else:
+            x = conv.convolution_op(inputs, kernel)
+        if bias is not None:
+            x = x + ops.cast(bias, x.dtype)
+        if not (training and bn.trainable):
+            y, *_ = tf.raw_ops.FusedBatchNormV3(
+                x=x,
+                scale=scale,
+                offset=offset,
+                mean=tf.cast(bn.moving_mean, "float32"),
+                variance=tf.cast(bn.moving_variance, "float32"),
+                epsilon=bn.epsilon,
+                exponential_avg_factor=1.0,
+                data_format="NHWC",
+                is_training=False,
+            )
+            return y
+        # The batch's statistics in float32 from the bfloat16 map, as Keras computes them.
+        y, mean, variance = _training_batchnorm(x, scale, offset, bn.epsilon)
+        momentum = bn.momentum  # read when called, as Keras' own layer reads it
+        bn.moving_mean.assign(bn.moving_mean * momentum + tf.stop_gradient(mean) * (1.0 - momentum))
+        bn.moving_variance.assign(
+            bn.moving_variance * momentum + tf.stop_gradient(variance) * (1.0 - momentum)
+        )
+        return y
+
+    def compute_output_shape(self, input_shape):
+        return self.conv.compute_output_shape(input_shape)
+
+
 def fold_batchnorm(
     model: keras.Model,
     *,
@@ -666,8 +748,9 @@ def fold_batchnorm(
             trains before a frozen BatchNorm) compute in bfloat16 too, and the weightless
             elementwise layers between them: mixed precision, the variables and the gradients
             reaching them float32, the view's outputs float32 (see the module docstring).
-            BatchNorm layers that train, and the convolutions before them, stay float32.
-            Defaults to False.
+            With `fuse_training_batchnorm`, a convolution followed by a BatchNorm layer that
+            trains is computed so as well, by a `MixedTrainingPair` (the batch's statistics
+            in float32). Defaults to False.
 
     Returns:
         A new, uncompiled functional model with the same inputs and outputs and name, sharing
@@ -737,6 +820,20 @@ def fold_batchnorm(
                 return FoldedConv(conv, layer, dtype="mixed_bfloat16")(conv_input)
             return FoldedConv(conv, layer, snapshot=snapshot and fixed)(conv_input)
         if (
+            train_in_bfloat16
+            and frozen_only
+            and fuse_training_batchnorm
+            and id(layer) not in frozen
+            and plain
+            and id(args[0]) in made
+            and _is_fusable_batchnorm(layer, args[0])
+        ):
+            # A BatchNorm that trains after a convolution: both in bfloat16, the statistics in
+            # float32. The unfolded convolution's output drops out as a folded one's does.
+            conv, conv_input = made[id(args[0])]
+            folded += 1
+            return MixedTrainingPair(conv, layer)(conv_input)
+        if (
             frozen_only
             and fuse_training_batchnorm
             and id(layer) not in frozen
@@ -786,12 +883,15 @@ def fold_batchnorm(
 def bfloat16_parts(model: keras.Model) -> tuple[bool, bool]:
     """What a view made by `fold_batchnorm` computes in bfloat16 (nested models included):
     `(frozen, training)`, whether any compiled-in pair does (`bfloat16`), and whether any pair
-    whose convolution trains does (`train_in_bfloat16`)."""
+    that trains does (`train_in_bfloat16`: a folded pair whose convolution trains, or a
+    `MixedTrainingPair`)."""
     frozen = training = False
     for layer in getattr(model, "layers", []):
         if isinstance(layer, Functional):
             below = bfloat16_parts(layer)
             frozen, training = frozen or below[0], training or below[1]
+        elif isinstance(layer, MixedTrainingPair):
+            training = True
         elif (
             isinstance(layer, FoldedConv)
             and keras.backend.standardize_dtype(layer.compute_dtype) == "bfloat16"

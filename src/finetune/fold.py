@@ -64,7 +64,11 @@ the bfloat16 map, given the batch's statistics computed in float32 as Keras comp
 Casting the map to float32 around a float32 BatchNorm instead made the step no faster. On
 Lite0 with every BatchNorm training a step was 1.04-1.37x as fast as in float32 at 64 and 128
 px, and no faster at 224 px (0.91-1.07x: the statistics read a float32 copy of each map;
-RESULTS, twenty-second slice).
+RESULTS, twenty-second slice). Each training-mode BatchNorm passes bfloat16's rounding on
+divided by its batch's spread: the pretrained Lite0's training-mode logits ended 32% from
+float64's at 64 px (5.7% with BatchNorm frozen), while the accuracy benchmark's two recipes
+that train BatchNorm lost nothing measurable. The first-batch check compares inference-mode
+outputs only.
 
 A pair folds when its BatchNorm runs in inference mode:
 
@@ -75,12 +79,15 @@ A pair folds when its BatchNorm runs in inference mode:
   every BatchNorm layer runs in inference mode there. The result must not be trained.
 
 A pair is a `Conv2D` or `DepthwiseConv2D` without activation whose output goes to a
-`BatchNormalization` over the last axis. Anything else (other layers, a convolution whose output
-also goes elsewhere, channels-first or quantized layers) is left as it is.
+`BatchNormalization` over the last axis. Anything else (other layers, channels-first or
+quantized layers) is left as it is. A convolution whose output also goes elsewhere is folded
+(or paired) and kept for the other reader too: computed twice.
 
 A BatchNorm layer that trains cannot fold: its statistics come from each batch. In a training
-view (`fuse_training_batchnorm=True`, the default; TensorFlow backend, CPUs only) it is run by
-a `FusedTrainingBatchNorm` layer instead: the same layer and variables, the batch's statistics
+view (`fuse_training_batchnorm=True`, the default; TensorFlow backend, CPUs only; float32
+variables) it is run by a `FusedTrainingBatchNorm` layer instead (with `train_in_bfloat16`,
+together with the convolution before it, by a `MixedTrainingPair`: above): the same layer and
+variables, the batch's statistics
 computed as Keras computes them (`tf.nn.moments`, so the moving statistics are Keras' own), the
 normalisation and its gradient by TensorFlow's fused kernels (oneDNN's on x86) given those
 statistics, rather than Keras' element-wise normalisation and the autodiff of both (about a
@@ -99,10 +106,11 @@ oneDNN's time in a whole training step. The same sum computed as one depthwise
 convolution's forward pass (batch and channels swapped, `_swapped_filter_gradient`) runs on
 oneDNN's fast depthwise kernel and is closer to float64. Folded pairs compute it so in
 `FoldedConv`; a depthwise convolution that trains before a BatchNorm that trains is run by a
-`SwappedGradientDepthwiseConv`. Forward pass and input gradient are TensorFlow's own. On
-Lite0 a whole-network step is 1.22 / 1.09 / 1.04x as fast at 64 / 128 / 224 px, a step of the
-top 3 groups 1.31 / 1.11 / 1.01x, one with every BatchNorm training 1.12 / 1.03 / 1.02x
-(`benchmarks/depthwise_gradient.py`; RESULTS, eighth slice).
+`SwappedGradientDepthwiseConv` (in float32; with `train_in_bfloat16`, `MixedTrainingPair`
+computes its bfloat16 gradients by `_depthwise_conv`). Forward pass and input gradient are
+TensorFlow's own. On Lite0 a whole-network step is 1.22 / 1.09 / 1.04x as fast at 64 / 128 /
+224 px, a step of the top 3 groups 1.31 / 1.11 / 1.01x, one with every BatchNorm training 1.12
+/ 1.03 / 1.02x (`benchmarks/depthwise_gradient.py`; RESULTS, eighth slice).
 """
 
 from __future__ import annotations
@@ -342,6 +350,35 @@ def _depthwise_conv(conv: Any, inputs: Any, kernel: Any, gradient: bool = True) 
     return run(inputs, tf.identity(kernel))
 
 
+def _convolve(conv: Any, inputs: Any, kernel: Any, gradient: bool = True) -> Any:
+    """`conv`'s convolution of `inputs` by `kernel` (no bias): `_depthwise_conv` for a
+    depthwise one (its faster gradients where `gradient`), the layer's own otherwise."""
+    if isinstance(conv, keras.layers.DepthwiseConv2D):
+        return _depthwise_conv(conv, inputs, kernel, gradient=gradient)
+    return conv.convolution_op(inputs, kernel)
+
+
+def _folded_weights(conv: Any, bn: Any) -> tuple[Any, Any]:
+    """The kernel and bias of `conv` followed by `bn` in inference mode, folded into one
+    convolution, as tensors in the variables' dtype."""
+    scale = ops.rsqrt(bn.moving_variance + bn.epsilon)
+    if bn.scale:
+        scale = scale * bn.gamma
+    bias = -bn.moving_mean * scale
+    if conv.use_bias:
+        bias = bias + conv.bias * scale
+    if bn.center:
+        bias = bias + bn.beta
+    kernel = conv.kernel
+    if isinstance(conv, keras.layers.DepthwiseConv2D):
+        # (h, w, in, multiplier): output channel c * multiplier + m is [..., c, m].
+        shape = ops.shape(kernel)
+        kernel = ops.reshape(ops.reshape(kernel, (shape[0], shape[1], -1)) * scale, shape)
+    else:
+        kernel = kernel * scale
+    return kernel, bias
+
+
 class _LayerView(keras.layers.Layer):
     """A layer that computes with layers of another model (held, not copied). Made by
     `fold_batchnorm`; never saved: the original model is."""
@@ -397,35 +434,14 @@ class FoldedConv(_LayerView):
 
     def folded(self) -> tuple[Any, Any]:
         """The folded kernel and bias, as tensors in the variables' dtype."""
-        conv, bn = self.conv, self.batchnorm
-        scale = ops.rsqrt(bn.moving_variance + bn.epsilon)
-        if bn.scale:
-            scale = scale * bn.gamma
-        bias = -bn.moving_mean * scale
-        if conv.use_bias:
-            bias = bias + conv.bias * scale
-        if bn.center:
-            bias = bias + bn.beta
-        kernel = conv.kernel
-        if isinstance(conv, keras.layers.DepthwiseConv2D):
-            # (h, w, in, multiplier): output channel c * multiplier + m is [..., c, m].
-            shape = ops.shape(kernel)
-            kernel = ops.reshape(ops.reshape(kernel, (shape[0], shape[1], -1)) * scale, shape)
-        else:
-            kernel = kernel * scale
-        return kernel, bias
+        return _folded_weights(self.conv, self.batchnorm)
 
     def call(self, inputs):
-        conv = self.conv
         if self.snapshot and keras.backend.backend() == "tensorflow":
             return self._call_snapshot(inputs)
         with AutocastScope(None):  # folded in the variables' dtype, then cast
             kernel, bias = self.folded()
-        kernel = ops.cast(kernel, inputs.dtype)
-        if isinstance(conv, keras.layers.DepthwiseConv2D):
-            outputs = _depthwise_conv(conv, inputs, kernel)
-        else:
-            outputs = conv.convolution_op(inputs, kernel)
+        outputs = _convolve(self.conv, inputs, ops.cast(kernel, inputs.dtype))
         return outputs + ops.cast(bias, outputs.dtype)
 
     def _call_snapshot(self, inputs):
@@ -437,11 +453,7 @@ class FoldedConv(_LayerView):
         # Constants of the traced graph: TensorFlow folds them, oneDNN caches the kernel's
         # layout. A constant needs no filter gradient.
         kernel = tf.constant(kernel, dtype=inputs.dtype)
-        conv = self.conv
-        if isinstance(conv, keras.layers.DepthwiseConv2D):
-            outputs = _depthwise_conv(conv, inputs, kernel, gradient=False)
-        else:
-            outputs = conv.convolution_op(inputs, kernel)
+        outputs = _convolve(self.conv, inputs, kernel, gradient=False)
         return tf.nn.bias_add(outputs, tf.constant(bias, dtype=outputs.dtype))
 
     def compute_output_shape(self, input_shape):
@@ -503,8 +515,8 @@ class SwappedGradientDepthwiseConv(_LayerView):
 
     Holds the layer itself (shared, not copied). Made by `fold_batchnorm` in a training view
     for every such convolution that trains; where a frozen BatchNorm follows, the pair folds
-    into a `FoldedConv` (which computes the gradient the same way) and this layer drops out.
-    Not meant to be saved.
+    into a `FoldedConv` (which computes the gradient the same way) and this layer drops out,
+    as it does before a `MixedTrainingPair`. Not meant to be saved.
 
     Args:
         conv: the `DepthwiseConv2D` layer.
@@ -545,6 +557,8 @@ def _is_fusable_batchnorm(layer: Any, inputs: Any) -> bool:
         and not layer.synchronized
         # The kernel takes float16, bfloat16 and float32; Keras keeps float64 in float64.
         and keras.backend.standardize_dtype(inputs.dtype) in ("float16", "bfloat16", "float32")
+        # Float32 statistics and weights (any policy but a pure float16 or bfloat16 one).
+        and keras.backend.standardize_dtype(layer.variable_dtype) == "float32"
         and _only_cpus()  # last: asked of BatchNorm layers only
     )
 
@@ -626,19 +640,34 @@ class FusedTrainingBatchNorm(_LayerView):
         import tensorflow as tf  # only built on the TensorFlow backend (`_is_fusable_batchnorm`)
 
         x = tf.cast(inputs, "float32")  # as Keras: statistics in float32 whatever the policy
-        ones = tf.ones_like(bn.moving_mean)
-        scale = tf.cast(bn.gamma, "float32") if bn.scale else ones
-        offset = tf.cast(bn.beta, "float32") if bn.center else tf.zeros_like(ones)
-        y, mean, variance = _training_batchnorm(x, scale, offset, bn.epsilon)
-        momentum = bn.momentum  # read when called (or traced), as Keras' own layer reads it
-        bn.moving_mean.assign(bn.moving_mean * momentum + tf.stop_gradient(mean) * (1.0 - momentum))
-        bn.moving_variance.assign(
-            bn.moving_variance * momentum + tf.stop_gradient(variance) * (1.0 - momentum)
-        )
+        y, mean, variance = _training_batchnorm(x, *_scale_and_offset(bn), bn.epsilon)
+        _update_moving_statistics(bn, mean, variance)
         return tf.cast(y, bn.compute_dtype)
 
     def compute_output_shape(self, input_shape):
         return input_shape
+
+
+def _scale_and_offset(bn: keras.layers.BatchNormalization) -> tuple[Any, Any]:
+    """`bn`'s gamma and beta as float32 tensors (ones and zeros where it has none)."""
+    import tensorflow as tf
+
+    ones = tf.ones_like(bn.moving_mean)
+    scale = tf.cast(bn.gamma, "float32") if bn.scale else ones
+    offset = tf.cast(bn.beta, "float32") if bn.center else tf.zeros_like(ones)
+    return scale, offset
+
+
+def _update_moving_statistics(bn: keras.layers.BatchNormalization, mean: Any, variance: Any):
+    """`moving = moving * momentum + batch * (1 - momentum)`, as Keras' own layer updates them,
+    with the momentum read when called (or traced), as Keras reads it."""
+    import tensorflow as tf
+
+    momentum = bn.momentum
+    bn.moving_mean.assign(bn.moving_mean * momentum + tf.stop_gradient(mean) * (1.0 - momentum))
+    bn.moving_variance.assign(
+        bn.moving_variance * momentum + tf.stop_gradient(variance) * (1.0 - momentum)
+    )
 
 
 class MixedTrainingPair(_LayerView):
@@ -651,9 +680,9 @@ class MixedTrainingPair(_LayerView):
     float32 from the bfloat16 map as Keras computes them (`tf.nn.moments`), and the
     normalisation and its gradient run on TensorFlow's fused kernels over the bfloat16 map
     given them (`_training_batchnorm`, as `FusedTrainingBatchNorm` in float32); the moving
-    statistics move as Keras moves them (biased variance). Otherwise it normalises with the
-    moving statistics. Made by `fold_batchnorm(..., train_in_bfloat16=True)`; not meant to be
-    saved.
+    statistics move as Keras moves them (biased variance). Otherwise (validation, or the
+    BatchNorm frozen since) it computes the pair folded, as a `FoldedConv` does. Made by
+    `fold_batchnorm(..., train_in_bfloat16=True)`; not meant to be saved.
 
     Args:
         conv: a `Conv2D` or `DepthwiseConv2D` without activation, channels last.
@@ -673,41 +702,23 @@ class MixedTrainingPair(_LayerView):
         self.batchnorm = batchnorm
 
     def call(self, inputs, training=None):
-        import tensorflow as tf  # only built on the TensorFlow backend (`_is_fusable_batchnorm`)
-
         conv, bn = self.conv, self.batchnorm
+        if not (training and bn.trainable):
+            # Inference mode (validation, a frozen BatchNorm): the pair folded, as `FoldedConv`
+            # computes it, read on every call.
+            with AutocastScope(None):
+                kernel, bias = _folded_weights(conv, bn)
+            outputs = _convolve(conv, inputs, ops.cast(kernel, inputs.dtype))
+            return outputs + ops.cast(bias, outputs.dtype)
         with AutocastScope(None):  # the float32 variables, cast here once a call
             kernel = ops.cast(conv.kernel, inputs.dtype)
             bias = conv.bias if conv.use_bias else None
-            ones = tf.ones_like(bn.moving_mean)
-            scale = tf.cast(bn.gamma, "float32") if bn.scale else ones
-            offset = tf.cast(bn.beta, "float32") if bn.center else tf.zeros_like(ones)
-        if isinstance(conv, keras.layers.DepthwiseConv2D):
-            x = _depthwise_conv(conv, inputs, kernel)
-        else:
-            x = conv.convolution_op(inputs, kernel)
+        x = _convolve(conv, inputs, kernel)
         if bias is not None:
             x = x + ops.cast(bias, x.dtype)
-        if not (training and bn.trainable):
-            y, *_ = tf.raw_ops.FusedBatchNormV3(
-                x=x,
-                scale=scale,
-                offset=offset,
-                mean=tf.cast(bn.moving_mean, "float32"),
-                variance=tf.cast(bn.moving_variance, "float32"),
-                epsilon=bn.epsilon,
-                exponential_avg_factor=1.0,
-                data_format="NHWC",
-                is_training=False,
-            )
-            return y
         # The batch's statistics in float32 from the bfloat16 map, as Keras computes them.
-        y, mean, variance = _training_batchnorm(x, scale, offset, bn.epsilon)
-        momentum = bn.momentum  # read when called, as Keras' own layer reads it
-        bn.moving_mean.assign(bn.moving_mean * momentum + tf.stop_gradient(mean) * (1.0 - momentum))
-        bn.moving_variance.assign(
-            bn.moving_variance * momentum + tf.stop_gradient(variance) * (1.0 - momentum)
-        )
+        y, mean, variance = _training_batchnorm(x, *_scale_and_offset(bn), bn.epsilon)
+        _update_moving_statistics(bn, mean, variance)
         return y
 
     def compute_output_shape(self, input_shape):
@@ -733,9 +744,10 @@ def fold_batchnorm(
         frozen_only: fold only pairs whose BatchNorm is frozen (for training the result); False
             folds every pair (for inference only). Defaults to True.
         fuse_training_batchnorm: with `frozen_only`, run the BatchNorm layers that train by
-            `FusedTrainingBatchNorm` (the same training, faster; see the module docstring).
-            False leaves them to Keras' own layer (5 x 5 depthwise convolutions that train
-            still get the swapped filter gradient). Defaults to True.
+            `FusedTrainingBatchNorm` (the same training, faster; see the module docstring), or
+            with `train_in_bfloat16` by a `MixedTrainingPair` with their convolution.
+            False leaves them to Keras' own layer, in float32 (5 x 5 depthwise convolutions
+            that train still get the swapped filter gradient). Defaults to True.
         snapshot: compile the weights of the pairs that cannot change while the view runs
             into its traced functions as constants: faster, but the view then does not
             follow later changes to those weights (see the module docstring). Defaults to
@@ -820,28 +832,20 @@ def fold_batchnorm(
                 return FoldedConv(conv, layer, dtype="mixed_bfloat16")(conv_input)
             return FoldedConv(conv, layer, snapshot=snapshot and fixed)(conv_input)
         if (
-            train_in_bfloat16
-            and frozen_only
-            and fuse_training_batchnorm
-            and id(layer) not in frozen
-            and plain
-            and id(args[0]) in made
-            and _is_fusable_batchnorm(layer, args[0])
-        ):
-            # A BatchNorm that trains after a convolution: both in bfloat16, the statistics in
-            # float32. The unfolded convolution's output drops out as a folded one's does.
-            conv, conv_input = made[id(args[0])]
-            folded += 1
-            return MixedTrainingPair(conv, layer)(conv_input)
-        if (
             frozen_only
             and fuse_training_batchnorm
             and id(layer) not in frozen
             and plain
             and _is_fusable_batchnorm(layer, args[0])
         ):
+            # It trains: the fused kernels run it.
             folded += 1
-            return FusedTrainingBatchNorm(layer)(args[0])  # it trains: the fused kernel runs it
+            if train_in_bfloat16 and id(args[0]) in made:
+                # After a convolution: both in bfloat16, the statistics in float32. The
+                # unfolded convolution's output drops out as a folded one's does.
+                conv, conv_input = made[id(args[0])]
+                return MixedTrainingPair(conv, layer)(conv_input)
+            return FusedTrainingBatchNorm(layer)(args[0])
         conv = _is_foldable_conv(layer) and len(args) == 1 and not any(kwargs.values())
         if (
             conv

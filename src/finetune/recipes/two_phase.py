@@ -802,7 +802,8 @@ def fit_phases(
                 # convolution before it: the same training, with a faster forward pass.
                 # Under "auto" on a CPU with bfloat16, what is frozen below everything that
                 # trains computes in bfloat16 (`frozen_in_bfloat16`), and so do the folded
-                # pairs that train, in mixed precision (float32 variables and gradients).
+                # pairs that train and each convolution with a BatchNorm that trains after it,
+                # in mixed precision (float32 variables, statistics and gradients).
                 fit_model, _ = frozen_view(
                     model,
                     data.train_images,

@@ -283,6 +283,15 @@ def partial_phase_run(
     return model, records
 
 
+def trained_batchnorm(model) -> list:
+    """The backbone's BatchNorm layers that train."""
+    return [
+        layer
+        for layer in model.get_layer("backbone").layers
+        if isinstance(layer, keras.layers.BatchNormalization) and layer.trainable
+    ]
+
+
 def weights_by_group(model) -> dict[str, list[np.ndarray]]:
     grouped: dict[str, list[np.ndarray]] = {}
     for layer in model.get_layer("backbone").layers:
@@ -390,11 +399,7 @@ def test_trained_batchnorm_trains_in_bfloat16_through_the_network_under_auto(dig
     )
     assert [r.get("trained_bfloat16") for r in exact_records] == [None] * 3
     assert [r.get("trained_bfloat16") for r in low_records] == [True] * 3
-    top_bn = [
-        layer
-        for layer in low.get_layer("backbone").layers
-        if isinstance(layer, keras.layers.BatchNormalization) and layer.trainable
-    ]
+    top_bn = trained_batchnorm(low)
     assert low_records[-1]["batchnorm_recomputed"] == len(top_bn) > 0
     seed_everything(5)
     initial = weights_by_group(build_classifier(SPEC, 4, image_size=SIZE, head=ModelConfig()))
@@ -420,11 +425,7 @@ def test_cached_top_groups_with_trained_batchnorm_and_averaging_end_as_through_t
     )
     cached, records = partial_phase_run(digits, feature_cache=True, train_batchnorm=True, average=2)
     assert [r["features_cached"] for r in records] == [True] * 3
-    top_bn = [
-        layer
-        for layer in cached.get_layer("backbone").layers
-        if isinstance(layer, keras.layers.BatchNormalization) and layer.trainable
-    ]
+    top_bn = trained_batchnorm(cached)
     assert top_bn  # BatchNorm layers of the top groups trained, and were recomputed
     # Found inside the folded training view that fit (`FusedTrainingBatchNorm` holds them).
     assert slow_records[-1]["batchnorm_recomputed"] == len(top_bn)
@@ -584,11 +585,7 @@ def test_an_augmented_partial_phase_streams_the_frozen_groups_from_bfloat16_open
         train_batchnorm=True, average=2,
     )  # fmt: skip
     assert [r.get("features_streamed") for r in records] == [True] * 3
-    top_bn = [
-        layer
-        for layer in averaged.get_layer("backbone").layers
-        if isinstance(layer, keras.layers.BatchNormalization) and layer.trainable
-    ]
+    top_bn = trained_batchnorm(averaged)
     assert records[-1]["batchnorm_recomputed"] == len(top_bn) > 0
     reference, _ = partial_phase_run(
         digits, feature_cache=True, runtime="keras", augment=True, train_batchnorm=True, average=2

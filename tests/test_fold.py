@@ -390,7 +390,9 @@ def _odd_model() -> keras.Model:
     return keras.Model(inputs, keras.layers.GlobalAveragePooling2D()(out))
 
 
-def test_depthwise_multiplier_biases_and_shared_outputs_stay_exact():
+def _odd_model_with_weights() -> keras.Model:
+    """`_odd_model` with random convolution weights and BatchNorm statistics, the same each
+    time."""
     keras.utils.set_random_seed(0)
     model = _odd_model()
     for layer in model.layers:
@@ -398,6 +400,11 @@ def test_depthwise_multiplier_biases_and_shared_outputs_stay_exact():
             for w in layer.weights:
                 w.assign(np.random.default_rng(1).normal(0, 1, w.shape))
     _randomise_batchnorm(model)
+    return model
+
+
+def test_depthwise_multiplier_biases_and_shared_outputs_stay_exact():
+    model = _odd_model_with_weights()
     fast = fold_batchnorm(model, frozen_only=False)
     assert sum(isinstance(layer, FoldedConv) for layer in fast.layers) == 3
     x = np.random.default_rng(2).normal(0, 1, (4, 12, 12, 4)).astype(np.float32)
@@ -1191,16 +1198,10 @@ def test_mixed_pairs_keep_biases_multipliers_and_shared_outputs_near_float32():
     """`_odd_model` (a depthwise multiplier, convolution biases, BatchNorm without gamma or
     beta, a convolution output read twice) trained in bfloat16: a pair for each BatchNorm,
     training-mode outputs and moving statistics near the float32 fused view's."""
-    keras.utils.set_random_seed(0)
     x = np.random.default_rng(2).normal(0, 1, (4, 12, 12, 4)).astype(np.float32)
     results = []
     for mixed in (False, True):
-        model = _odd_model()
-        for layer in model.layers:
-            if layer.weights and not isinstance(layer, keras.layers.BatchNormalization):
-                for w in layer.weights:
-                    w.assign(np.random.default_rng(1).normal(0, 1, w.shape))
-        _randomise_batchnorm(model)
+        model = _odd_model_with_weights()
         view = fold_batchnorm(model, train_in_bfloat16=mixed)
         kinds = [type(layer) for layer in view.layers]
         assert kinds.count(MixedTrainingPair if mixed else FusedTrainingBatchNorm) == 3

@@ -63,12 +63,11 @@ the bfloat16 map, given the batch's statistics computed in float32 as Keras comp
 (the kernel's own statistics, though faster, lost accuracy here too, as in float32: below).
 Casting the map to float32 around a float32 BatchNorm instead made the step no faster. On
 Lite0 with every BatchNorm training a step was 1.04-1.37x as fast as in float32 at 64 and 128
-px, and no faster at 224 px (0.91-1.07x: the statistics read a float32 copy of each map;
-RESULTS, twenty-second slice). Each training-mode BatchNorm passes bfloat16's rounding on
-divided by its batch's spread: the pretrained Lite0's training-mode logits ended 32% from
-float64's at 64 px (5.7% with BatchNorm frozen), while the accuracy benchmark's two recipes
-that train BatchNorm lost nothing measurable. The first-batch check compares inference-mode
-outputs only.
+px, and no faster at 224 px (0.91-1.07x; not profiled, likely the float32 copy of each map
+the statistics read; RESULTS, twenty-second slice). The pretrained Lite0's training-mode
+logits ended 32-34% from float64's at 64 px (5.2-5.7% with BatchNorm frozen), while the
+accuracy benchmark's two recipes that train BatchNorm lost nothing measurable. The
+first-batch check compares inference-mode outputs only.
 
 A pair folds when its BatchNorm runs in inference mode:
 
